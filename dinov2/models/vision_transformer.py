@@ -21,6 +21,38 @@ from ..layers.patch_embed import to_3tuple
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN, "swiglufused": SwiGLUFFN}
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int],
+                       interpolate_offset: float = 0.0) -> torch.Tensor:
+    """Resample a learned position embedding from one token grid to another, trilinearly.
+
+    Args:
+        pos_embed: ``(1, 1 + h*w*d, E)``: the CLS entry first, then the patch grid in
+            (H, W, D) order with D fastest.
+        src_grid: ``(h, w, d)`` of ``pos_embed``.
+        dst_grid: target ``(h', w', d')``.
+        interpolate_offset: if non-zero, the scale factor is ``(dst + offset) / src`` per axis
+            (DINOv2's convention); 0 resamples to the exact target size.
+
+    Returns:
+        float32 ``(1, 1 + h'*w'*d', E)``; the CLS entry is copied unchanged.
+    """
+    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
+    dim = pos_embed.shape[-1]
+    if pos_embed.shape[1] != 1 + math.prod(src_grid):
+        raise ValueError(f"pos_embed has {pos_embed.shape[1]} entries, expected 1 + prod{src_grid}")
+    cls_pos, patch_pos = pos_embed[:, :1].float(), pos_embed[:, 1:].float()
+    patch_pos = patch_pos.reshape(1, *src_grid, dim).permute(0, 4, 1, 2, 3)
+    if interpolate_offset:
+        scale = tuple((g + interpolate_offset) / n for g, n in zip(dst_grid, src_grid))
+        patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="trilinear", align_corners=False)
+    else:
+        patch_pos = F.interpolate(patch_pos, size=dst_grid, mode="trilinear", align_corners=False)
+    if tuple(patch_pos.shape[2:]) != dst_grid:  # guard against float rounding of sizes
+        raise RuntimeError(f"Position-embedding interpolation produced {tuple(patch_pos.shape[2:])}, wanted {dst_grid}")
+    patch_pos = patch_pos.permute(0, 2, 3, 4, 1).reshape(1, -1, dim)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class VisionTransformer3D(nn.Module):
     """3D ViT with learned position embedding interpolated to any grid, mask token, LayerScale.
 
@@ -77,7 +109,10 @@ class VisionTransformer3D(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        # Plain Python (not torch.linspace) so models can be built on the meta device.
+        rates = [drop_path_rate] * depth if drop_path_uniform else [
+            drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
+        ]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
                   ffn_bias=ffn_bias, drop_path=rates[i], init_values=init_values,
@@ -115,17 +150,7 @@ class VisionTransformer3D(nn.Module):
         pos = self.pos_embed
         if tuple(grid) == tuple(self.patch_grid):
             return pos.to(dtype)
-        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        patch_pos = patch_pos.reshape(1, *self.patch_grid, self.embed_dim).permute(0, 4, 1, 2, 3).float()
-        if self.interpolate_offset:
-            scale = tuple((g + self.interpolate_offset) / n for g, n in zip(grid, self.patch_grid))
-            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="trilinear", align_corners=False)
-        else:
-            patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="trilinear", align_corners=False)
-        if tuple(patch_pos.shape[2:]) != tuple(grid):  # guard against float rounding of sizes
-            raise RuntimeError(f"Position-embedding interpolation produced {tuple(patch_pos.shape[2:])}, wanted {grid}")
-        patch_pos = patch_pos.permute(0, 2, 3, 4, 1).reshape(1, -1, self.embed_dim)
-        return torch.cat([cls_pos.float(), patch_pos], dim=1).to(dtype)
+        return resample_pos_embed(pos, self.patch_grid, grid, self.interpolate_offset).to(dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed, replace masked patches by the mask token, add CLS + position embedding.
