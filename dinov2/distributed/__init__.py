@@ -3,11 +3,33 @@
 Everything else asks these helpers instead of reading environment variables or calling
 ``torch.distributed`` directly, so the code runs unchanged as one plain process (no group),
 under ``torchrun`` or under SLURM.
+
+Launch recipes::
+
+    python -m dinov2.train.train3d ...                          # one process, no group
+    torchrun --nproc_per_node 2 -m dinov2.train.train3d ...     # one node, 2 processes
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 \\
+        --master_addr HOST --master_port 29500 -m dinov2.train.train3d ...
+
+:func:`init_distributed` reads the launcher's environment through :func:`read_launch_env`,
+which knows torchrun's variables. A SLURM reader (``SLURM_PROCID``, ``SLURM_NTASKS``, ...)
+slots in there as a second source, leaving the rest of this module unchanged.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def is_enabled() -> bool:
@@ -28,3 +50,192 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """True on global rank 0, the process that logs and writes shared files."""
     return get_rank() == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Process placement as told by the launcher.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``.
+        world_size: number of processes over all nodes.
+        local_rank: rank on this node (selects the GPU).
+        master_addr: host of rank 0's rendezvous store.
+        master_port: its port.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """What :func:`init_distributed` set up.
+
+    Attributes:
+        rank, world_size, local_rank: placement (0, 1, 0 for one plain process).
+        device: the ``torch.device`` this process computes on.
+        backend: ``"nccl"``, ``"gloo"`` or None when no process group was created.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
+    """Placement from torchrun's variables, or None when none of them is set.
+
+    Args:
+        environ: the environment to read (``os.environ`` by default).
+
+    Raises:
+        ValueError: when only some of ``RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT``
+            are set or they hold impossible values (a half-configured launch would otherwise
+            hang at the rendezvous or silently train as one process).
+    """
+    environ = os.environ if environ is None else environ
+    present = [k for k in TORCHRUN_VARS if k in environ]
+    if not present:
+        # Seam for SLURM: a reader of SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID goes here.
+        return None
+    missing = [k for k in TORCHRUN_VARS if k not in environ]
+    if missing:
+        raise ValueError(
+            f"Incomplete distributed environment: {', '.join(present)} set but {', '.join(missing)} missing. "
+            "Launch with torchrun (which sets all of them) or unset them to run as one process "
+            "(dinov2/distributed/__init__.py)."
+        )
+    try:
+        env = LaunchEnv(
+            rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ["LOCAL_RANK"]), master_addr=environ["MASTER_ADDR"],
+            master_port=int(environ["MASTER_PORT"]),
+        )
+    except ValueError as exc:
+        raise ValueError(f"Non-integer RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT in the environment: {exc}") from exc
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
+        raise ValueError(
+            f"Impossible placement RANK={env.rank}, WORLD_SIZE={env.world_size}, LOCAL_RANK={env.local_rank} "
+            "(need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)."
+        )
+    return env
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The compute device for ``device`` in ``{"auto", "cpu", "cuda"}``.
+
+    ``auto`` picks CUDA when available. Under a launcher each process takes GPU ``local_rank``.
+
+    Raises:
+        ValueError: unknown name, or ``cuda`` requested without a usable GPU / with fewer GPUs
+            than processes on the node.
+    """
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"Unknown device '{device}'; choose one of {', '.join(DEVICE_CHOICES)} (config key train.device).")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto.")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+            "start at most that many processes per node (torchrun --nproc_per_node)."
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
+    """Set up this process: pick the device and, under a launcher, join the process group.
+
+    NCCL is used on CUDA, gloo on CPU. Without launcher variables no group is created and the
+    helpers above report rank 0 of 1. Calling it again once a group exists returns the current
+    context without re-initialising.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (config key ``train.device``).
+        timeout_minutes: collective timeout; a rank stuck longer than this aborts the job.
+
+    Returns:
+        The :class:`DistributedContext` of this process.
+    """
+    env = read_launch_env()
+    if env is None:
+        dev = resolve_device(device, 0)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=dev, backend=None)
+    dev = resolve_device(device, env.local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not is_enabled():
+        kwargs = dict(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                      timeout=datetime.timedelta(minutes=timeout_minutes))
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev  # binds NCCL communicators to this GPU eagerly
+        dist.init_process_group(**kwargs)
+        logger.info("Joined process group: rank %d/%d (local %d), backend %s, device %s",
+                    env.rank, env.world_size, env.local_rank, backend, dev)
+    return DistributedContext(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                              device=dev, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if any (safe to call when none exists or after a failure)."""
+    if is_enabled():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op for one process."""
+    if is_enabled() and get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a new tensor; the input is unchanged for one process).
+
+    Args:
+        tensor: any shape; every rank passes the same shape and dtype.
+    """
+    if not (is_enabled() and get_world_size() > 1):
+        return tensor.clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor)."""
+    out = tensor.detach().clone()
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def all_gather_object(obj):
+    """List of ``obj`` from every rank, indexed by rank (``[obj]`` for one process)."""
+    if not (is_enabled() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (itself for one process)."""
+    if not (is_enabled() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
