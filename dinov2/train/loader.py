@@ -1,0 +1,158 @@
+"""The pretraining data stream, with every random draw a pure function of (run seed, position).
+
+:class:`~dinov2.data.samplers.InfiniteSampler` defines one global stream of dataset indices;
+rank ``r`` of ``W`` reads global positions ``start + r``, ``start + r + W``, ... Here each
+sample's randomness (frame pick, crops, augmentations, and anything drawn from the global
+Python / NumPy / torch generators) is reseeded from ``(run seed, global position)`` right
+before it is made, and each batch's iBOT masks from ``(run seed, position of the batch's first
+sample)``. So which worker makes a sample, how far the loader prefetched when the run was
+killed, and how many processes share the stream change nothing: resuming at iteration ``k``
+rebuilds the loader at global position ``k * global_batch`` and gets the very batches the
+uninterrupted run would have got.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinov2.data.collate import CollateDataAndCast, collate_data_and_cast
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.seeding import WorkerInitFn, WorkerSeeds, apply_seeds, loader_generator
+
+# Tags keep the per-sample, per-batch and per-step streams apart although they share the run seed.
+_SAMPLE_TAG = 0x534D504C  # "SMPL"
+_MASK_TAG = 0x4D41534B  # "MASK"
+_STEP_TAG = 0x53544550  # "STEP"
+
+
+def _sequence(run_seed: int, *key: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(entropy=int(run_seed), spawn_key=tuple(int(k) for k in key))
+
+
+def sample_seeds(run_seed: int, position: int) -> WorkerSeeds:
+    """Seeds of the sample at global stream position ``position`` (see the module docstring)."""
+    sequence = _sequence(run_seed, _SAMPLE_TAG, position)
+    torch_seed, python_seed = (int(v) for v in sequence.generate_state(2, dtype=np.uint64))
+    numpy_seed = int(sequence.generate_state(3, dtype=np.uint32)[2])
+    return WorkerSeeds(sequence=sequence, torch=torch_seed, numpy=numpy_seed, python=python_seed)
+
+
+def seed_training_step(run_seed: int, iteration: int, rank: int) -> None:
+    """Seed torch's global generator (stochastic depth) for one training iteration of one rank.
+
+    Reseeding per iteration, instead of carrying the generator state along, makes an
+    iteration's random draws independent of everything that ran before it in the process
+    (model construction, a checkpoint load), which is what bit-exact resuming needs.
+    """
+    seed = int(_sequence(run_seed, _STEP_TAG, iteration, rank).generate_state(1, dtype=np.uint64)[0])
+    torch.manual_seed(seed)
+
+
+class PositionedSampler(Sampler[tuple[int, int]]):
+    """Yields ``(global position, dataset index)`` pairs of an :class:`InfiniteSampler`.
+
+    Args:
+        sampler: the stream; its ``start``, ``rank`` and ``world_size`` fix the positions.
+    """
+
+    def __init__(self, sampler: InfiniteSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.sampler.start + self.sampler.rank
+        for index in self.sampler:
+            yield position, index
+            position += self.sampler.world_size
+
+
+class PositionedDataset(Dataset):
+    """Reseeds every random generator from the sample's global position, then returns the sample.
+
+    Args:
+        dataset: a map-style dataset; its ``reseed(WorkerSeeds)`` (if any) is called per sample.
+        run_seed: ``train.seed``.
+    """
+
+    def __init__(self, dataset: Dataset, run_seed: int) -> None:
+        self.dataset = dataset
+        self.run_seed = int(run_seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, Any]:
+        position, index = item
+        apply_seeds(sample_seeds(self.run_seed, position), self.dataset)
+        return position, self.dataset[index]
+
+
+class PositionedCollate:
+    """Collate ``(position, sample)`` pairs with iBOT masks seeded by the batch's first position.
+
+    Args:
+        collate: the configured :class:`~dinov2.data.collate.CollateDataAndCast` (its settings
+            are used; its own torch-seeded draw is replaced by the positional one).
+        run_seed: ``train.seed``.
+    """
+
+    def __init__(self, collate: CollateDataAndCast, run_seed: int) -> None:
+        self.collate = collate
+        self.run_seed = int(run_seed)
+
+    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
+        """Returns the collate's dict plus ``positions`` (long ``(B,)``: global stream positions)."""
+        positions = [int(p) for p, _ in items]
+        rng = np.random.Generator(np.random.PCG64(_sequence(self.run_seed, _MASK_TAG, positions[0])))
+        c = self.collate
+        batch = collate_data_and_cast(
+            [sample for _, sample in items], mask_ratio_tuple=c.mask_ratio_tuple, mask_probability=c.mask_probability,
+            n_tokens_per_side=c.n_tokens_per_side, mask_generator=c.mask_generator, dtype=c.dtype, rng=rng,
+        )
+        batch["positions"] = torch.tensor(positions, dtype=torch.long)
+        return batch
+
+
+def build_train_loader(dataset: Dataset, collate: CollateDataAndCast, *, batch_size: int, run_seed: int,
+                       start_position: int, rank: int, world_size: int, num_workers: int,
+                       prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
+    """An endless loader starting at global stream position ``start_position``.
+
+    Args:
+        dataset: the WHOLE datalist's dataset on every rank (the stream is global; see
+            :class:`~dinov2.data.samplers.InfiniteSampler`).
+        collate: the configured collate (``dinov2.data.collate.make_collate_fn``).
+        batch_size: samples per rank per iteration.
+        run_seed: ``train.seed``.
+        start_position: samples already consumed by the whole job (all ranks), i.e.
+            ``iterations done * global batch`` (``InfiniteSampler.position_for``).
+        rank, world_size: this process's place.
+        num_workers: loader worker processes (0 = main process).
+        prefetch_factor: batches each worker prepares ahead.
+        pin_memory: page-locked batches for faster host-to-GPU copies.
+
+    Returns:
+        A DataLoader yielding the dicts of :class:`PositionedCollate`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {batch_size}.")
+    stream = InfiniteSampler(len(dataset), shuffle=True, seed=run_seed, rank=rank, world_size=world_size,
+                             start=start_position)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
+                      worker_init_fn=WorkerInitFn(run_seed, rank))
+    return DataLoader(
+        PositionedDataset(dataset, run_seed),
+        batch_size=batch_size,
+        sampler=PositionedSampler(stream),
+        num_workers=num_workers,
+        collate_fn=PositionedCollate(collate, run_seed),
+        pin_memory=pin_memory,
+        drop_last=True,
+        generator=loader_generator(run_seed, rank),
+        **kwargs,
+    )

@@ -1,0 +1,352 @@
+"""Pretraining entry point: DINO + iBOT + KoLeo on 3D volumes.
+
+Launch::
+
+    # one process (CPU, or one GPU)
+    python -m dinov2.train.train3d --config-file configs/tiny_cpu.yaml --output-dir out \\
+        train.datalist=pretrain.json
+    # several processes on one node (gloo on CPU, NCCL on GPUs)
+    torchrun --nproc_per_node 2 -m dinov2.train.train3d --config-file F --output-dir out
+    # several nodes: the usual torchrun --nnodes/--node_rank/--master_addr/--master_port flags
+
+Config: ``dinov2/configs/data_defaults.yaml`` <- ``dinov2/configs/ssl3d_default_config.yaml``
+<- ``--config-file`` (a path, or a packaged name such as ``train/vit3d_highres``) <-
+``key=value`` overrides. The resolved config goes to ``<output-dir>/config.yaml``.
+
+Outputs in ``--output-dir``: ``training_metrics.json`` (one JSON line per logging step),
+``checkpoints/model_<iter>.pth`` (full training state, the last K), ``eval/training_<iter>/
+teacher_checkpoint.pth`` (teacher exports, ``<iter>`` = completed iterations), ``log.txt``.
+A run restarted with the same output folder resumes from its latest checkpoint (unless
+``--no-resume``) and ends with the same weights as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dinov2 import distributed
+from dinov2.data.collate import make_collate_fn
+from dinov2.data.datasets import build_pretrain_dataset
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.models.checkpoint import read_checkpoint
+from dinov2.models.export import save_teacher_checkpoint
+from dinov2.train.checkpointer import TrainingCheckpointer, capture_rng_state, restore_rng_state
+from dinov2.train.loader import build_train_loader, seed_training_step
+from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter
+from dinov2.train.param_groups import apply_optim_scheduler
+from dinov2.train.schedules import build_schedulers
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils.config import config_to_dict, load_yaml, merge_configs, packaged_config_path, save_config
+
+logger = logging.getLogger("dinov2.train")
+
+LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the iteration and the last checkpoint."""
+
+
+# --------------------------------------------------------------------------------- config
+def default_config() -> DictConfig:
+    """The packaged defaults: data sections (``data_defaults.yaml``) merged under the training recipe.
+
+    Raises:
+        ValueError: if both files define the same top-level section (each key has one home).
+    """
+    data = load_yaml(packaged_config_path("data_defaults"))
+    recipe = load_yaml(packaged_config_path("ssl3d_default_config"))
+    clash = sorted(set(data) & set(recipe))
+    if clash:
+        raise ValueError(f"Sections {clash} are defined in both data_defaults.yaml and ssl3d_default_config.yaml; "
+                         "keep each in one file.")
+    return OmegaConf.merge(data, recipe)
+
+
+def _unknown_keys(cfg: DictConfig, reference: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` absent from ``reference``.
+
+    Unlike ``dinov2.utils.config.unknown_keys`` this looks at ``reference.keys()``, which also
+    lists keys whose value is ``???`` (``key in cfg`` is False for those).
+    """
+    known = set(reference.keys())
+    out = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            out.append(dotted)
+        elif OmegaConf.is_dict(reference._get_node(key)) and OmegaConf.is_dict(cfg._get_node(key)):
+            out.extend(_unknown_keys(cfg[key], reference[key], dotted + "."))
+    return out
+
+
+def _config_file(name: str | None) -> Path | None:
+    if not name:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    try:
+        return packaged_config_path(name)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--config-file {name}: no such file, nor a packaged config. {exc}") from exc
+
+
+def build_config(config_file: str | None = None, overrides: Sequence[str] = (), cache_dir: str | None = None) -> DictConfig:
+    """Resolved training config: defaults <- ``config_file`` <- ``overrides``.
+
+    Args:
+        config_file: a YAML path or a packaged name (``train/vit3d_highres``).
+        overrides: ``key=value`` strings.
+        cache_dir: sets ``preprocessing.cache.dir`` (the ``--cache-dir`` flag).
+
+    Raises:
+        ValueError: keys the defaults do not know (typos) or required values left as ``???``.
+    """
+    overrides = list(overrides) + ([f"preprocessing.cache.dir={cache_dir}"] if cache_dir else [])
+    default = default_config()
+    cfg = merge_configs(default, _config_file(config_file), overrides)
+    unknown = _unknown_keys(cfg, default)
+    if unknown:
+        raise ValueError(f"Unknown config keys {unknown}: not in dinov2/configs/ssl3d_default_config.yaml or "
+                         "data_defaults.yaml. Fix the spelling in your YAML / overrides.")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"Config values {missing} are required (??? in the defaults); pass them as key=value, "
+                         f"e.g. {missing[0]}=...")
+    return cfg
+
+
+# --------------------------------------------------------------------------------- run
+def _setup_logging(output_dir: Path, is_main: bool) -> None:
+    root = logging.getLogger("dinov2")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    if any(getattr(h, "_dinov2_train", False) for h in root.handlers):
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main:
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler._dinov2_train = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def _iteration_plan(cfg: DictConfig) -> tuple[int, int]:
+    per_epoch = int(cfg.train.iterations_per_epoch)
+    total = int(cfg.optim.epochs) * per_epoch
+    if cfg.train.max_iterations is not None:
+        total = min(total, int(cfg.train.max_iterations))
+    if total < 1:
+        raise ValueError(f"Nothing to train: optim.epochs * train.iterations_per_epoch (or train.max_iterations) = {total}.")
+    return per_epoch, total
+
+
+def _load_pretrained(arch: SSLMetaArch, path: str) -> None:
+    contents = read_checkpoint(path)
+    state = {f"backbone.{k}": v for k, v in contents.backbone.items()}
+    for head in ("dino_head", "ibot_head"):
+        if head not in contents.heads:
+            raise ValueError(f"{path} has no {head}; student.pretrained_weights must be a teacher export with both heads.")
+        state.update({f"{head}.{k}": v for k, v in contents.heads[head].items()})
+    arch.load_pretrained_teacher(state)
+    logger.info("Student and teacher start from %s (%s)", path, contents.source_format)
+
+
+def _training_state(arch: SSLMetaArch, optimizer, scaler, iteration: int, global_batch: int, sampler_seed: int,
+                    dataset_size: int, cfg: DictConfig) -> dict[str, Any]:
+    """Everything a resumed run needs (collective: every rank must call it)."""
+    sampler = InfiniteSampler(dataset_size, shuffle=True, seed=sampler_seed, rank=0, world_size=1)
+    sampler.set_global_position(InfiniteSampler.position_for(iteration, global_batch))
+    return {
+        "iteration": iteration,
+        "model": arch.full_state_dict(),
+        "optimizer": arch.optimizer_state_dict(optimizer),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "sampler": sampler.state_dict(),
+        "rng": distributed.all_gather_object(capture_rng_state()),
+        "world_size": distributed.get_world_size(),
+        "config": config_to_dict(cfg),
+    }
+
+
+def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
+          device: torch.device | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining; the process group, if any, must already exist.
+
+    Args:
+        cfg: resolved config from :func:`build_config`.
+        output_dir: the run's folder.
+        resume: continue from the latest checkpoint in ``output_dir/checkpoints`` if there is one.
+        device: where to compute (from :func:`dinov2.distributed.init_distributed`); by default
+            ``train.device`` resolved for one process.
+
+    Returns:
+        ``{"iteration", "start_iteration", "last_losses", "checkpoint", "teacher_export"}``.
+
+    Raises:
+        NonFiniteLossError: a loss became NaN/Inf (the last good checkpoint is kept).
+    """
+    output_dir = Path(output_dir)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    is_main = rank == 0
+    device = device if device is not None else distributed.resolve_device(str(cfg.train.device))
+    seed = int(cfg.train.seed)
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    global_batch = batch_size * world
+    per_epoch, max_iter = _iteration_plan(cfg)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir)
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    arch = SSLMetaArch(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if arch.autocast_dtype == torch.float16 else None
+    schedules = build_schedulers(cfg, per_epoch, global_batch)
+    checkpointer = TrainingCheckpointer(output_dir, int(cfg.checkpointing.max_to_keep))
+
+    start_iter, start_position, state = 0, 0, None
+    latest = checkpointer.latest() if resume else None
+    distributed.barrier()  # rank 0 may have removed stray temporary files
+    if latest is not None:
+        state = TrainingCheckpointer.load(latest)
+        arch.load_full_state_dict(state["model"])
+    elif cfg.student.pretrained_weights:
+        _load_pretrained(arch, str(cfg.student.pretrained_weights))
+    # Wrap (DDP) or shard (FSDP) only after loading plain weights, and build the optimizer on
+    # the parameters that result.
+    arch.prepare_distributed(str(cfg.compute_precision.strategy))
+    optimizer = arch.build_optimizer()
+    if state is not None:
+        arch.load_optimizer_state_dict(optimizer, state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_iter = int(state["iteration"])
+        start_position = int(state["sampler"]["global_position"])
+        if start_position != InfiniteSampler.position_for(start_iter, global_batch):
+            logger.warning("The global batch changed since the checkpoint (%d samples consumed in %d iterations); "
+                           "the data stream continues where it stopped", start_position, start_iter)
+        if int(state["world_size"]) == world:
+            restore_rng_state(state["rng"][rank])
+        logger.info("Resumed from %s: iteration %d, stream position %d (saved by %d processes, now %d)",
+                    latest, start_iter, start_position, state["world_size"], world)
+        state = None
+
+    dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=seed, rank=0, world_size=1)
+    collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
+    loader = build_train_loader(dataset, collate, batch_size=batch_size, run_seed=seed, start_position=start_position,
+                                rank=rank, world_size=world, num_workers=int(cfg.train.num_workers),
+                                prefetch_factor=int(cfg.train.prefetch_factor), pin_memory=device.type == "cuda")
+    metrics = MetricsLogger(output_dir, start_iter, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
+    bar = ProgressBar(max_iter, start_iter, enabled=is_main and bool(cfg.train.progress_bar))
+    meter = ThroughputMeter()
+    log_period = int(cfg.train.log_period_iterations)
+    ckpt_period = int(cfg.checkpointing.period_iterations)
+    eval_period = int(cfg.evaluation.eval_period_iterations)
+    logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
+                start_iter, max_iter, global_batch, world, device)
+
+    last_checkpoint, last_export, reduced = latest, None, None
+    stream = iter(loader)
+    arch.train()
+    try:
+        for it in range(start_iter, max_iter):
+            wait_start = time.perf_counter()
+            batch = next(stream)
+            data_wait = time.perf_counter() - wait_start
+            seed_training_step(seed, it, rank)
+            values = {name: schedules[name][it] for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")}
+            apply_optim_scheduler(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+            done = it + 1
+            log_now = done % log_period == 0 or done == max_iter
+            losses = arch.forward_backward(batch, values["teacher_temp"], scaler,
+                                           monitors=log_now and bool(cfg.train.monitor_collapse))
+            reduced = distributed.all_reduce_mean(torch.stack([losses[k].float() for k in LOSS_KEYS]).cpu())
+            if not torch.isfinite(reduced).all():
+                raise NonFiniteLossError(
+                    f"Non-finite loss at iteration {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, reduced.tolist()))
+                    + f". The last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}; "
+                    "Lower optim.base_lr or optim.clip_grad, or use compute_precision.dtype=fp32, and resume."
+                )
+            grad_norm = arch.optimizer_step(optimizer, scaler)
+            arch.update_teacher(values["momentum"])
+            meter.add(data_wait, global_batch)
+            bar.update({"loss": float(reduced[0])})
+
+            if log_now:
+                record = dict(zip(LOSS_KEYS, reduced.tolist()))
+                record.update(values)
+                record["epoch"] = done / per_epoch
+                record["grad_norm"] = float(grad_norm)
+                record.update(meter.summary())
+                record.update({k: float(v) for k, v in losses.items() if k not in LOSS_KEYS})
+                metrics.log(it, record)
+                meter.reset()
+            if done % ckpt_period == 0 or done == max_iter:
+                state = _training_state(arch, optimizer, scaler, done, global_batch, seed, len(dataset), cfg)
+                path = checkpointer.save(state)
+                last_checkpoint = path or last_checkpoint
+                distributed.barrier()
+            if done % eval_period == 0 or done == max_iter:
+                teacher = arch.teacher_state_dict()
+                if is_main:
+                    last_export = save_teacher_checkpoint(
+                        output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
+                distributed.barrier()
+    finally:
+        bar.close()
+        metrics.close()
+        del stream  # stops the loader's worker processes
+    return {
+        "iteration": max_iter,
+        "start_iteration": start_iter,
+        "last_losses": dict(zip(LOSS_KEYS, reduced.tolist())) if reduced is not None else None,
+        "checkpoint": last_checkpoint,
+        "teacher_export": last_export,
+    }
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.train.train3d",
+        description="DINO + iBOT + KoLeo self-supervised pretraining of a 3D ViT (see the module docstring).",
+    )
+    parser.add_argument("--config-file", default=None,
+                        help="YAML merged over the packaged defaults (a path or a packaged name like train/vit3d_highres)")
+    parser.add_argument("--output-dir", required=True, help="run folder: config, metrics, checkpoints, teacher exports")
+    parser.add_argument("--cache-dir", default=None, help="disk cache of preprocessed volumes (preprocessing.cache.dir)")
+    parser.add_argument("--no-resume", action="store_true", help="start from iteration 0 even if checkpoints exist")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. optim.epochs=10")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    cfg = build_config(args.config_file, args.overrides, args.cache_dir)
+    ctx = distributed.init_distributed(str(cfg.train.device))
+    output_dir = Path(args.output_dir)
+    if ctx.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(output_dir, ctx.is_main_process)
+    try:
+        train(cfg, output_dir, resume=not args.no_resume, device=ctx.device)
+    except NonFiniteLossError as exc:
+        logger.error("%s", exc)
+        raise
+    finally:
+        distributed.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
