@@ -1,0 +1,276 @@
+"""The finetuning model: a 3D ViT backbone, a segmentation head, and the multi-modal merge.
+
+Parameter names: backbone ``backbone.*`` (so :func:`dinov2.train.param_groups.get_param_groups`
+applies layer-wise LR decay to it), head ``head.*``, modality merge ``merge.*``.
+
+Several modalities with a single-channel backbone (the usual case: 3DINO backbones are
+pretrained on one channel): every modality goes through the backbone on its own (as extra batch
+entries) and the features of each tap are merged (``concat``: a learned 1×1×1 convolution over
+the concatenated modalities, initialised to their mean; ``mean``: the plain average). The heads'
+own convolutional paths see all channels of the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from dinov2.models import VisionTransformer3D, build_model
+from dinov2.models.checkpoint import load_pretrained_backbone
+
+from .heads import LinearHead, UNETRHead, ViTAdapterUNETRHead, evenly_spaced_taps, last_taps
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAMES = ("UNETR", "ViTAdapterUNETR", "Linear")
+MERGE_MODES = ("concat", "mean")
+NO_WEIGHTS = ("none", "None", "")
+
+
+def canonical_head_name(name: str) -> str:
+    """Case-insensitive match of ``name`` against :data:`HEAD_NAMES`."""
+    for head in HEAD_NAMES:
+        if str(name).lower() == head.lower():
+            return head
+    raise ValueError(f"Unknown segmentation head '{name}'. Choose one of {', '.join(HEAD_NAMES)} "
+                     "(--segmentation-head / model.head).")
+
+
+def head_taps(head: str, depth: int) -> list[int]:
+    """Block indices a head reads: 4 evenly spaced for UNETR-style heads, the last 4 for Linear."""
+    return last_taps(depth) if canonical_head_name(head) == "Linear" else evenly_spaced_taps(depth)
+
+
+class ModalityMerge(nn.Module):
+    """Merge per-modality backbone features of each tap into one map.
+
+    Args:
+        num_modalities: ``M`` (1 makes this an identity).
+        embed_dim: channels ``E`` per modality.
+        num_taps: number of taps (one merge per tap).
+        mode: ``"concat"`` (learned, initialised to the mean) or ``"mean"``.
+    """
+
+    def __init__(self, num_modalities: int, embed_dim: int, num_taps: int, mode: str = "concat"):
+        super().__init__()
+        if mode not in MERGE_MODES:
+            raise ValueError(f"Unknown modality merge '{mode}'; choose one of {MERGE_MODES} (model.modality_merge)")
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        self.num_modalities, self.mode = num_modalities, mode
+        self.proj = nn.ModuleList()
+        if num_modalities > 1 and mode == "concat":
+            for _ in range(num_taps):
+                conv = nn.Conv3d(num_modalities * embed_dim, embed_dim, kernel_size=1)
+                with torch.no_grad():  # start as the average so pretrained features keep their scale
+                    eye = torch.eye(embed_dim) / num_modalities
+                    conv.weight.copy_(eye.repeat(1, num_modalities)[..., None, None, None])
+                    conv.bias.zero_()
+                self.proj.append(conv)
+
+    def forward(self, features: torch.Tensor, tap: int) -> torch.Tensor:
+        """``(B*M, E, h, w, d)`` (modality fastest) → ``(B, E, h, w, d)``."""
+        m = self.num_modalities
+        if m == 1:
+            return features
+        bm, e, *grid = features.shape
+        grouped = features.reshape(bm // m, m, e, *grid)
+        if self.mode == "mean":
+            return grouped.mean(1)
+        return self.proj[tap](grouped.reshape(bm // m, m * e, *grid))
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + head; also the backbone interface the ViT-Adapter drives.
+
+    Args:
+        backbone: a :class:`VisionTransformer3D`.
+        head_name: one of :data:`HEAD_NAMES`.
+        head: the head module (built by :func:`build_head`).
+        in_channels: image channels (modalities).
+        merge_mode: see :class:`ModalityMerge`.
+        train_backbone: finetune the backbone (else frozen: no gradients, eval mode).
+
+    Example:
+        >>> backbone = build_model("vit_tiny_3d", patch_size=16, img_size=32)
+        >>> model = build_segmentation_model(backbone, "UNETR", in_channels=1, out_channels=4)
+        >>> model(torch.randn(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 4, 32, 32, 32])
+    """
+
+    def __init__(self, backbone: VisionTransformer3D, head_name: str, head: nn.Module, in_channels: int,
+                 merge_mode: str = "concat", train_backbone: bool = False):
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer3D):
+            raise ValueError(f"backbone must be a VisionTransformer3D, got {type(backbone).__name__}")
+        if in_channels == backbone.in_chans:
+            modalities = 1
+        elif backbone.in_chans == 1:
+            modalities = in_channels
+        else:
+            raise ValueError(f"The data has {in_channels} channels but the backbone takes {backbone.in_chans}; "
+                             "use a backbone with 1 channel (each modality separately) or with as many as the data.")
+        self.backbone, self.head = backbone, head
+        self.head_name = canonical_head_name(head_name)
+        self.in_channels = in_channels
+        self.taps = head_taps(self.head_name, backbone.depth)
+        self.merge = ModalityMerge(modalities, backbone.embed_dim, len(self.taps), merge_mode)
+        self.train_backbone = train_backbone
+        self.backbone.requires_grad_(train_backbone)
+        if not train_backbone:
+            self.backbone.eval()
+
+    # ------------------------------------------------------------------ mode
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        """Like ``nn.Module.train``; a frozen backbone stays in eval mode (no drop-path, fixed norms)."""
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    @property
+    def num_modalities(self) -> int:
+        """Modalities that go through the backbone separately (1 when it takes all channels)."""
+        return self.merge.num_modalities
+
+    def _split_modalities(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"Expected {self.in_channels} image channels, got {image.shape[1]}")
+        if self.num_modalities == 1:
+            return image
+        b, m, *spatial = image.shape
+        return image.reshape(b * m, 1, *spatial)
+
+    # -------------------------------------------------------------- features
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Merged features of the head's taps.
+
+        Args:
+            image: ``(B, C, H, W, D)``.
+
+        Returns:
+            4 tensors ``(B, E, H/p, W/p, D/p)``, shallowest first.
+        """
+        grad = self.train_backbone and torch.is_grad_enabled()
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            feats = self.backbone.get_intermediate_layers(self._split_modalities(image), self.taps,
+                                                          reshape=True, norm=True)
+        return [self.merge(f, k) for k, f in enumerate(feats)]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W, D)`` → logits ``(B, K, H, W, D)``."""
+        if self.head_name == "ViTAdapterUNETR":
+            return self.head(image, self)
+        return self.head(image, self.features(image))
+
+    # ------------------------------------------------- interface for the adapter
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Tokens ``(B*M, 1+R+N, E)`` before the first block, and the patch grid."""
+        x = self._split_modalities(image)
+        return self.backbone.prepare_tokens_with_masks(x), tuple(self.backbone.patch_embed.grid_size(x.shape[2:]))
+
+    def run_blocks(self, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Apply blocks ``start .. stop-1`` to ``(B*M, T, E)`` tokens."""
+        for block in self.backbone.blocks[start:stop]:
+            tokens = block(tokens)
+        return tokens
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B*M, 1+R+N, E)`` → the patch part ``(B*M, N, E)``."""
+        return tokens[:, 1 + self.backbone.num_register_tokens:]
+
+    def set_patch_tokens(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Tokens with their patch part replaced by ``patches``."""
+        return torch.cat([tokens[:, :1 + self.backbone.num_register_tokens], patches], dim=1)
+
+    def merge_tokens(self, patches: torch.Tensor, tap: int, grid: Sequence[int]) -> torch.Tensor:
+        """Final-normed, modality-merged patch tokens: ``(B*M, N, E)`` → ``(B, N, E)``."""
+        x = self.backbone.norm(patches)
+        bm, n, e = x.shape
+        x = x.transpose(1, 2).reshape(bm, e, *grid)
+        return self.merge(x, tap).flatten(2).transpose(1, 2)
+
+
+def build_head(head_name: str, backbone: VisionTransformer3D, in_channels: int, out_channels: int,
+               options: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build a head for ``backbone``.
+
+    Args:
+        head_name: one of :data:`HEAD_NAMES`.
+        backbone: gives ``embed_dim``, ``patch_size``, ``depth``, ``num_heads``.
+        in_channels: image channels.
+        out_channels: classes / label channels.
+        options: head-specific keyword arguments (config ``model.unetr`` / ``model.adapter`` /
+            ``model.linear``).
+    """
+    head_name = canonical_head_name(head_name)
+    options = dict(options or {})
+    e, p = backbone.embed_dim, backbone.patch_size
+    if head_name == "UNETR":
+        return UNETRHead(e, p, in_channels, out_channels, **options)
+    if head_name == "Linear":
+        return LinearHead(e, out_channels, **options)
+    if options.get("num_heads") is None:
+        options["num_heads"] = backbone.num_heads
+    return ViTAdapterUNETRHead(e, p, in_channels, out_channels, taps=evenly_spaced_taps(backbone.depth), **options)
+
+
+def build_segmentation_model(backbone: VisionTransformer3D, head_name: str, in_channels: int, out_channels: int,
+                             head_options: Mapping[str, Any] | None = None, merge_mode: str = "concat",
+                             train_backbone: bool = False) -> SegmentationModel:
+    """Head + wrapper around ``backbone`` (see :class:`SegmentationModel`)."""
+    head = build_head(head_name, backbone, in_channels, out_channels, head_options)
+    return SegmentationModel(backbone, head_name, head, in_channels, merge_mode, train_backbone)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def build_backbone(pretrained_weights: str | None, arch: str, backbone_kwargs: Mapping[str, Any] | None = None,
+                   img_size: Sequence[int] | int | None = None) -> tuple[VisionTransformer3D, dict]:
+    """The backbone to finetune: from a teacher checkpoint, or randomly initialised.
+
+    Args:
+        pretrained_weights: checkpoint path (ours or the published 3DINO-ViT), or ``"none"``
+            for an explicit random-initialisation baseline. A wrong path raises.
+        arch: registry name used with ``"none"`` (the checkpoint describes itself otherwise).
+        backbone_kwargs: constructor overrides used with ``"none"``.
+        img_size: native input size (the training crop); the checkpoint's position embedding is
+            resampled to it once at load time.
+
+    Returns:
+        ``(backbone, spec)``; ``spec = {"arch": name or None, "kwargs": {...}}`` rebuilds the same
+        architecture with :func:`backbone_from_spec` (stored in finetuned checkpoints).
+    """
+    if pretrained_weights is None or str(pretrained_weights) in NO_WEIGHTS:
+        kwargs = dict(backbone_kwargs or {})
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        logger.info("Backbone %s randomly initialised (--pretrained-weights none): a baseline, not a pretrained model.", arch)
+        backbone = build_model(arch, **kwargs)
+        return backbone, {"arch": arch, "kwargs": _plain(kwargs)}
+    backbone, report = load_pretrained_backbone(pretrained_weights, img_size=img_size)
+    kwargs = dict(report.model_kwargs)
+    arch_name = kwargs.pop("arch", None)
+    kwargs["img_size"] = list(backbone.img_size)
+    return backbone, {"arch": arch_name, "kwargs": _plain(kwargs)}
+
+
+def backbone_from_spec(spec: Mapping[str, Any]) -> VisionTransformer3D:
+    """Rebuild the (uninitialised) backbone architecture described by ``spec``."""
+    kwargs = dict(spec.get("kwargs") or {})
+    for key in ("img_size",):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    if spec.get("arch"):
+        return build_model(spec["arch"], **kwargs)
+    return VisionTransformer3D(**kwargs)
