@@ -19,14 +19,16 @@ Layouts accepted by :func:`load_pretrained_backbone` (detected, never guessed si
   ``student.qkv_bias``                bias of the qkv projection
   ``student.proj_bias``               bias of the attention output projection
   ``student.ffn_bias``                biases of the feed-forward layers
-  ``student.drop_path_rate``          stochastic depth of the last block
-  ``student.drop_path_uniform``       same rate for every block
   ``student.layerscale``              LayerScale init (``init_values``; null or 0 = off)
   ``student.ffn_layer``               ``mlp``, ``swiglu`` or ``swiglufused``
   ``student.num_register_tokens``     register tokens
   ``student.interpolate_offset``      position-embedding interpolation offset
   ``crops.global_crops_size``         native input size (``img_size``; int or 3 ints)
   ==================================  ==========================================================
+
+  ``student.drop_path_rate`` / ``drop_path_uniform`` are deliberately not read: the file holds
+  the EMA teacher, which trains without stochastic depth, so the rebuilt backbone has none
+  (finetuning code that wants it sets ``block.drop_path`` itself).
 
 * **The published 3DINO-ViT teacher checkpoint** (``{"teacher": {...}}``, no config): blocks
   stored in chunks as ``backbone.blocks.<chunk>.<global index>.<param>``. The architecture is
@@ -73,8 +75,7 @@ KNOWN_NUM_HEADS = {64: 4, 384: 6, 768: 12, 1024: 16, 1536: 24}
 CONFIG_KEYS = {  # config key under `student` -> VisionTransformer3D argument
     "patch_size": "patch_size", "in_chans": "in_chans", "embed_dim": "embed_dim", "depth": "depth",
     "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias", "proj_bias": "proj_bias",
-    "ffn_bias": "ffn_bias", "drop_path_rate": "drop_path_rate", "drop_path_uniform": "drop_path_uniform",
-    "layerscale": "init_values", "ffn_layer": "ffn_layer", "num_register_tokens": "num_register_tokens",
+    "ffn_bias": "ffn_bias", "layerscale": "init_values", "ffn_layer": "ffn_layer", "num_register_tokens": "num_register_tokens",
     "interpolate_offset": "interpolate_offset",
 }
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -45,10 +46,10 @@ def manifest() -> dict:
 
 @pytest.fixture
 def ram_tmp_path(tmp_path):
-    """A temporary folder in RAM (/dev/shm) when available: writing the 1.4 GB ViT-L file to
+    """A temporary folder in RAM (/dev/shm) when it has room: writing the 1.4 GB ViT-L file to
     disk would dominate the test's run time on slow CI disks."""
     shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 3 * 2**30):
         yield tmp_path
         return
     with tempfile.TemporaryDirectory(dir=shm, prefix="dinov2_ckpt_test_") as folder:
@@ -144,7 +145,7 @@ def test_reduced_depth_published_layout_reproduces_features_at_native_grid(tmp_p
 def test_own_teacher_checkpoint_rebuilds_the_backbone_from_the_file_alone(tmp_path):
     cfg = OmegaConf.create({
         "student": {"arch": "vit_tiny", "patch_size": 8, "in_chans": 2, "layerscale": 1.0e-5,
-                    "ffn_layer": "swiglufused", "num_register_tokens": 2, "drop_path_rate": 0.0},
+                    "ffn_layer": "swiglufused", "num_register_tokens": 2, "drop_path_rate": 0.3},
         "crops": {"global_crops_size": [32, 32, 24]},  # anisotropic native grid (4, 4, 3)
         "optim": {"lr": 1.0e-3},
     })
@@ -163,6 +164,7 @@ def test_own_teacher_checkpoint_rebuilds_the_backbone_from_the_file_alone(tmp_pa
 
     model = build_model_from_checkpoint(path)
     assert not model.training and model.num_register_tokens == 2 and model.patch_grid == (4, 4, 3)
+    assert all(block.drop_path == 0.0 for block in model.blocks)  # the teacher had no stochastic depth
     assert_same_features(model, src, (32, 32, 24))
 
     # Another native size: the config tells the non-cubic source grid, so resizing works.
@@ -172,6 +174,29 @@ def test_own_teacher_checkpoint_rebuilds_the_backbone_from_the_file_alone(tmp_pa
     assert report.resized_keys == {"pos_embed": ((1, 49, 64), (1, 126, 64))}
     assert list(report.head_state_dicts["dino_head"]) == ["mlp.0.weight"]
     assert_same_features(model, src, (40, 40, 40))
+
+
+def test_packaged_config_rebuilds_the_backbone_the_trainer_builds(tmp_path):
+    """Contract with dinov2.train: the keys we read are the ones the trainer builds its teacher from."""
+    from dinov2.train.ssl_meta_arch import backbone_from_config  # noqa: PLC0415 - cross-room contract
+    from dinov2.utils.config import load_yaml, packaged_config_path  # noqa: PLC0415
+
+    cfg = OmegaConf.merge(load_yaml(packaged_config_path("data_defaults")),
+                          load_yaml(packaged_config_path("ssl3d_default_config")),
+                          OmegaConf.from_dotlist(["student.arch=vit_tiny_3d", "crops.global_crops_size=32",
+                                                  "student.num_register_tokens=1"]))
+    with torch.device("meta"):
+        reference = backbone_from_config(cfg, teacher=True)
+    src = random_model(vit_tiny_3d, img_size=32, num_register_tokens=1)
+    assert {k: v.shape for k, v in src.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    path = save_teacher_checkpoint(tmp_path / "teacher_checkpoint.pth",
+                                   {f"backbone.{k}": v for k, v in src.state_dict().items()}, cfg, iteration=0)
+    model = build_model_from_checkpoint(path)
+    for attr in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                 "num_register_tokens", "interpolate_offset"):
+        assert getattr(model, attr) == getattr(reference, attr), attr
+    assert [b.drop_path for b in model.blocks] == [b.drop_path for b in reference.blocks]
+    assert_same_features(model, src, (32, 32, 32))
 
 
 def test_save_teacher_checkpoint_is_atomic_and_validates(tmp_path, monkeypatch):
