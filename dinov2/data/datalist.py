@@ -893,12 +893,8 @@ def _parser() -> argparse.ArgumentParser:
         "--min-size", type=int, nargs="+", default=[1], metavar="N", help="minimum voxels per axis (one value or 3)"
     )
     pre.add_argument("--relative", action="store_true", help="write paths relative to the datalist's folder")
-    pre.add_argument(
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="header-reading processes (default: cores, <= 8)"
-    )
+    # Default 1: on a busy 2-core machine 2 spawned workers were slower (17 s vs 7.6 s, 10k files).
+    pre.add_argument("--workers", type=int, default=1, help="header-reading processes, for many-core machines")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     fin = sub.add_parser("finetune", help="pair images with labels by name and split them")
