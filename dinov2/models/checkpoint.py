@@ -54,14 +54,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .registry import MODEL_REGISTRY, build_model
-from .vision_transformer import VisionTransformer3D
+from .vision_transformer import VisionTransformer3D, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -474,12 +473,13 @@ def infer_backbone_kwargs(backbone: Mapping[str, torch.Tensor], path: str | os.P
 
 
 # ----------------------------------------------------------------------------- adapting tensors
-def resample_pos_embed(pos_embed: torch.Tensor, source_grid: tuple[int, int, int],
-                       model: VisionTransformer3D) -> torch.Tensor:
+def resize_pos_embed_to_model(pos_embed: torch.Tensor, source_grid: tuple[int, int, int],
+                              model: VisionTransformer3D) -> torch.Tensor:
     """Resample a checkpoint's position embedding to ``model``'s native grid.
 
-    Runs :meth:`VisionTransformer3D.interpolate_pos_encoding` on the checkpoint's tensor, so
-    loading then equals what the model would compute at run time from the original grid.
+    Uses the backbone's own :func:`~dinov2.models.vision_transformer.resample_pos_embed` with the
+    model's ``interpolate_offset``, so loading equals what the model would compute at run time
+    from the original grid.
 
     Args:
         pos_embed: ``(1, 1 + prod(source_grid), E)``.
@@ -489,10 +489,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, source_grid: tuple[int, int, int
     Returns:
         ``(1, 1 + prod(model.patch_grid), E)`` in the dtype of ``model.pos_embed``.
     """
-    # The method only reads these attributes, so a stand-in object lets us reuse it as is.
-    view = SimpleNamespace(pos_embed=pos_embed.float(), patch_grid=tuple(source_grid),
-                           embed_dim=model.embed_dim, interpolate_offset=model.interpolate_offset)
-    return VisionTransformer3D.interpolate_pos_encoding(view, tuple(model.patch_grid), torch.float32).to(
+    if tuple(source_grid) == tuple(model.patch_grid):
+        return pos_embed.to(model.pos_embed.dtype)
+    return resample_pos_embed(pos_embed, source_grid, model.patch_grid, model.interpolate_offset).to(
         model.pos_embed.dtype)
 
 
@@ -529,7 +528,7 @@ def _adapt(contents: CheckpointContents, model: VisionTransformer3D):
             if grid is None:
                 raise CheckpointError(f"{path}: pos_embed {list(pos.shape)} covers a grid that cannot be inferred; "
                                       "pass a model whose native grid matches the checkpoint's.")
-            ckpt["pos_embed"] = resample_pos_embed(pos, grid, model)
+            ckpt["pos_embed"] = resize_pos_embed_to_model(pos, grid, model)
             resized["pos_embed"] = (tuple(pos.shape), expected["pos_embed"])
     mismatched = [f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k])}"
                   for k, v in ckpt.items() if k in expected and tuple(v.shape) != expected[k]]
