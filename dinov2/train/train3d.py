@@ -110,16 +110,24 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
         cache_dir: sets ``preprocessing.cache.dir`` (the ``--cache-dir`` flag).
 
     Raises:
-        ValueError: keys the defaults do not know (typos) or required values left as ``???``.
+        ValueError: keys the defaults do not know (typos) or required values left as ``???``
+            (in the defaults, or in ``config_file`` and not set by ``overrides``).
     """
     overrides = list(overrides) + ([f"preprocessing.cache.dir={cache_dir}"] if cache_dir else [])
     default = default_config()
-    cfg = merge_configs(default, _config_file(config_file), overrides)
+    path = _config_file(config_file)
+    cfg = merge_configs(default, path, overrides)
     unknown = _unknown_keys(cfg, default)
     if unknown:
         raise ValueError(f"Unknown config keys {unknown}: not in dinov2/configs/ssl3d_default_config.yaml or "
                          "data_defaults.yaml. Fix the spelling in your YAML / overrides.")
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = set(OmegaConf.missing_keys(cfg))
+    if path is not None:
+        # OmegaConf does not let a ``???`` replace a default value in a merge, so a ``???`` in the
+        # config file (e.g. the teacher a stage starts from) is enforced here: overrides must set it.
+        given = {item.split("=", 1)[0].strip() for item in overrides}
+        missing |= {key for key in OmegaConf.missing_keys(load_yaml(path)) if key not in given}
+    missing = sorted(missing)
     if missing:
         raise ValueError(f"Config values {missing} are required (??? in the defaults); pass them as key=value, "
                          f"e.g. {missing[0]}=...")
@@ -127,19 +135,29 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
 
 
 # --------------------------------------------------------------------------------- run
-def _setup_logging(output_dir: Path, is_main: bool) -> None:
+def _setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
+    """Log ``dinov2.*`` to stderr (rank 0: INFO, others: WARNING) and to ``log.txt`` on rank 0.
+
+    Returns:
+        The handlers added, for :func:`_teardown_logging`.
+    """
     root = logging.getLogger("dinov2")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
-    if any(getattr(h, "_dinov2_train", False) for h in root.handlers):
-        return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
     for handler in handlers:
         handler.setFormatter(fmt)
-        handler._dinov2_train = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    return handlers
+
+
+def _teardown_logging(handlers: list[logging.Handler]) -> None:
+    root = logging.getLogger("dinov2")
+    for handler in handlers:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _iteration_plan(cfg: DictConfig) -> tuple[int, int]:
@@ -197,7 +215,16 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
     Raises:
         NonFiniteLossError: a loss became NaN/Inf (the last good checkpoint is kept).
     """
-    output_dir = Path(output_dir)
+    threads = torch.get_num_threads()
+    if cfg.train.cpu_threads is not None:
+        torch.set_num_threads(int(cfg.train.cpu_threads))
+    try:
+        return _train(cfg, Path(output_dir), resume, device)
+    finally:
+        torch.set_num_threads(threads)  # train() may run inside a larger program (tests, notebooks)
+
+
+def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device | None) -> dict[str, Any]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     is_main = rank == 0
     device = device if device is not None else distributed.resolve_device(str(cfg.train.device))
@@ -337,13 +364,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if ctx.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(output_dir, ctx.is_main_process)
+    handlers = _setup_logging(output_dir, ctx.is_main_process)
     try:
         train(cfg, output_dir, resume=not args.no_resume, device=ctx.device)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         raise
     finally:
+        _teardown_logging(handlers)
         distributed.shutdown_distributed()
     return 0
 

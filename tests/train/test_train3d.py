@@ -1,0 +1,116 @@
+"""The pretraining entry point end to end on CPU: outputs, NaN stop, config handling, loss falls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinov2.models.checkpoint import load_pretrained_backbone
+from dinov2.train import train3d
+from dinov2.train.checkpointer import TrainingCheckpointer
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "training_metrics.json").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_iteration_run(tmp_path_factory, tiny_argv):
+    run = tmp_path_factory.mktemp("run")
+    argv = tiny_argv(run, "train.max_iterations=2", "checkpointing.period_iterations=1",
+                     "checkpointing.max_to_keep=1", "evaluation.eval_period_iterations=1")
+    assert train3d.main(argv) == 0
+    return run
+
+
+def test_two_iterations_write_every_output(two_iteration_run):
+    run = two_iteration_run
+    lines = _metrics(run)
+    assert [line["iteration"] for line in lines] == [0, 1]
+    for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp",
+                "samples_per_s", "data_wait_s", "data_wait_share", "teacher_entropy", "teacher_cls_effective_rank"):
+        assert all(isinstance(line[key], float) and line[key] == line[key] for line in lines), key
+    assert lines[0]["teacher_temp"] == pytest.approx(0.04) and lines[1]["teacher_temp"] > 0.04
+    assert OmegaConf.load(run / "config.yaml").student.arch == "vit_tiny_3d"
+    assert (run / "log.txt").read_text().count("Saved training state") == 2
+    # max_to_keep=1: only the latest full state survives.
+    checkpointer = TrainingCheckpointer(run)
+    assert [it for it, _ in checkpointer.list()] == [2]
+    state = TrainingCheckpointer.load(checkpointer.latest())
+    assert state["iteration"] == 2 and state["sampler"]["global_position"] == 2 * 4
+    assert {"optimizer", "scaler", "rng", "config", "model"} <= set(state)
+    # Teacher exports at each eval period, loadable by the backbone loader alone.
+    for it in (1, 2):
+        assert (run / "eval" / f"training_{it}" / "teacher_checkpoint.pth").is_file()
+    model, report = load_pretrained_backbone(run / "eval" / "training_2" / "teacher_checkpoint.pth")
+    assert report.built_from == "config" and not report.missing_keys
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(state["model"]["student.backbone.blocks.0.attn.qkv.weight"],
+                           state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_highres_stage_starts_from_a_teacher_export(two_iteration_run, tiny_config):
+    cfg = train3d.build_config(str(tiny_config), ["train.datalist=x.json", "crops.global_crops_size=48",
+                                                  "crops.local_crops_size=24"])
+    arch = SSLMetaArch(cfg)
+    export = two_iteration_run / "eval" / "training_2" / "teacher_checkpoint.pth"
+    train3d._load_pretrained(arch, str(export))
+    teacher = torch.load(export, weights_only=True)["teacher"]
+    assert arch.student.backbone.pos_embed.shape[1] == 1 + 6**3  # 48 / 8 per side
+    assert torch.equal(arch.student.ibot_head.mlp[0].weight, teacher["ibot_head.mlp.0.weight"])
+    assert torch.equal(arch.teacher.backbone.norm.weight, teacher["backbone.norm.weight"])
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_argv, monkeypatch):
+    real = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third iteration, index 2
+            out["ibot_loss"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", poisoned)
+    argv = tiny_argv(tmp_path, "train.max_iterations=5", "checkpointing.period_iterations=2",
+                     "train.num_workers=0")
+    with pytest.raises(train3d.NonFiniteLossError, match=r"iteration 2:.*ibot_loss=nan.*model_0000002\.pth"):
+        train3d.main(argv)
+    assert [it for it, _ in TrainingCheckpointer(tmp_path).list()] == [2]
+    assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1]
+
+
+def test_config_errors_name_the_key(small_datalist, tiny_config):
+    with pytest.raises(ValueError, match="optim.base_lrr"):
+        train3d.build_config(str(tiny_config), [f"train.datalist={small_datalist}", "optim.base_lrr=1"])
+    with pytest.raises(ValueError, match="train.datalist"):
+        train3d.build_config(str(tiny_config))
+    # A packaged stage config by name; it requires the teacher to start from.
+    with pytest.raises(ValueError, match="student.pretrained_weights"):
+        train3d.build_config("train/vit3d_highres", [f"train.datalist={small_datalist}"])
+    cfg = train3d.build_config("train/vit3d_highres", [f"train.datalist={small_datalist}", "student.pretrained_weights=t.pth"],
+                               cache_dir="/c")
+    assert cfg.crops.global_crops_size == 112 and cfg.student.arch == "vit_large_3d"
+    assert cfg.preprocessing.cache.dir == "/c" and cfg.crops.local_crops_number == 8
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        train3d.build_config("no_such.yaml")
+
+
+@pytest.mark.slow
+def test_loss_falls_over_60_iterations_on_real_volumes(tmp_path, tiny_argv):
+    argv = tiny_argv(tmp_path, "train.max_iterations=60", "train.log_period_iterations=5",
+                     "checkpointing.period_iterations=60", "evaluation.eval_period_iterations=60")
+    train3d.main(argv)
+    lines = _metrics(tmp_path)
+    first, last = lines[:2], lines[-4:]
+    for key, margin in (("total_loss", 1.0), ("dino_loss", 0.2), ("ibot_loss", 0.1)):
+        before = sum(line[key] for line in first) / len(first)
+        after = sum(line[key] for line in last) / len(last)
+        assert after < before - margin, (key, before, after)
+    # The CLS embeddings spread out (a collapsed run stays at effective rank 1).
+    assert lines[-1]["teacher_cls_effective_rank"] > lines[0]["teacher_cls_effective_rank"] + 0.2
