@@ -1,0 +1,460 @@
+"""DINO multi-crop augmentation for 3D volumes, on plain tensors and its own random generators.
+
+One call turns a preprocessed volume ``(C, X, Y, Z)`` into two global and ``N`` local crops. It is
+written for speed on CPU data-loading workers (see ``scripts/benchmark_data.py``): each crop is one
+fused resampling of the sub-volume it needs (:func:`dinov2.data.crops.resized_crop`), and the
+intensity transforms below act in place on the small output cubes. They follow MONAI's array
+transforms of the same names (``RandAdjustContrast``, ``RandGaussianNoise``,
+``RandHistogramShift``, ``RandGaussianSmooth``, ``RandGaussianSharpen``, ``RandGibbsNoise``)
+where noted, without MetaTensor bookkeeping.
+
+All randomness comes from the instance's ``numpy.random.Generator`` (parameters) and
+``torch.Generator`` (noise fields), which :meth:`DataAugmentationDINO3d.reseed` resets; a data
+loader worker reseeds them from its own seed stream (``dinov2.data.seeding``), so two workers
+never repeat each other's augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dinov2.data.crops import (
+    _check_range,
+    resized_crop,
+    sample_crop_size,
+    sample_crop_start,
+    sample_orientation,
+)
+from dinov2.data.seeding import child_sequence
+
+# ---------------------------------------------------------------------------------------------
+# Intensity transforms on plain tensors. Each takes a (C, X, Y, Z) float32 tensor it may modify
+# in place (the crops are fresh copies) and returns the result.
+# ---------------------------------------------------------------------------------------------
+
+
+def adjust_contrast_(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Gamma contrast on the crop's own range, as MONAI's ``AdjustContrast``.
+
+    ``y = ((x - min) / (max - min + 1e-7)) ** gamma * (max - min) + min``.
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor, modified in place.
+        gamma: exponent (> 0).
+
+    Returns:
+        ``x`` after the transform.
+    """
+    low, high = (float(v) for v in torch.aminmax(x))
+    span = high - low
+    # exp(gamma * log t) is about twice as fast as pow_ with a non-integer exponent on CPU
+    # (pow falls back to scalar code); log(0) = -inf maps to exp(-inf) = 0 as 0 ** gamma does.
+    return x.sub_(low).mul_(1.0 / (span + 1e-7)).log_().mul_(gamma).exp_().mul_(span).add_(low)
+
+
+def add_gaussian_noise_(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Add zero-mean Gaussian noise of standard deviation ``std``.
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor, modified in place.
+        std: noise standard deviation (intensity units of ``x``).
+        generator: source of the noise field.
+
+    Returns:
+        ``x`` after the transform.
+    """
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x.add_(noise, alpha=std)
+
+
+def histogram_shift_(x: torch.Tensor, rng: np.random.Generator, num_points: int) -> torch.Tensor:
+    """Piecewise-linear intensity remapping with randomly moved control points.
+
+    As MONAI's ``RandHistogramShift``: ``num_points`` reference points equally spaced over
+    ``[min, max]`` of the crop; the inner ones are moved in turn, each uniformly between its
+    already-moved left neighbour and its right neighbour; intensities are mapped linearly
+    between matching points. The ends stay fixed, so the range is preserved.
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor, modified in place.
+        rng: generator for the control points.
+        num_points: number of control points (>= 3).
+
+    Returns:
+        The remapped tensor (``x`` itself when its range is empty).
+    """
+    low, high = (float(v) for v in torch.aminmax(x))
+    if high <= low:
+        return x
+    moved = np.linspace(low, high, num_points)
+    for i in range(1, num_points - 1):
+        moved[i] = rng.uniform(moved[i - 1], moved[i + 1])
+    # Reference points are equally spaced, so the segment index is arithmetic (no bucketize),
+    # and on segment k the map is intercept[k] + position * slope[k] with position in [k, k + 1].
+    position = x.sub_(low).mul_((num_points - 1) / (high - low))
+    segment = position.to(torch.int32).clamp_(max=num_points - 2).view(-1)
+    table = torch.from_numpy(moved.astype(np.float32))
+    slope = table[1:] - table[:-1]
+    intercept = table[:-1] - torch.arange(num_points - 1, dtype=torch.float32) * slope
+    values = intercept.index_select(0, segment).view_as(position)
+    return values.addcmul_(position, slope.index_select(0, segment).view_as(position))
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised sampled Gaussian, truncated at ``ceil(3 * sigma)`` voxels each side.
+
+    Args:
+        sigma: standard deviation in voxels (> 0).
+
+    Returns:
+        ``(2r + 1,)`` float32 weights summing to one.
+    """
+    return torch.tensor(_gaussian_weights(sigma), dtype=torch.float32)
+
+
+def _gaussian_weights(sigma: float) -> list[float]:
+    # Plain Python: for these few taps tensor ops would cost more than the arithmetic.
+    radius = max(1, math.ceil(3.0 * sigma))
+    weights = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _filter_axis(x: torch.Tensor, dim: int, weights: Sequence[float]) -> torch.Tensor:
+    """Correlate ``x`` with a 1D kernel along ``dim``, edges replicated (same size output)."""
+    radius = (len(weights) - 1) // 2
+    n = x.shape[dim]
+    pad_shape = list(x.shape)
+    pad_shape[dim] = radius
+    padded = torch.cat(
+        [x.narrow(dim, 0, 1).expand(pad_shape), x, x.narrow(dim, n - 1, 1).expand(pad_shape)], dim
+    )
+    # Shifted multiply-adds beat conv1d/conv3d for these short kernels on CPU by 5-10x.
+    out = padded.narrow(dim, 0, n) * weights[0]
+    for j in range(1, len(weights)):
+        out.add_(padded.narrow(dim, j, n), alpha=weights[j])
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian smoothing with one sigma per spatial axis (replicated edges).
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor (not modified).
+        sigma: three standard deviations in voxels, one per spatial axis.
+
+    Returns:
+        ``(C, X, Y, Z)`` smoothed tensor.
+    """
+    out = x
+    for axis, s in enumerate(sigma):
+        out = _filter_axis(out, 1 + axis, _gaussian_weights(s))
+    return out
+
+
+def gaussian_sharpen(x: torch.Tensor, sigma1: Sequence[float], sigma2: Sequence[float], alpha: float) -> torch.Tensor:
+    """Unsharp masking, as MONAI's ``GaussianSharpen``.
+
+    ``b1 = G(sigma1) x``, ``b2 = G(sigma2) b1``, result ``b1 + alpha * (b1 - b2)``.
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor (not modified).
+        sigma1: per-axis sigmas of the first smoothing.
+        sigma2: per-axis sigmas of the second smoothing.
+        alpha: weight of the high-pass term.
+
+    Returns:
+        ``(C, X, Y, Z)`` sharpened tensor.
+    """
+    blurred = gaussian_blur(x, sigma1)
+    detail = blurred - gaussian_blur(blurred, sigma2)
+    return blurred.add_(detail, alpha=alpha)
+
+
+def gibbs_ringing(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Gibbs ringing by truncating k-space to a centred ball, as MONAI's ``GibbsNoise``.
+
+    Frequencies are kept when ``sum_i (f_i / f_nyquist)^2 <= (1 - alpha)^2``: ``alpha = 0``
+    keeps the ball inscribed in k-space (removing only its corners), ``alpha -> 1`` keeps only
+    the mean.
+
+    Args:
+        x: ``(C, X, Y, Z)`` tensor (not modified).
+        alpha: truncation strength in ``[0, 1]``.
+
+    Returns:
+        ``(C, X, Y, Z)`` real tensor.
+    """
+    shape = x.shape[-3:]
+    spectrum = torch.fft.rfftn(x, dim=(-3, -2, -1))
+    f0 = (torch.fft.fftfreq(shape[0]) * 2.0) ** 2
+    f1 = (torch.fft.fftfreq(shape[1]) * 2.0) ** 2
+    f2 = (torch.fft.rfftfreq(shape[2]) * 2.0) ** 2
+    radius2 = f0[:, None, None] + f1[None, :, None] + f2[None, None, :]
+    spectrum *= radius2 <= (1.0 - alpha) ** 2
+    return torch.fft.irfftn(spectrum, s=shape, dim=(-3, -2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The multi-crop augmentation.
+# ---------------------------------------------------------------------------------------------
+
+_NUMBER_OF_GLOBAL_CROPS = 2  # the DINO recipe: two teacher views with different blur settings
+
+
+class DataAugmentationDINO3d:
+    """Two global and ``N`` local random-resized 3D crops with DINO-style augmentations.
+
+    **What the crop scales are relative to.** The input is the preprocessed volume: intensity
+    scaled, its in-plane axes first and its through-plane axis last
+    (``dinov2.data.transforms``), and cropped to its foreground bounding box. For a volume of
+    spatial shape ``(H, W, D)`` a crop covers an in-plane area ``h * w`` that is a fraction
+    ``s ~ U(*_crops_scale)`` of ``H * W`` with aspect ratio ``h / w`` log-uniform in
+    ``aspect_ratio``, and a through-plane length ``d`` that is a fraction ``t ~ U(*_crops_depth_scale)``
+    of ``D`` (see :func:`dinov2.data.crops.sample_crop_size`), at a uniformly random position. The
+    box is resized trilinearly to a cube of ``global_crops_size`` or ``local_crops_size`` voxels.
+
+    **Per crop, in order:** random flip of each axis (``flip_prob`` each); random rotation by
+    k x 90 degrees, k in {1, 2, 3}, in each of the three planes (``rotate90_prob`` each); with
+    probability ``intensity_prob`` one of gamma contrast (``gamma ~ U(contrast_gamma)``),
+    Gaussian noise (``std ~ U(0, noise_std)``) or histogram shift (``histogram_shift_points``
+    control points), chosen uniformly. Then:
+
+    * global crop 1: blurred or sharpened (sharpened with probability ``sharpen_prob``), with
+      probability ``global1_blur_prob`` (1 by default);
+    * global crop 2: the same with probability ``global2_blur_prob``, then Gibbs ringing
+      (``alpha ~ U(gibbs_alpha)``) with probability ``global2_gibbs_prob``;
+    * local crops: blurred with probability ``local_blur_prob``.
+
+    Blur sigmas are drawn per axis, in voxels of the output cube: ``U(blur_sigma)`` for blurring;
+    ``U(sharpen_sigma1)``, ``U(sharpen_sigma2)`` and weight ``U(sharpen_alpha)`` for sharpening
+    (see :func:`gaussian_sharpen`).
+
+    Args:
+        global_crops_size: edge ``G`` of the global crops, in voxels.
+        local_crops_size: edge ``L`` of the local crops, in voxels.
+        local_crops_number: number of local crops (may be 0).
+        global_crops_scale: ``(min, max)`` in-plane area fraction of global crops.
+        global_crops_depth_scale: ``(min, max)`` through-plane length fraction of global crops.
+        local_crops_scale: ``(min, max)`` in-plane area fraction of local crops.
+        local_crops_depth_scale: ``(min, max)`` through-plane length fraction of local crops.
+        aspect_ratio: ``(min, max)`` in-plane aspect ratio ``h / w``.
+        flip_prob: probability of flipping each axis.
+        rotate90_prob: probability of a 90-degree rotation in each plane.
+        intensity_prob: probability of applying one intensity transform to a crop.
+        contrast_gamma: ``(min, max)`` gamma of the contrast transform.
+        noise_std: largest standard deviation of the Gaussian noise.
+        histogram_shift_points: control points of the histogram shift (>= 3).
+        global1_blur_prob: probability of blur/sharpen on the first global crop.
+        global2_blur_prob: probability of blur/sharpen on the second global crop.
+        global2_gibbs_prob: probability of Gibbs ringing on the second global crop.
+        local_blur_prob: probability of blur on each local crop.
+        sharpen_prob: probability that a global blur/sharpen event sharpens.
+        blur_sigma: ``(min, max)`` Gaussian sigma of blurring, in output voxels.
+        sharpen_sigma1: ``(min, max)`` first sigma of sharpening.
+        sharpen_sigma2: ``(min, max)`` second sigma of sharpening.
+        sharpen_alpha: ``(min, max)`` high-pass weight of sharpening.
+        gibbs_alpha: ``(min, max)`` k-space truncation strength, within ``[0, 1]``.
+        seed: seed of the generators until :meth:`reseed` is called (an int or a
+            ``numpy.random.SeedSequence``).
+
+    Example:
+        >>> aug = DataAugmentationDINO3d(global_crops_size=32, local_crops_size=16, local_crops_number=2)
+        >>> out = aug(torch.rand(1, 40, 40, 30))
+        >>> out["global_crops"][0].shape, len(out["local_crops"])
+        (torch.Size([1, 32, 32, 32]), 2)
+    """
+
+    def __init__(
+        self,
+        *,
+        global_crops_size: int = 96,
+        local_crops_size: int = 48,
+        local_crops_number: int = 8,
+        global_crops_scale: Sequence[float] = (0.48, 1.0),
+        global_crops_depth_scale: Sequence[float] = (0.5, 1.0),
+        local_crops_scale: Sequence[float] = (0.16, 0.48),
+        local_crops_depth_scale: Sequence[float] = (0.2, 0.5),
+        aspect_ratio: Sequence[float] = (0.9, 1.0 / 0.9),
+        flip_prob: float = 0.3,
+        rotate90_prob: float = 0.3,
+        intensity_prob: float = 0.8,
+        contrast_gamma: Sequence[float] = (0.5, 2.0),
+        noise_std: float = 0.1,
+        histogram_shift_points: int = 10,
+        global1_blur_prob: float = 1.0,
+        global2_blur_prob: float = 0.1,
+        global2_gibbs_prob: float = 0.2,
+        local_blur_prob: float = 0.5,
+        sharpen_prob: float = 0.5,
+        blur_sigma: Sequence[float] = (0.25, 1.5),
+        sharpen_sigma1: Sequence[float] = (0.5, 1.0),
+        sharpen_sigma2: Sequence[float] = (0.5, 1.0),
+        sharpen_alpha: Sequence[float] = (10.0, 30.0),
+        gibbs_alpha: Sequence[float] = (0.0, 0.8),
+        seed: int | np.random.SeedSequence = 0,
+    ) -> None:
+        for name, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer number of voxels, got {value!r}.")
+        if int(local_crops_number) != local_crops_number or local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be a non-negative integer, got {local_crops_number!r}.")
+        if int(histogram_shift_points) != histogram_shift_points or histogram_shift_points < 3:
+            raise ValueError(f"histogram_shift_points must be an integer >= 3, got {histogram_shift_points!r}.")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}.")
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
+        self.local_crops_number = int(local_crops_number)
+        self.global_crops_scale = _check_fraction_range("global_crops_scale", global_crops_scale)
+        self.global_crops_depth_scale = _check_fraction_range("global_crops_depth_scale", global_crops_depth_scale)
+        self.local_crops_scale = _check_fraction_range("local_crops_scale", local_crops_scale)
+        self.local_crops_depth_scale = _check_fraction_range("local_crops_depth_scale", local_crops_depth_scale)
+        self.aspect_ratio = _check_range("aspect_ratio", aspect_ratio, 1e-6)
+        self.contrast_gamma = _check_range("contrast_gamma", contrast_gamma, 1e-6)
+        self.blur_sigma = _check_range("blur_sigma", blur_sigma, 1e-6)
+        self.sharpen_sigma1 = _check_range("sharpen_sigma1", sharpen_sigma1, 1e-6)
+        self.sharpen_sigma2 = _check_range("sharpen_sigma2", sharpen_sigma2, 1e-6)
+        self.sharpen_alpha = _check_range("sharpen_alpha", sharpen_alpha, 0.0)
+        self.gibbs_alpha = _check_range("gibbs_alpha", gibbs_alpha, 0.0, 1.0)
+        self.noise_std = float(noise_std)
+        self.histogram_shift_points = int(histogram_shift_points)
+        probabilities = dict(
+            flip_prob=flip_prob,
+            rotate90_prob=rotate90_prob,
+            intensity_prob=intensity_prob,
+            global1_blur_prob=global1_blur_prob,
+            global2_blur_prob=global2_blur_prob,
+            global2_gibbs_prob=global2_gibbs_prob,
+            local_blur_prob=local_blur_prob,
+            sharpen_prob=sharpen_prob,
+        )
+        for name, p in probabilities.items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}.")
+            setattr(self, name, float(p))
+        self.rng = np.random.default_rng()
+        self.torch_generator = torch.Generator()
+        self.reseed(seed)
+
+    @classmethod
+    def from_config(cls, crops: Mapping[str, Any], seed: int | np.random.SeedSequence = 0) -> "DataAugmentationDINO3d":
+        """Build from the ``crops:`` section of the training config.
+
+        Args:
+            crops: mapping (dict or DictConfig) whose keys are this class's keyword arguments;
+                missing keys take the packaged defaults (``dinov2/configs/data_defaults.yaml``).
+            seed: initial seed of the generators.
+
+        Returns:
+            The augmentation.
+        """
+        from dinov2.data.transforms import load_data_defaults  # local: transforms imports MONAI
+
+        defaults = dict(load_data_defaults()["crops"])
+        unknown = sorted(set(crops) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) in the crops config: {', '.join(unknown)}. Valid keys: {', '.join(sorted(defaults))}."
+            )
+        merged = {**defaults, **{k: crops[k] for k in crops}}
+        kwargs = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in merged.items()}
+        return cls(**kwargs, seed=seed)
+
+    def reseed(self, seed: int | np.random.SeedSequence) -> None:
+        """Reset both generators from one seed (int or ``numpy.random.SeedSequence``)."""
+        sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
+        numpy_seq, torch_seq = child_sequence(sequence, 0), child_sequence(sequence, 1)
+        self.rng = np.random.Generator(np.random.PCG64(numpy_seq))
+        self.torch_generator.manual_seed(int(torch_seq.generate_state(1, dtype=np.uint64)[0]))
+
+    # -- one crop ------------------------------------------------------------------------------
+
+    def _crop(self, volume: torch.Tensor, out_size: int, area_scale, depth_scale) -> torch.Tensor:
+        shape = volume.shape[1:]
+        size = sample_crop_size(self.rng, shape, area_scale, self.aspect_ratio, depth_scale)
+        start = sample_crop_start(self.rng, shape, size)
+        orientation = sample_orientation(self.rng, self.flip_prob, self.rotate90_prob)
+        return resized_crop(volume, start, size, out_size, orientation)
+
+    def _intensity(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rng.random() >= self.intensity_prob:
+            return x
+        choice = int(self.rng.integers(0, 3))
+        if choice == 0:
+            return adjust_contrast_(x, self.rng.uniform(*self.contrast_gamma))
+        if choice == 1:
+            return add_gaussian_noise_(x, self.rng.uniform(0.0, self.noise_std), self.torch_generator)
+        return histogram_shift_(x, self.rng, self.histogram_shift_points)
+
+    def _sigmas(self, bounds: tuple[float, float]) -> list[float]:
+        return [float(s) for s in self.rng.uniform(bounds[0], bounds[1], size=3)]
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(x, self._sigmas(self.blur_sigma))
+
+    def _blur_or_sharpen(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rng.random() < self.sharpen_prob:
+            sigma1 = self._sigmas(self.sharpen_sigma1)
+            sigma2 = self._sigmas(self.sharpen_sigma2)
+            return gaussian_sharpen(x, sigma1, sigma2, self.rng.uniform(*self.sharpen_alpha))
+        return self._blur(x)
+
+    # -- the sample ----------------------------------------------------------------------------
+
+    def __call__(self, volume: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Make the crops of one sample.
+
+        Args:
+            volume: ``(C, H, W, D)`` plain tensor (float32 or float16), in-plane axes first,
+                through-plane axis last. It is read, never modified.
+
+        Returns:
+            ``{"global_crops": [Tensor(C, G, G, G)] * 2, "local_crops": [Tensor(C, L, L, L)] * N}``,
+            contiguous float32 tensors.
+        """
+        if not isinstance(volume, torch.Tensor) or volume.dim() != 4:
+            raise ValueError(
+                f"DataAugmentationDINO3d expects a (C, H, W, D) tensor, got {type(volume).__name__} "
+                f"of shape {tuple(getattr(volume, 'shape', ()))}."
+            )
+        volume = volume.as_subclass(torch.Tensor)  # MetaTensor bookkeeping would slow every op
+        g, l = self.global_crops_size, self.local_crops_size
+        global_crops = []
+        for index in range(_NUMBER_OF_GLOBAL_CROPS):
+            crop = self._intensity(self._crop(volume, g, self.global_crops_scale, self.global_crops_depth_scale))
+            if index == 0:
+                if self.rng.random() < self.global1_blur_prob:
+                    crop = self._blur_or_sharpen(crop)
+            else:
+                if self.rng.random() < self.global2_blur_prob:
+                    crop = self._blur_or_sharpen(crop)
+                if self.rng.random() < self.global2_gibbs_prob:
+                    crop = gibbs_ringing(crop, self.rng.uniform(*self.gibbs_alpha))
+            global_crops.append(crop)
+        local_crops = []
+        for _ in range(self.local_crops_number):
+            crop = self._intensity(self._crop(volume, l, self.local_crops_scale, self.local_crops_depth_scale))
+            if self.rng.random() < self.local_blur_prob:
+                crop = self._blur(crop)
+            local_crops.append(crop)
+        return {"global_crops": global_crops, "local_crops": local_crops}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(global {_NUMBER_OF_GLOBAL_CROPS} x {self.global_crops_size}^3 "
+            f"scale {self.global_crops_scale} depth {self.global_crops_depth_scale}, local "
+            f"{self.local_crops_number} x {self.local_crops_size}^3 scale {self.local_crops_scale} "
+            f"depth {self.local_crops_depth_scale})"
+        )
+
+
+def _check_fraction_range(name: str, value: Sequence[float]) -> tuple[float, float]:
+    low, high = _check_range(name, value, 0.0, 1.0)
+    if low <= 0.0:
+        raise ValueError(f"{name} must be a fraction range within (0, 1], got {value!r}.")
+    return low, high
