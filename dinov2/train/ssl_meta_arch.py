@@ -20,7 +20,6 @@ batches and saves state; everything about the method lives here.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from typing import Any, Mapping
@@ -35,6 +34,7 @@ from dinov2.models import build_model
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
 from dinov2.train.param_groups import get_param_groups
+from dinov2.utils.perf import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class SSLMetaArch(nn.Module):
             raise ValueError(
                 f"compute_precision.dtype='{precision['dtype']}' is unknown; choose one of {', '.join(AUTOCAST_DTYPES)}."
             )
-        self.autocast_dtype = AUTOCAST_DTYPES[precision["dtype"]]
+        self.precision = str(precision["dtype"])
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         if self.autocast_dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("compute_precision.dtype=fp16 needs CUDA; use bf16 or fp32 on CPU.")
         self.n_local_crops = int(cfg["crops"]["local_crops_number"])
@@ -334,9 +335,7 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ a step
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.precision, self.device)
 
     def _check_batch(self, global_crops: Tensor, local_crops: Tensor | None) -> int:
         if global_crops.shape[0] % N_GLOBAL_CROPS:

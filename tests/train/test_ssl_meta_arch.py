@@ -161,3 +161,13 @@ def test_bad_settings_are_rejected():
         SSLMetaArch(tiny_cfg("compute_precision.dtype=fp16"))
     with pytest.raises(ValueError, match="centering"):
         SSLMetaArch(tiny_cfg("centering.kind=mean"))
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_parameters_and_gradients():
+    torch.manual_seed(0)
+    cfg = tiny_cfg("compute_precision.dtype=bf16")
+    arch = SSLMetaArch(cfg)
+    losses = arch.forward_backward(make_batch(cfg), teacher_temp=0.04)
+    assert all(torch.isfinite(v) for v in losses.values())
+    grad = arch.student.backbone.blocks[0].mlp.fc1.weight.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0

@@ -114,3 +114,32 @@ def test_loss_falls_over_60_iterations_on_real_volumes(tmp_path, tiny_argv):
         assert after < before - margin, (key, before, after)
     # The CLS embeddings spread out (a collapsed run stays at effective rank 1).
     assert lines[-1]["teacher_cls_effective_rank"] > lines[0]["teacher_cls_effective_rank"] + 0.2
+
+
+def test_collapse_monitors_tell_collapse_from_spread():
+    from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
+
+    k = 16
+    uniform = torch.full((8, k), 1.0 / k)
+    one_hot = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), k).float()
+    spread = torch.nn.functional.one_hot(torch.arange(8), k).float()
+    assert mean_row_entropy(uniform) == pytest.approx(torch.log(torch.tensor(k)).item(), rel=1e-5)
+    assert mean_row_entropy(one_hot) == pytest.approx(0.0, abs=1e-6)
+    assert prototype_usage_entropy(one_hot) == pytest.approx(0.0, abs=1e-6)  # one prototype takes all
+    assert prototype_usage_entropy(spread) == pytest.approx(torch.log(torch.tensor(8.0)).item(), rel=1e-5)
+    same = torch.ones(8, 4)
+    assert effective_rank(same) == pytest.approx(1.0, abs=1e-3)
+    assert effective_rank(torch.eye(4)) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_metrics_of_a_resumed_run_drop_the_recomputed_iterations(tmp_path):
+    from dinov2.train.metrics import METRICS_FILE, MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+    for it in range(5):
+        logger.log(it, {"total_loss": torch.tensor(1.0 / (it + 1)), "lr": 0.1})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"iteration": 5, "total_l')  # a line cut short by a kill
+    MetricsLogger(tmp_path, start_iteration=3)
+    assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1, 2]
+    assert MetricsLogger(tmp_path / "other", enabled=False).path.parent.exists() is False
