@@ -1,0 +1,271 @@
+"""Linear probing of a frozen 3D ViT: features once, a grid of linear heads, the best one on test.
+
+Recipe: the backbone's features of every volume are extracted once and cached
+(:mod:`dinov2.eval.linear.features`); a grid of linear heads, {last 1, last 4 blocks} x {CLS,
+CLS + mean patch token} x learning rates, is trained together on them
+(:mod:`dinov2.eval.linear.classifiers`); the head with the best validation accuracy is evaluated
+on the test split (accuracy, balanced accuracy, macro AUROC, confusion matrix) and written to
+``<output-dir>/results.json``.
+
+Example on the packaged brain-lobe task (CPU, a minute)::
+
+    python -m dinov2.data.classification_sample --out data/brain_lobes
+    python -m dinov2.eval.linear3d --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
+        --output-dir out/linear_lobes --dataset-name brain_lobes --base-data-dir data/brain_lobes
+
+Any config key can be set as ``key=value`` after the flags (e.g. ``optim.momentum=0.8``); the
+defaults are in ``dinov2/configs/eval/linear_default.yaml`` and the dataset presets in
+``dinov2/configs/datasets/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dinov2.data.datalist import DatalistError, load_finetune_datalist, subset_training
+from dinov2.eval.linear.classifiers import ProbeGrid, best_head_logits, setup_grid, train_probe_grid
+from dinov2.eval.linear.features import FeatureSet, load_or_extract_features
+from dinov2.eval.linear.metrics import classification_metrics
+from dinov2.layers.patch_embed import to_3tuple
+from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
+from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
+
+logger = logging.getLogger("dinov2.eval.linear3d")
+
+DEFAULT_CONFIG = "eval/linear_default"
+# flag -> config key; None values are not given on the command line and keep the config's.
+FLAG_KEYS = {
+    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "device": "device",
+    "dataset_name": "dataset.name", "base_data_dir": "dataset.base_data_dir", "datalist": "dataset.datalist",
+    "dataset_percent": "dataset.percent", "dataset_seed": "dataset.seed", "image_size": "dataset.image_size",
+    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "batch_size": "optim.batch_size",
+    "learning_rates": "optim.learning_rates", "eval_period_iterations": "evaluation.eval_period_iterations",
+    "num_workers": "features.num_workers",
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Linear probing of a frozen 3D ViT backbone.",
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
+    parser.add_argument("--pretrained-weights", default=None, help="backbone checkpoint (teacher_checkpoint.pth)")
+    parser.add_argument("--output-dir", default=None, help="where results.json and the feature cache go")
+    parser.add_argument("--dataset-name", default=None, help="preset in dinov2/configs/datasets (e.g. brain_lobes)")
+    parser.add_argument("--base-data-dir", default=None, help="folder holding the preset's datalist")
+    parser.add_argument("--datalist", default=None, help="classification datalist JSON (overrides the preset's)")
+    parser.add_argument("--dataset-percent", type=float, default=None, help="percent of training entries kept")
+    parser.add_argument("--dataset-seed", type=int, default=None, help="which training entries the percent keeps")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None, help="backbone input size (1 or 3 ints)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch")
+    parser.add_argument("--batch-size", type=int, default=None, help="feature vectors per classifier step")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=None)
+    parser.add_argument("--eval-period-iterations", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=None, help="loader processes of the feature extraction")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda")
+    parser.add_argument("opts", nargs="*", default=[], help="key=value config overrides, applied last")
+    return parser
+
+
+def _flag_config(args: argparse.Namespace) -> DictConfig:
+    cfg = OmegaConf.create()
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        if attr == "image_size":
+            value = value[0] if len(value) == 1 else list(value)
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def build_config(args: argparse.Namespace) -> DictConfig:
+    """defaults <- dataset preset <- --config-file <- flags <- key=value overrides.
+
+    The preset is chosen by ``dataset.name`` wherever it was set (flag, file or override).
+    """
+    def merged(base: DictConfig) -> DictConfig:
+        cfg = merge_configs(base, args.config_file)
+        cfg = OmegaConf.merge(cfg, _flag_config(args))
+        return merge_configs(cfg, None, args.opts)
+
+    default = load_yaml(packaged_config_path(DEFAULT_CONFIG))
+    name = merged(default).dataset.name
+    if name:
+        preset = load_yaml(packaged_config_path(f"datasets/{name}"))
+        if preset.get("name") not in (None, name):
+            raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
+        default.dataset = OmegaConf.merge(default.dataset, preset)
+    return merged(default)
+
+
+def _require(cfg: DictConfig, key: str, flag: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if value is None or OmegaConf.is_missing(cfg, key):
+        raise ValueError(f"No value for '{key}': pass {flag} (or set {key} in the config).")
+    return value
+
+
+def resolve_datalist(cfg: DictConfig) -> Path:
+    """The datalist file: relative paths are read under ``dataset.base_data_dir`` when it is set."""
+    datalist = Path(str(_require(cfg, "dataset.datalist", "--datalist or --dataset-name")))
+    base = cfg.dataset.base_data_dir
+    if not datalist.is_absolute() and base:
+        datalist = Path(base) / datalist
+    if not datalist.is_file():
+        hint = ""
+        if cfg.dataset.build_command:
+            hint = " Create it with: " + str(cfg.dataset.build_command).replace("<base_data_dir>", str(base or "DIR"))
+        raise FileNotFoundError(f"Classification datalist not found: {datalist}.{hint}")
+    return datalist
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu.")
+    return torch.device(name)
+
+
+def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, list[str]]:
+    labels = [e["label"] for entries in splits.values() for e in entries]
+    bad = [v for v in labels if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ValueError(f"Labels must be class indices (int), found {bad[:3]}: this is not a classification datalist.")
+    num_classes = int(cfg.dataset.num_classes) if cfg.dataset.num_classes is not None else max(labels) + 1
+    if max(labels) >= num_classes:
+        raise ValueError(f"Label {max(labels)} found but dataset.num_classes is {num_classes}.")
+    names = list(cfg.dataset.class_names) if cfg.dataset.class_names is not None else [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"dataset.class_names has {len(names)} names for {num_classes} classes.")
+    return num_classes, names
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an undefined metric) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the whole evaluation described by a resolved config; returns what results.json holds."""
+    output_dir = Path(str(_require(cfg, "output_dir", "--output-dir")))
+    weights = str(_require(cfg, "pretrained_weights", "--pretrained-weights"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir)
+    device = _device(str(cfg.device))
+    datalist_path = resolve_datalist(cfg)
+    data = load_finetune_datalist(datalist_path, validate=bool(cfg.dataset.validate), progress=False)
+    splits = {
+        "training": subset_training(data["training"], float(cfg.dataset.percent), int(cfg.dataset.seed)),
+        "validation": data["validation"],
+        "test": data["test"],
+    }
+    if not splits["validation"]:
+        raise ValueError(f"{datalist_path} has no 'validation' entries; the probe needs them to choose its "
+                         "classifier. Add a validation split to the datalist.")
+    num_classes, class_names = _class_info(cfg, splits)
+
+    model, report = load_pretrained_backbone(weights, map_location="cpu")
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    size = cfg.dataset.image_size
+    image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
+    model.patch_embed.grid_size(image_size)  # a clear error now if the size does not fit the patches
+
+    n_blocks = sorted({int(n) for n in cfg.features.n_last_blocks})
+    if n_blocks[-1] > model.depth:
+        raise ValueError(f"features.n_last_blocks asks for {n_blocks[-1]} blocks; the backbone has {model.depth}.")
+    preprocessing = OmegaConf.to_container(cfg.dataset.preprocessing, resolve=True)
+    cache_dir = Path(str(cfg.features.cache_dir)) if cfg.features.cache_dir else output_dir / "features"
+    features: dict[str, FeatureSet] = {}
+    for split, entries in splits.items():
+        if entries:
+            features[split] = load_or_extract_features(
+                model, entries, split=split, checkpoint=weights, cache_dir=cache_dir, preprocessing=preprocessing,
+                image_size=image_size, n_last_blocks=n_blocks[-1], batch_size=int(cfg.features.batch_size),
+                num_workers=int(cfg.features.num_workers), device=device)
+
+    setups = setup_grid(n_blocks, list(cfg.features.pooling), [float(v) for v in cfg.optim.learning_rates])
+    torch.manual_seed(int(cfg.seed))  # head initialisation
+    grid = ProbeGrid(setups, features["training"], num_classes)
+    history_path = output_dir / "metrics.jsonl"
+    history_path.unlink(missing_ok=True)
+
+    def log_eval(entry: dict) -> None:
+        with open(history_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    result = train_probe_grid(
+        grid, features["training"], features["validation"], epochs=int(cfg.optim.epochs),
+        epoch_length=cfg.optim.epoch_length, batch_size=int(cfg.optim.batch_size),
+        eval_period_iterations=cfg.evaluation.eval_period_iterations, momentum=float(cfg.optim.momentum),
+        weight_decay=float(cfg.optim.weight_decay), seed=int(cfg.seed), on_eval=log_eval)
+    best = result.best
+    val_metrics = classification_metrics(best_head_logits(grid, best, features["validation"]),
+                                         features["validation"].labels, class_names)
+    test_metrics = None
+    if "test" in features:
+        test_metrics = classification_metrics(best_head_logits(grid, best, features["test"]),
+                                              features["test"].labels, class_names)
+    else:
+        logger.warning("%s has no 'test' entries: results.json reports validation metrics only.", datalist_path)
+    torch.save({"setup": {"n_blocks": best.setup.n_blocks, "pooling": best.setup.pooling, "lr": best.setup.lr},
+                "num_classes": num_classes, "class_names": class_names, "state_dict": best.state},
+               output_dir / "best_classifier.pth")
+    results = {
+        "best_classifier": {"name": best.setup.name, "n_blocks": best.setup.n_blocks, "pooling": best.setup.pooling,
+                            "learning_rate": best.setup.lr, "iteration": best.iteration},
+        "validation": val_metrics,
+        "test": test_metrics,
+        "chance_balanced_accuracy": 1.0 / num_classes,
+        "grid": [{"name": r.setup.name, "n_blocks": r.setup.n_blocks, "pooling": r.setup.pooling,
+                  "learning_rate": r.setup.lr, "best_val_accuracy": r.val_accuracy, "best_iteration": r.iteration}
+                 for r in result.records.values()],
+        "iterations": result.iterations,
+        "dataset": {"datalist": str(datalist_path), "num_classes": num_classes, "class_names": class_names,
+                    "sizes": {split: len(entries) for split, entries in splits.items()},
+                    "percent": float(cfg.dataset.percent), "seed": int(cfg.dataset.seed)},
+        "backbone": {"path": weights, "source_format": report.source_format, "iteration": report.iteration,
+                     "embed_dim": model.embed_dim, "depth": model.depth, "image_size": list(image_size)},
+    }
+    with open(output_dir / "results.json", "w", encoding="utf-8") as fh:
+        json.dump(_json_safe(results), fh, indent=2)
+    summary = test_metrics or val_metrics
+    logger.info("Best head %s (validation accuracy %.4f). %s: accuracy %.4f, balanced accuracy %.4f, macro AUROC %.4f. "
+                "Results in %s", best.setup.name, best.val_accuracy, "Test" if test_metrics else "Validation",
+                summary["accuracy"], summary["balanced_accuracy"], summary["auroc_macro"], output_dir / "results.json")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the process exit code."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+        run(cfg)
+    except (ValueError, FileNotFoundError, DatalistError, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
