@@ -1,0 +1,272 @@
+"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train} [options]``.
+
+``model``: one training step (forward + backward, no optimizer) of a 3D ViT backbone on random
+volumes, single process, per precision mode. Reports seconds per step (median after warm-up),
+effective GFLOP/s from the analytic FLOP count (cross-checked against PyTorch's FLOP counter),
+MFU against GEMM peaks measured in the same run, and the accuracy of each reduced-precision
+mode against fp32 (relative error and cosine similarity of outputs and of gradients).
+Prints Markdown tables (paste them into ``docs/benchmarks.md``).
+
+``data`` runs ``scripts/benchmark_data.py`` (same options as that script); ``train`` is not
+implemented yet.
+
+Usage::
+
+    python scripts/benchmark.py model                                  # ViT-B, batch 4, 96³
+    python scripts/benchmark.py model --dtypes fp32,bf16,bf16-pure --steps 5
+    python scripts/benchmark.py model --arch vit_small_3d --compile    # adds torch.compile rows
+    python scripts/benchmark.py data --seconds 20
+
+Precision modes (``--dtypes``):
+    fp32       parameters, activations and matmuls in float32.
+    bf16       ``torch.autocast(bfloat16)`` via ``dinov2.utils.perf.autocast_context``:
+               matmuls/SDPA in bf16, parameters and gradients fp32 (what training uses).
+    bf16-pure  the model cast to bfloat16 (weights, activations, gradients): the ceiling of a
+               "bf16 weights + fp32 master copy in the optimizer" scheme, without its update cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from dinov2.models import MODEL_REGISTRY, build_model
+from dinov2.utils.perf import (
+    TRAIN_STEP_FLOP_FACTOR,
+    autocast_context,
+    counted_forward_flops,
+    machine_description,
+    matmul_peak_gflops,
+    model_forward_flops,
+    time_callable,
+)
+
+MODES = ("fp32", "bf16", "bf16-pure")
+_PEAK_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-pure": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------ model
+def _parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"--dtypes takes a comma list of {', '.join(MODES)}; got '{text}'")
+    return modes
+
+
+def _model_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py model", description="Backbone training-step benchmark.")
+    p.add_argument("--arch", default="vit_base_3d", choices=sorted(MODEL_REGISTRY))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--img-size", type=int, default=96, help="cubic input side (multiple of the patch size)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    p.add_argument("--dtypes", type=_parse_modes, default=["fp32", "bf16"],
+                   help=f"comma list of precision modes: {', '.join(MODES)}")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each mode under torch.compile (inductor; compile time reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all logical CPUs)")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the square GEMMs for the peak")
+    p.add_argument("--init-values", type=float, default=1.0,
+                   help="LayerScale init; 1.0 (not the 1e-5 training default) so every block contributes "
+                        "to the outputs and the bf16 accuracy check covers the whole network; speed is unaffected")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+class _StepRunner:
+    """One forward + backward of ``model`` in ``mode``; keeps the last outputs for accuracy."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, mode: str, compiled: bool):
+        self.mode = mode
+        if mode == "bf16-pure":
+            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+        self.model, self.x = model, x
+        self.forward = torch.compile(model.forward_features) if compiled else model.forward_features
+        self.last_output: dict[str, torch.Tensor] = {}
+
+    def __call__(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        with autocast_context("bf16" if self.mode == "bf16" else "fp32", "cpu"):
+            out = self.forward(self.x)
+        cls, patches = out["x_norm_clstoken"].float(), out["x_norm_patchtokens"].float()
+        # A loss touching every output, so the backward pass runs through the whole network.
+        (cls.square().mean() + patches.square().mean()).backward()
+        self.last_output = {"cls": cls.detach(), "patches": patches.detach()}
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().float() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), ref.flatten(), dim=0))
+
+
+def accuracy_vs_reference(out: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                          ref_out: dict[str, torch.Tensor], ref_grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative L2 error and cosine similarity of outputs and gradients against fp32.
+
+    Args:
+        out, ref_out: ``{"cls": (B, E), "patches": (B, N, E)}``.
+        grads, ref_grads: parameter name → gradient (fp32 copies).
+
+    Returns:
+        ``out_rel_err``, ``out_cos`` (patch tokens), ``grad_rel_err``, ``grad_cos`` (all gradients
+        as one vector) and ``grad_median_cos`` (median over parameter tensors; not the minimum,
+        which is always noise: e.g. the key bias gets an exactly-zero gradient in exact
+        arithmetic because softmax ignores a constant added to every logit).
+    """
+    names = sorted(ref_grads)
+    flat = torch.cat([grads[n].flatten() for n in names])
+    ref_flat = torch.cat([ref_grads[n].flatten() for n in names])
+    per_param = [_cosine(grads[n], ref_grads[n]) for n in names if ref_grads[n].norm() > 0]
+    return {
+        "out_rel_err": _rel_err(out["patches"], ref_out["patches"]),
+        "out_cos": _cosine(out["patches"], ref_out["patches"]),
+        "cls_rel_err": _rel_err(out["cls"], ref_out["cls"]),
+        "grad_rel_err": _rel_err(flat, ref_flat),
+        "grad_cos": _cosine(flat, ref_flat),
+        "grad_median_cos": statistics.median(per_param),
+    }
+
+
+def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
+    """Time every requested mode; return one result dict per row of the table."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, img_size=args.img_size, init_values=args.init_values).train()
+    x = torch.randn(args.batch_size, model.in_chans, args.img_size, args.img_size, args.img_size)
+    fwd_flops = model_forward_flops(model, x.shape)
+    counted = counted_forward_flops(model, x[:1]) * args.batch_size  # one sample is enough, and cheap
+    if abs(counted - fwd_flops) > 1e-6 * fwd_flops:
+        raise RuntimeError(f"Analytic forward FLOPs {fwd_flops} != FlopCounterMode {counted}: fix "
+                           "dinov2/utils/perf.py:model_forward_flops for this architecture")
+    step_flops = TRAIN_STEP_FLOP_FACTOR * fwd_flops
+    print(f"# {args.arch}, batch {args.batch_size}, {args.img_size}³ input, "
+          f"{model.patch_embed.grid_size((args.img_size,) * 3)} patch grid")
+    print(f"forward {fwd_flops / 1e9:.2f} GFLOP (FlopCounterMode agrees: {counted / 1e9:.2f}); "
+          f"train step = {TRAIN_STEP_FLOP_FACTOR}× forward = {step_flops / 1e9:.2f} GFLOP\n", flush=True)
+
+    peaks = {}
+    for dtype in sorted({_PEAK_DTYPE[m] for m in args.dtypes} | {torch.float32}, key=str):
+        start = time.perf_counter()
+        peaks[dtype] = matmul_peak_gflops(dtype, size=args.peak_size, repeats=3)
+        print(f"GEMM peak {str(dtype).replace('torch.', '')} {args.peak_size}²: {peaks[dtype]:.1f} GFLOP/s "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+    rows, ref = [], None
+    variants = [(m, False) for m in args.dtypes] + ([(m, True) for m in args.dtypes] if args.compile else [])
+    if "fp32" not in args.dtypes:  # accuracy needs the fp32 reference, computed untimed
+        ref_runner = _StepRunner(copy.deepcopy(model), x, "fp32", compiled=False)
+        ref_runner()
+        ref = (ref_runner.last_output, ref_runner.gradients())
+        del ref_runner
+    for mode, compiled in variants:
+        runner = _StepRunner(copy.deepcopy(model), x, mode, compiled)
+        start = time.perf_counter()
+        runner()  # first call: allocation, primitive creation, compilation under --compile
+        first = time.perf_counter() - start
+        timing = time_callable(runner, repeats=args.steps, warmup=max(args.warmup - 1, 0))
+        gflops = step_flops / timing.median / 1e9
+        row = {"mode": mode + (" + compile" if compiled else ""), "s_per_step": timing.median,
+               "min_s": timing.min, "spread": timing.spread, "gflops": gflops,
+               "mfu": gflops / peaks[_PEAK_DTYPE[mode]], "first_step_s": first}
+        if mode == "fp32" and not compiled and ref is None:
+            ref = (runner.last_output, runner.gradients())
+        else:
+            row.update(accuracy_vs_reference(runner.last_output, runner.gradients(), *ref))
+        rows.append(row)
+        print(f"{row['mode']}: {timing.median:.3f} s/step, {gflops:.1f} GFLOP/s", flush=True)
+        del runner
+    return rows
+
+
+def format_model_tables(rows: list[dict], peaks_note: str) -> str:
+    """The speed and accuracy tables as Markdown."""
+    lines = [
+        "| mode | s/step (median) | min | spread | GFLOP/s | MFU | first step s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['s_per_step']:.3f} | {r['min_s']:.3f} | {r['spread']:.0%} | "
+                     f"{r['gflops']:.1f} | {r['mfu']:.0%} | {r['first_step_s']:.1f} |")
+    acc = [r for r in rows if "out_rel_err" in r]
+    if acc:
+        lines += ["", "| mode vs fp32 | patch-token rel. err | cos | CLS rel. err | grad rel. err | "
+                      "grad cos | median tensor cos |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in acc:
+            lines.append(f"| {r['mode']} | {r['out_rel_err']:.2e} | {r['out_cos']:.6f} | {r['cls_rel_err']:.2e} | "
+                         f"{r['grad_rel_err']:.2e} | {r['grad_cos']:.6f} | {r['grad_median_cos']:.6f} |")
+    lines += ["", peaks_note]
+    return "\n".join(lines)
+
+
+def main_model(argv: Sequence[str]) -> list[dict]:
+    """Entry point of ``benchmark.py model``."""
+    args = _model_parser().parse_args(argv)
+    for name in ("batch_size", "img_size", "steps", "peak_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    machine = machine_description()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
+    rows = run_model_benchmark(args)
+    load_after = machine_description()["load_average_1m"]
+    note = (f"Effective GFLOP/s = {TRAIN_STEP_FLOP_FACTOR} × analytic forward FLOPs / median step time; "
+            f"MFU against the GEMM peak of the mode's dtype measured above. Load average "
+            f"{machine['load_average_1m']} before, {load_after} after (other processes on the machine "
+            f"slow every figure).")
+    print("\n" + format_model_tables(rows, note))
+    return rows
+
+
+# --------------------------------------------------------------------------- dispatch
+def main_data(argv: Sequence[str]):
+    """Run ``scripts/benchmark_data.py``'s ``main(argv)``, loaded by path (scripts/ is no package)."""
+    path = Path(__file__).with_name("benchmark_data.py")
+    if not path.is_file():
+        print(f"The data benchmark is not available: {path} is missing. It is written separately; "
+              "update the checkout or run the model benchmark instead.", file=sys.stderr)
+        raise SystemExit(2)
+    spec = importlib.util.spec_from_file_location("benchmark_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        raise SystemExit(f"{path} defines no main(argv); it must, to be run through benchmark.py")
+    return module.main(list(argv))
+
+
+def main_train(argv: Sequence[str]):
+    print("benchmark.py train: not implemented yet (needs the training loop).", file=sys.stderr)
+    raise SystemExit(2)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
+    "model": main_model, "data": main_data, "train": main_train,
+}
+
+
+def main(argv: Sequence[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python scripts/benchmark.py {{{','.join(COMMANDS)}}} [options]  (-h after the command "
+              "for its options)", file=sys.stderr)
+        raise SystemExit(2)
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Tests of dinov2/utils/perf.py (FLOPs, timing, precision) and the scripts/benchmark.py dispatcher."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2.models import vit_tiny_3d
+from dinov2.utils import perf
+
+BENCHMARK_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark.py"
+
+
+def _load_benchmark_script():
+    spec = importlib.util.spec_from_file_location("benchmark_under_test", BENCHMARK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------ FLOPs
+@pytest.mark.parametrize("kwargs, shape", [
+    (dict(), (2, 1, 32, 32, 32)),
+    (dict(num_register_tokens=2, in_chans=2), (1, 2, 32, 24, 16)),  # anisotropic, registers
+    (dict(ffn_layer="swiglu"), (2, 1, 16, 32, 24)),
+])
+def test_analytic_flops_match_flop_counter(kwargs, shape):
+    model = vit_tiny_3d(img_size=32, patch_size=8, **kwargs).eval()
+    x = torch.randn(*shape)
+    assert perf.model_forward_flops(model, x.shape) == perf.counted_forward_flops(model, x)
+
+
+def test_counted_flops_include_attention():
+    # Attention FLOPs grow with the square of the token count; linears grow linearly. A counter
+    # that missed attention would give exactly 2x for twice the tokens.
+    model = vit_tiny_3d(img_size=32, patch_size=8).eval()
+    small = perf.counted_forward_flops(model, torch.randn(1, 1, 32, 32, 16))
+    large = perf.counted_forward_flops(model, torch.randn(1, 1, 32, 32, 32))
+    assert large > 2 * small
+
+
+def test_vit_forward_flops_formula_by_hand():
+    # ViT-B/16 on 96³: 216 patches, 217 tokens, 12 blocks, width 768, GELU MLP ratio 4.
+    e, t, n = 768, 217, 216
+    per_sample = n * 16 ** 3 * e + 12 * (t * 12 * e * e + 2 * t * t * e)
+    got = perf.vit_forward_flops(batch=4, num_patches=n, patch_voxels=16 ** 3, in_chans=1, embed_dim=e,
+                                 depth=12, block_linear_macs_per_token=12 * e * e)
+    assert got == 2 * 4 * per_sample
+
+
+def test_model_forward_flops_rejects_bad_shape():
+    with pytest.raises(ValueError, match="B, C, H, W, D"):
+        perf.model_forward_flops(vit_tiny_3d(img_size=32, patch_size=8), (1, 1, 32, 32))
+
+
+# ----------------------------------------------------------------------------- timing
+def test_time_callable_counts_calls_and_orders_statistics():
+    calls = []
+
+    def work():
+        calls.append(1)
+        time.sleep(0.002)
+
+    result = perf.time_callable(work, repeats=4, warmup=2)
+    assert len(calls) == 6 and len(result.times) == 4
+    assert all(t >= 0.002 for t in result.times)  # sleep never returns early
+    assert result.min <= result.median <= max(result.times)
+    assert result.min <= result.mean <= max(result.times)
+    assert result.spread >= 0
+
+
+@pytest.mark.parametrize("repeats, warmup", [(0, 1), (1, -1)])
+def test_time_callable_validates(repeats, warmup):
+    with pytest.raises(ValueError):
+        perf.time_callable(lambda: None, repeats=repeats, warmup=warmup)
+
+
+def test_matmul_peak_is_positive_and_finite():
+    for dtype in (torch.float32, torch.bfloat16):
+        value = perf.matmul_peak_gflops(dtype, size=128, repeats=2)
+        assert math.isfinite(value) and value > 0
+    with pytest.raises(ValueError):
+        perf.matmul_peak_gflops(size=8)
+
+
+# -------------------------------------------------------------------------- precision
+def test_autocast_context_switches_matmul_dtype():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with perf.autocast_context("fp32"):
+        assert lin(x).dtype == torch.float32
+    with perf.autocast_context("bf16"):
+        assert lin(x).dtype == torch.bfloat16
+    assert lin.weight.dtype == torch.float32  # master weights untouched
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp16"])
+def test_autocast_context_rejects_unsupported(precision):
+    with pytest.raises(ValueError):
+        perf.autocast_context(precision, "cpu")
+
+
+def test_bf16_autocast_close_to_fp32_on_tiny_vit():
+    torch.manual_seed(0)
+    # LayerScale 1.0 so every block contributes (at the 1e-5 default the blocks are ~identity
+    # and the comparison would only test the patch embedding).
+    model = vit_tiny_3d(img_size=32, patch_size=8, init_values=1.0).train()
+    x = torch.randn(2, 1, 32, 32, 32)
+
+    def run(precision):
+        model.zero_grad(set_to_none=True)
+        with perf.autocast_context(precision, "cpu"):
+            out = model.forward_features(x)["x_norm_patchtokens"]
+        out.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return out.detach().float(), grads
+
+    ref_out, ref_grad = run("fp32")
+    out, grad = run("bf16")
+    out_err = ((out - ref_out).norm() / ref_out.norm()).item()
+    grad_err = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    assert 0 < out_err < 2e-2  # > 0: bf16 really ran; bf16 has an 8-bit mantissa (rel. step 4e-3)
+    assert grad_err < 5e-2
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.999
+
+
+def test_recommended_precision_follows_native_support():
+    native = perf.native_bf16_support("cpu")
+    assert isinstance(native, bool)
+    assert perf.recommended_precision("cpu") == ("bf16" if native else "fp32")
+
+
+def test_machine_description_names_the_threads():
+    info = perf.machine_description()
+    assert info["torch_threads"] == str(torch.get_num_threads())
+    assert {"cpu", "cpu_capability", "native_bf16", "torch"} <= set(info)
+
+
+# ------------------------------------------------------------------ benchmark script
+def test_model_benchmark_smoke_reports_speed_and_accuracy(capsys):
+    bench = _load_benchmark_script()
+    rows = bench.main([
+        "model", "--arch", "vit_tiny_3d", "--img-size", "32", "--batch-size", "1", "--steps", "1",
+        "--warmup", "0", "--peak-size", "64", "--dtypes", "fp32,bf16",
+    ])
+    assert [r["mode"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["gflops"] > 0 and r["s_per_step"] > 0 for r in rows)
+    assert 0 < rows[1]["out_rel_err"] < 5e-2 and rows[1]["grad_cos"] > 0.99
+    assert "| mode | s/step (median) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "nonsense"])
+def test_dispatcher_exits_2_for_unavailable_commands(command):
+    bench = _load_benchmark_script()
+    with pytest.raises(SystemExit) as info:
+        bench.main([command])
+    assert info.value.code == 2
+
+
+def test_data_command_explains_a_missing_data_benchmark(tmp_path, monkeypatch, capsys):
+    bench = _load_benchmark_script()
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "benchmark.py"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["data"])
+    assert info.value.code == 2
+    assert "benchmark_data.py is missing" in capsys.readouterr().err
