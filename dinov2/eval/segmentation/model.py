@@ -274,3 +274,12 @@ def backbone_from_spec(spec: Mapping[str, Any]) -> VisionTransformer3D:
     if spec.get("arch"):
         return build_model(spec["arch"], **kwargs)
     return VisionTransformer3D(**kwargs)
+
+
+HEAD_OPTION_SECTIONS = {"UNETR": "unetr", "ViTAdapterUNETR": "adapter", "Linear": "linear"}
+
+
+def head_options(model_cfg: Mapping[str, Any], head_name: str) -> dict:
+    """Head keyword arguments from the ``model`` config section (``unetr`` / ``adapter`` / ``linear``)."""
+    section = model_cfg.get(HEAD_OPTION_SECTIONS[canonical_head_name(head_name)]) or {}
+    return dict(section)

@@ -1,0 +1,80 @@
+"""The finetuned model's self-describing checkpoint: weights + resolved config + preset.
+
+``best_model.pth`` holds everything :mod:`dinov2.eval.predict` needs, and nothing else has to be
+at hand (no pretrained checkpoint, no preset file, no datalist)::
+
+    {"format": "dinov2_3d_segmentation", "format_version": 1,
+     "model": state dict (backbone.*, head.*, merge.*),
+     "backbone": {"arch": name or None, "kwargs": {...}},  # rebuilds the architecture
+     "head": "UNETR" | "ViTAdapterUNETR" | "Linear",
+     "config": resolved run config (plain dict), "preset": dataset section (plain dict),
+     "iteration": int, "metric": {"name": str, "value": float}}
+
+Only plain containers and tensors are stored, so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dinov2.models.export import atomic_torch_save
+
+from .model import SegmentationModel, backbone_from_spec, build_segmentation_model, head_options
+from .preset import DatasetPreset
+
+FORMAT = "dinov2_3d_segmentation"
+FORMAT_VERSION = 1
+
+
+def save_finetuned(path: str | os.PathLike, model: SegmentationModel, backbone_spec: Mapping[str, Any],
+                   config: Mapping[str, Any], preset: DatasetPreset, iteration: int,
+                   metric: Mapping[str, Any]) -> Path:
+    """Write the self-describing checkpoint atomically (see the module docstring)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_torch_save({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": state,
+        "backbone": dict(backbone_spec), "head": model.head_name, "config": dict(config),
+        "preset": dict(preset.raw), "iteration": int(iteration), "metric": dict(metric),
+    }, path)
+
+
+def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                   ) -> tuple[SegmentationModel, DatasetPreset, dict]:
+    """Rebuild the finetuned model from its checkpoint alone.
+
+    Args:
+        path: ``best_model.pth`` written by :func:`save_finetuned`.
+        map_location: device of the model.
+
+    Returns:
+        ``(model in eval mode, preset, the checkpoint dict without the weights)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a finetuned-segmentation checkpoint (e.g. a pretraining teacher file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} not found. Pass the best_model.pth written by "
+                                "python -m dinov2.eval.segmentation3d in its --output-dir.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a finetuned segmentation checkpoint (no format '{FORMAT}'). A pretraining "
+                         "checkpoint must be finetuned first with python -m dinov2.eval.segmentation3d.")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {ckpt['format_version']}; this toolkit reads up to "
+                         f"{FORMAT_VERSION}. Update the toolkit.")
+    preset = DatasetPreset.from_config(ckpt["preset"])
+    config = ckpt["config"]
+    backbone = backbone_from_spec(ckpt["backbone"])
+    model_cfg = config.get("model", {})
+    model = build_segmentation_model(
+        backbone, ckpt["head"], preset.in_channels, preset.out_channels,
+        head_options=head_options(model_cfg, ckpt["head"]), merge_mode=model_cfg.get("modality_merge", "concat"))
+    model.load_state_dict(ckpt["model"], strict=True)
+    info = {k: v for k, v in ckpt.items() if k != "model"}
+    return model.to(map_location).eval(), preset, info

@@ -1,0 +1,225 @@
+"""Preset-driven MONAI pipelines and datasets for finetuning, validation, testing and prediction.
+
+Deterministic part (cached): load (several modality files stack as channels), channel first,
+label remap, reorientation, resampling to the preset spacing, intensity normalisation, crop to
+the foreground, pad to the crop size. Random part (per worker, every iteration): crops centred
+on foreground/background voxels in the preset's ratio, flips, 90° rotations, intensity scale and
+shift. Multi-label presets turn the label map into one binary channel per region at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapLabelValued,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from dinov2.data.datalist import load_finetune_datalist, subset_training
+
+from .preset import DatasetPreset
+
+logger = logging.getLogger(__name__)
+
+
+def nonzero(x):
+    """Foreground selector of ``CropForegroundd``: voxels a normalisation left non-zero.
+
+    Module-level (not a lambda) so the transforms pickle for worker processes and disk caches.
+    """
+    return x != 0
+
+
+class LabelToRegionsd(MapTransform):
+    """Label map ``(1, H, W, D)`` → binary region channels ``(K, H, W, D)`` (multi-label presets).
+
+    Args:
+        keys: keys holding label maps.
+        regions: ``{name: label values}``; channel k is 1 where the label is any of region k's values.
+    """
+
+    def __init__(self, keys, regions: dict[str, Sequence[int]]):
+        super().__init__(keys)
+        self.values = [list(v) for v in regions.values()]
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            channels = [torch.isin(label[0], torch.tensor(v, device=label.device)) for v in self.values]
+            out = torch.stack(channels).to(torch.float32)
+            d[key] = label.__class__(out, meta=label.meta) if hasattr(label, "meta") else out
+        return d
+
+
+def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad: bool = True) -> list:
+    """The cached, invertible preprocessing of one case.
+
+    Args:
+        preset: the dataset preset.
+        with_label: also load and resample ``label``.
+        pad: pad every volume to at least ``roi_size`` (training crops need it; evaluation does
+            not, sliding-window inference pads by itself).
+
+    Returns:
+        A list of MONAI dictionary transforms.
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    t: list = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    if with_label and preset.remap:
+        t.append(MapLabelValued(keys="label", orig_labels=list(preset.remap), target_labels=list(preset.remap.values())))
+    # Anatomical axis labels stated explicitly: MONAI's default for them is changing (FutureWarning).
+    t.append(Orientationd(keys=keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    t.append(Spacingd(keys=keys, pixdim=preset.spacing, mode=("bilinear", "nearest")[: len(keys)]))
+    t.append(intensity_transform(preset))
+    if preset.crop_foreground:
+        t.append(CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True))
+    if pad:
+        t.append(SpatialPadd(keys=keys, spatial_size=preset.roi_size))
+    t.append(EnsureTyped(keys=keys, track_meta=True))
+    return t
+
+
+def intensity_transform(preset: DatasetPreset) -> MapTransform:
+    """The preset's intensity normalisation of ``image``."""
+    mode, rng = preset.intensity["mode"], preset.intensity.get("range")
+    if mode == "window":
+        return ScaleIntensityRanged(keys="image", a_min=float(rng[0]), a_max=float(rng[1]), b_min=0.0, b_max=1.0, clip=True)
+    if mode == "percentile":
+        return ScaleIntensityRangePercentilesd(keys="image", lower=float(rng[0]), upper=float(rng[1]), b_min=0.0,
+                                               b_max=1.0, clip=True, channel_wise=True)
+    return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+
+
+def random_transforms(preset: DatasetPreset) -> list:
+    """Random crop (foreground/background ratio) and augmentations of training samples."""
+    s, a = preset.sampling, preset.augment
+    keys = ["image", "label"]
+    t: list = [RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=preset.roi_size, pos=s["pos"],
+                                      neg=s["neg"], num_samples=s["num_samples"], image_key="image", image_threshold=0)]
+    if a["flip_prob"] > 0:
+        t += [RandFlipd(keys=keys, prob=a["flip_prob"], spatial_axis=axis) for axis in range(3)]
+    if a["rot90_prob"] > 0:
+        t.append(RandRotate90d(keys=keys, prob=a["rot90_prob"], max_k=3))
+    if a["intensity_prob"] > 0 and a["scale_intensity"] > 0:
+        t.append(RandScaleIntensityd(keys="image", factors=a["scale_intensity"], prob=a["intensity_prob"]))
+    if a["intensity_prob"] > 0 and a["shift_intensity"] > 0:
+        t.append(RandShiftIntensityd(keys="image", offsets=a["shift_intensity"], prob=a["intensity_prob"]))
+    return t
+
+
+def train_transforms(preset: DatasetPreset) -> Compose:
+    """Deterministic preprocessing + random crops/augmentations (+ region channels)."""
+    t = deterministic_transforms(preset) + random_transforms(preset)
+    if preset.multilabel:
+        t.append(LabelToRegionsd(keys="label", regions=preset.regions))
+    return Compose(t)
+
+
+def eval_transforms(preset: DatasetPreset, with_label: bool = True) -> Compose:
+    """Deterministic preprocessing of whole volumes for validation, testing and prediction."""
+    t = deterministic_transforms(preset, with_label=with_label, pad=False)
+    if with_label and preset.multilabel:
+        t.append(LabelToRegionsd(keys="label", regions=preset.regions))
+    return Compose(t)
+
+
+def resolve_datalist(preset: DatasetPreset, base_data_dir: str | os.PathLike) -> Path:
+    """The datalist JSON: ``<base_data_dir>/<preset.datalist>`` (default ``dataset.json``).
+
+    Raises:
+        FileNotFoundError: names the path and both ways to fix it.
+    """
+    base = Path(base_data_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"--base-data-dir {base} is not a folder. Pass the folder holding the datalist "
+                                f"'{preset.datalist}' and the images it lists.")
+    path = base / preset.datalist
+    if not path.is_file():
+        hint = ""
+        if preset.raw.get("sample_command"):
+            hint = f" This preset's sample data is written by: {preset.raw['sample_command']} --out {base}."
+        raise FileNotFoundError(f"Datalist {path} not found. Put it there, or point the preset at it with "
+                                f"dataset.datalist=<file relative to {base}>.{hint}")
+    return path
+
+
+def _entry(entry: dict, preset: DatasetPreset, with_label: bool) -> dict:
+    image = entry["image"]
+    images = image if isinstance(image, list) else [image]
+    if len(images) != preset.in_channels:
+        raise ValueError(f"Datalist entry {entry.get('name', image)} has {len(images)} image file(s) but the preset "
+                         f"'{preset.name}' expects {preset.in_channels} modalities {list(preset.modalities)}.")
+    out = {"image": images if len(images) > 1 else images[0], "name": entry.get("name") or Path(images[0]).name}
+    if with_label:
+        if "label" not in entry or not isinstance(entry["label"], str):
+            raise ValueError(f"Datalist entry {out['name']} needs a label map path for segmentation")
+        out["label"] = entry["label"]
+    return out
+
+
+def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset_percent: float = 100.0,
+                seed: int = 0, validate: bool = True) -> dict[str, list[dict]]:
+    """Training (optionally subset), validation and test entries with absolute paths.
+
+    Args:
+        preset: the dataset preset.
+        base_data_dir: folder of the datalist.
+        dataset_percent: keep this percentage of the training cases (nested, seeded).
+        seed: seed of the subset.
+        validate: check every file of the datalist (headers, grids).
+    """
+    path = resolve_datalist(preset, base_data_dir)
+    datalist = load_finetune_datalist(path, validate=validate, progress=False)
+    training = datalist["training"]
+    if dataset_percent < 100:
+        training = subset_training(training, dataset_percent, seed)
+        logger.info("Using %d of %d training cases (--dataset-percent %g)", len(training), len(datalist["training"]),
+                    dataset_percent)
+    splits = {
+        "training": [_entry(e, preset, True) for e in training],
+        "validation": [_entry(e, preset, True) for e in datalist.get("validation", [])],
+        "test": [_entry(e, preset, "label" in e) for e in datalist.get("test", [])],
+    }
+    if not splits["validation"]:
+        raise ValueError(f"{path} has no 'validation' cases; model selection needs at least one.")
+    return splits
+
+
+def make_dataset(entries: list[dict], transform: Compose, cache_dir: str | os.PathLike | None,
+                 cache_rate: float = 1.0, num_workers: int = 0) -> Dataset:
+    """Cached dataset: on disk under ``cache_dir`` when given (survives restarts), else in RAM."""
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(entries, transform=transform, cache_dir=cache_dir)
+    return CacheDataset(entries, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None,
+                        progress=False)
+
+
+def spacing_of(image: Any) -> tuple[float, ...]:
+    """Voxel spacing (mm) of a MetaTensor from its affine."""
+    affine = np.asarray(image.affine if hasattr(image, "affine") else np.eye(4), dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))

@@ -1,0 +1,147 @@
+"""Sliding-window inference (Gaussian blending, optional flip test-time augmentation) and
+prediction of label maps in each input's original space."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
+from torch import nn
+
+from .data import eval_transforms
+from .preset import region_decoding_table
+
+BLEND_MODES = ("gaussian", "constant")
+FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity, then each spatial axis
+
+
+def predict_probabilities(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], multilabel: bool,
+                          overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
+                          tta_flip: bool = False, autocast: contextlib.AbstractContextManager | None = None,
+                          sw_device: torch.device | str | None = None) -> torch.Tensor:
+    """Probabilities of a whole volume by sliding windows.
+
+    Windows of ``roi_size`` overlap by ``overlap``; their logits are blended with Gaussian
+    weights (centres count more than borders, which lack context), then turned into softmax or
+    sigmoid probabilities. With ``tta_flip`` the volume is also predicted mirrored along each
+    spatial axis and the four probability maps are averaged.
+
+    Args:
+        model: maps ``(b, C, *roi_size)`` to logits ``(b, K, *roi_size)``; called in eval mode.
+        image: ``(B, C, H, W, D)`` (any size; padded internally where smaller than the window).
+        roi_size: window size.
+        multilabel: sigmoid per channel instead of softmax over channels.
+        overlap: fraction of window overlap in ``[0, 1)``.
+        blend: ``"gaussian"`` or ``"constant"``.
+        sw_batch_size: windows per forward pass.
+        tta_flip: average over flips along each axis.
+        autocast: context for the forward passes (mixed precision), None for fp32.
+        sw_device: device the windows run on (default: the image's).
+
+    Returns:
+        float32 probabilities ``(B, K, H, W, D)`` on the image's device.
+    """
+    if blend not in BLEND_MODES:
+        raise ValueError(f"blend must be one of {BLEND_MODES}, got '{blend}' (evaluation.blend)")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap} (evaluation.overlap / --overlap)")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with autocast or contextlib.nullcontext():
+            return model(x)
+
+    was_training = model.training
+    model.eval()
+    total = None
+    try:
+        with torch.no_grad():
+            for axes in FLIP_AXES if tta_flip else FLIP_AXES[:1]:
+                x = torch.flip(image, axes) if axes else image
+                logits = sliding_window_inference(x, list(roi_size), sw_batch_size, run, overlap=overlap, mode=blend,
+                                                  sw_device=sw_device, device=image.device).float()
+                probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+                probs = torch.flip(probs, axes) if axes else probs
+                total = probs if total is None else total + probs
+    finally:
+        model.train(was_training)
+    n = len(FLIP_AXES) if tta_flip else 1
+    return torch.as_tensor(total) / n
+
+
+def labels_from_probabilities(probs: torch.Tensor, preset) -> torch.Tensor:
+    """Label map from probabilities: argmax for classes; for regions, the preset's label values.
+
+    Args:
+        probs: ``(K, H, W, D)``.
+        preset: :class:`~dinov2.eval.segmentation.preset.DatasetPreset`.
+
+    Returns:
+        int64 ``(H, W, D)``: class indices, or (multi-label) the label value each on/off region
+        combination stands for (BraTS: 1, 2, 4; see ``region_decoding_table``).
+    """
+    if not preset.multilabel:
+        return probs.argmax(0)
+    table = torch.as_tensor(region_decoding_table(preset.regions), device=probs.device)
+    weights = (2 ** torch.arange(probs.shape[0], device=probs.device)).view(-1, 1, 1, 1)
+    return table[((probs > 0.5).long() * weights).sum(0)]
+
+
+def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_path: str | os.PathLike,
+                 overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2, tta_flip: bool = False,
+                 device: torch.device | str = "cpu",
+                 autocast: contextlib.AbstractContextManager | None = None) -> Path:
+    """Segment one case and write its label map in the input's original space.
+
+    The image goes through the preset's preprocessing (orientation, spacing, intensity,
+    foreground crop); the probabilities are mapped back through the inverse of those spatial
+    steps (MONAI ``Invertd``: un-crop, resample linearly, re-orient), then turned into labels, so
+    the output has the shape and affine of the (first) input file, whatever its orientation.
+
+    Args:
+        model: finetuned model (eval mode).
+        preset: its dataset preset.
+        image_paths: one file per modality, in the preset's modality order.
+        output_path: NIfTI file to write (``.nii.gz``).
+        overlap, blend, sw_batch_size, tta_flip, autocast: see :func:`predict_probabilities`.
+        device: where the model runs.
+
+    Returns:
+        The written path.
+    """
+    image_paths = [str(p) for p in image_paths]
+    if len(image_paths) != preset.in_channels:
+        raise ValueError(f"{image_paths} gives {len(image_paths)} file(s) but the model takes {preset.in_channels} "
+                         f"modalities {list(preset.modalities)}; pass a datalist JSON whose 'image' lists them.")
+    pre = eval_transforms(preset, with_label=False)
+    data = pre({"image": image_paths if len(image_paths) > 1 else image_paths[0]})
+    image = data["image"]
+    probs = predict_probabilities(model, image.unsqueeze(0).to(device), preset.roi_size, preset.multilabel,
+                                  overlap=overlap, blend=blend, sw_batch_size=sw_batch_size, tta_flip=tta_flip,
+                                  autocast=autocast)[0].cpu()
+    data["pred"] = MetaTensor(probs, meta=dict(image.meta),
+                              applied_operations=list(image.applied_operations))
+    inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    labels = labels_from_probabilities(torch.as_tensor(inverted), preset).numpy()
+    reference = nib.load(image_paths[0])
+    if labels.shape != tuple(reference.shape[:3]):
+        raise RuntimeError(f"Inverted prediction has shape {labels.shape} but {image_paths[0]} has "
+                           f"{tuple(reference.shape[:3])}; please report this with the file's header.")
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1, 0)
+    out = nib.Nifti1Image(labels.astype(dtype), reference.affine, header)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, output_path)
+    return output_path

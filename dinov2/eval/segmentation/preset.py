@@ -1,0 +1,217 @@
+"""Dataset presets: everything dataset-specific about finetuning lives in one YAML file.
+
+A preset is selected with ``--dataset-name`` (a packaged name such as ``btcv``, or the path of a
+YAML file) and merged into the ``dataset`` section of the run's config, so any key can still be
+overridden on the command line (``dataset.roi_size=[64,64,64]``). A new dataset is a new YAML
+file; no code branches on a dataset's name. Keys (see ``dinov2/configs/datasets/*.yaml``):
+
+================  ==================================================================================
+``name``          label of the dataset in logs and results
+``datalist``      datalist JSON relative to ``--base-data-dir`` (default ``dataset.json``)
+``modalities``    one name per image channel (a datalist entry's ``image`` lists one file each)
+``classes``       multi-class tasks: class names, index = label value after ``remap``; 0 = background
+``regions``       multi-label tasks instead: ``{name: [label values]}``, one sigmoid channel each
+``remap``         ``{source value: target value}`` applied to label maps first (optional)
+``loss``          ``dice_ce`` (softmax, needs ``classes``) or ``dice_sigmoid`` (needs ``regions``)
+``spacing``       target voxel spacing in mm (3 floats)
+``orientation``   target axis codes (``RAS``)
+``intensity``     ``{mode: window, range: [a_min, a_max]}`` (CT, mapped to [0, 1] and clipped),
+                  ``{mode: percentile, range: [lower, upper]}`` (per channel, mapped to [0, 1]),
+                  or ``{mode: zscore}`` (per channel over non-zero voxels)
+``crop_foreground``  crop each volume to the bounding box of non-zero (normalised) image voxels
+``roi_size``      training crop and sliding-window size (3 ints, multiples of the patch size)
+``sampling``      ``{pos, neg, num_samples}``: crops centred on foreground vs background voxels
+``augment``       ``{flip_prob, rot90_prob, intensity_prob, scale_intensity, shift_intensity}``
+================  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dinov2.utils.config import load_yaml, packaged_config_path
+
+LOSSES = ("dice_ce", "dice_sigmoid")
+INTENSITY_MODES = ("window", "percentile", "zscore")
+
+
+def load_preset(name_or_path: str | os.PathLike) -> DictConfig:
+    """Read a preset: a packaged name (``btcv``, ``brats``, ``la``, ``brain_tissue``) or a YAML path.
+
+    Raises:
+        FileNotFoundError: neither a packaged preset nor an existing file; lists the packaged ones.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return load_yaml(path)
+    try:
+        return load_yaml(packaged_config_path(f"datasets/{text}"))
+    except FileNotFoundError:
+        packaged = sorted(p.stem for p in packaged_config_path("ssl3d_default_config").parent.joinpath("datasets").glob("*.yaml"))
+        raise FileNotFoundError(
+            f"Unknown dataset '{text}': not a packaged preset ({', '.join(packaged)}) and not a YAML file. "
+            "Pass --dataset-name with one of those names or the path of your own preset YAML.") from None
+
+
+def _triple(value: Any, key: str, kind=float) -> tuple:
+    values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value] * 3
+    if len(values) != 3:
+        raise ValueError(f"dataset.{key} must hold 3 values (one per axis), got {values}")
+    try:
+        return tuple(kind(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"dataset.{key} must hold numbers, got {values}") from exc
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """A validated preset (see the module docstring for the keys)."""
+
+    name: str
+    datalist: str
+    modalities: tuple[str, ...]
+    classes: tuple[str, ...] | None
+    regions: dict[str, tuple[int, ...]] | None
+    remap: dict[int, int]
+    loss: str
+    spacing: tuple[float, float, float]
+    orientation: str
+    intensity: dict[str, Any]
+    crop_foreground: bool
+    roi_size: tuple[int, int, int]
+    sampling: dict[str, int]
+    augment: dict[str, float]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def multilabel(self) -> bool:
+        """True for sigmoid multi-label tasks (``regions``)."""
+        return self.regions is not None
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the network: classes (incl. background) or regions."""
+        return len(self.regions) if self.multilabel else len(self.classes)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """Name of every output channel."""
+        return list(self.regions) if self.multilabel else list(self.classes)
+
+    @property
+    def foreground_channels(self) -> list[int]:
+        """Output channels that count as foreground (all regions; classes except 0)."""
+        return list(range(self.out_channels)) if self.multilabel else list(range(1, self.out_channels))
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels (one per modality)."""
+        return len(self.modalities)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | DictConfig) -> "DatasetPreset":
+        """Validate the ``dataset`` section of a config.
+
+        Raises:
+            ValueError: a key is missing or inconsistent; the message names the key.
+        """
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        required = ("name", "modalities", "loss", "spacing", "orientation", "intensity", "roi_size")
+        missing = [k for k in required if raw.get(k) in (None, "???")]
+        if missing:
+            raise ValueError(f"Dataset preset lacks {', '.join('dataset.' + k for k in missing)}; "
+                             "see dinov2/configs/datasets/*.yaml for complete examples.")
+        modalities = tuple(str(m) for m in raw["modalities"])
+        if not modalities:
+            raise ValueError("dataset.modalities must name at least one modality")
+        loss = raw["loss"]
+        if loss not in LOSSES:
+            raise ValueError(f"dataset.loss must be one of {LOSSES}, got '{loss}'")
+        classes, regions = raw.get("classes"), raw.get("regions")
+        if (classes is None) == (regions is None):
+            raise ValueError("A dataset preset needs exactly one of dataset.classes (multi-class) and "
+                             "dataset.regions (multi-label)")
+        if loss == "dice_ce" and classes is None:
+            raise ValueError("dataset.loss=dice_ce (softmax over classes) needs dataset.classes")
+        if loss == "dice_sigmoid" and regions is None:
+            raise ValueError("dataset.loss=dice_sigmoid (one sigmoid per region) needs dataset.regions")
+        if classes is not None:
+            classes = tuple(str(c) for c in classes)
+            if len(classes) < 2:
+                raise ValueError(f"dataset.classes needs background plus at least one class, got {list(classes)}")
+        if regions is not None:
+            if not isinstance(regions, Mapping) or not regions:
+                raise ValueError("dataset.regions must map region names to lists of label values")
+            regions = {str(k): tuple(int(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals]))
+                       for k, vals in regions.items()}
+            if any(not v or min(v) < 1 for v in regions.values()):
+                raise ValueError(f"dataset.regions must list positive label values per region, got {regions}")
+        remap = {int(k): int(v) for k, v in (raw.get("remap") or {}).items()}
+        intensity = dict(raw["intensity"])
+        if intensity.get("mode") not in INTENSITY_MODES:
+            raise ValueError(f"dataset.intensity.mode must be one of {INTENSITY_MODES}, got {intensity.get('mode')!r}")
+        if intensity["mode"] in ("window", "percentile"):
+            rng = intensity.get("range")
+            if not isinstance(rng, (list, tuple)) or len(rng) != 2 or not float(rng[0]) < float(rng[1]):
+                raise ValueError(f"dataset.intensity.range must be [low, high] with low < high for mode "
+                                 f"'{intensity['mode']}', got {rng!r}")
+            if intensity["mode"] == "percentile" and not 0 <= float(rng[0]) < float(rng[1]) <= 100:
+                raise ValueError(f"dataset.intensity.range percentiles must lie in [0, 100], got {rng}")
+        roi = _triple(raw["roi_size"], "roi_size", int)
+        if min(roi) < 1:
+            raise ValueError(f"dataset.roi_size must be positive, got {roi}")
+        spacing = _triple(raw["spacing"], "spacing", float)
+        scale = float(raw.get("resize_scale") or 1.0)
+        if scale <= 0:
+            raise ValueError(f"dataset.resize_scale (--resize-scale) must be > 0, got {scale}")
+        spacing = tuple(s / scale for s in spacing)
+        sampling = {"pos": 1, "neg": 1, "num_samples": 1, **(raw.get("sampling") or {})}
+        if sampling["pos"] < 0 or sampling["neg"] < 0 or sampling["pos"] + sampling["neg"] == 0 or sampling["num_samples"] < 1:
+            raise ValueError(f"dataset.sampling needs pos, neg >= 0 (not both 0) and num_samples >= 1, got {sampling}")
+        augment = {"flip_prob": 0.0, "rot90_prob": 0.0, "intensity_prob": 0.0, "scale_intensity": 0.0,
+                   "shift_intensity": 0.0, **(raw.get("augment") or {})}
+        return cls(
+            name=str(raw["name"]), datalist=str(raw.get("datalist") or "dataset.json"), modalities=modalities,
+            classes=classes, regions=regions, remap=remap, loss=loss, spacing=spacing,
+            orientation=str(raw["orientation"]), intensity=intensity,
+            crop_foreground=bool(raw.get("crop_foreground", True)), roi_size=roi,
+            sampling={k: int(v) for k, v in sampling.items()},
+            augment={k: float(v) for k, v in augment.items()}, raw=raw,
+        )
+
+
+def region_decoding_table(regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """Label value for every on/off combination of the region channels (for writing label maps).
+
+    A voxel inside regions ``S`` and outside the others gets the label value common to all of
+    ``S`` and to none of the others (BraTS: WT+TC+ET → 4, WT+TC → 1, WT → 2). When no single value
+    fits (an inconsistent combination such as ET without WT), the value shared by the most
+    regions of ``S`` is taken (ties: the larger value).
+
+    Returns:
+        ``(2**K,)`` int array indexed by ``sum_k on_k * 2**k``.
+    """
+    names = list(regions)
+    sets = [set(regions[n]) for n in names]
+    table = np.zeros(2 ** len(names), dtype=np.int64)
+    for combo in itertools.product([0, 1], repeat=len(names)):
+        index = sum(on << k for k, on in enumerate(combo))
+        inside = [s for s, on in zip(sets, combo) if on]
+        if not inside:
+            continue
+        outside = set().union(*[s for s, on in zip(sets, combo) if not on])
+        candidates = set.intersection(*inside) - outside
+        if len(candidates) == 1:
+            table[index] = candidates.pop()
+        else:
+            values = sorted(set().union(*inside))
+            table[index] = max(values, key=lambda v: (sum(v in s for s in inside), v))
+    return table

@@ -1,0 +1,267 @@
+"""Finetuning loop: AdamW with warm-up + cosine, validation by sliding window, best checkpoint,
+resumable state, and the final per-case test evaluation written to ``results.json``.
+
+Files in ``output_dir``:
+
+* ``config.yaml``: the resolved run configuration;
+* ``best_model.pth``: self-describing best checkpoint (:mod:`.checkpoint`), input of ``predict``;
+* ``last_checkpoint.pth``: model, optimizer, scaler, iteration, curves and RNG states; a run
+  started again with the same ``output_dir`` continues from it (``train.resume``);
+* ``results.json``: training / validation curves, the best iteration, per-case per-class test
+  Dice and HD95 and their summaries (NaN written as ``null``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.losses import DiceCELoss, DiceLoss
+from monai.utils import set_determinism
+from omegaconf import DictConfig
+
+from dinov2.distributed import get_world_size, init_distributed
+from dinov2.models.export import atomic_torch_save
+from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
+from dinov2.train.schedules import CosineScheduler
+from dinov2.utils.config import config_to_dict, save_config
+from dinov2.utils.perf import autocast_context, recommended_precision
+
+from .checkpoint import load_finetuned, save_finetuned
+from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
+from .inference import predict_probabilities
+from .metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
+from .model import build_backbone, build_segmentation_model, head_options
+from .preset import DatasetPreset
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME, LAST_NAME, RESULTS_NAME = "best_model.pth", "last_checkpoint.pth", "results.json"
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """``train.amp``: ``auto`` = bf16 (or fp16 without bf16) on CUDA; on CPU bf16 only where it is native."""
+    if setting not in PRECISION_CHOICES:
+        raise ValueError(f"train.amp must be one of {PRECISION_CHOICES}, got '{setting}'")
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return recommended_precision(device)
+
+
+def build_loss(preset: DatasetPreset) -> torch.nn.Module:
+    """DiceCE over softmax classes, or Dice over sigmoid region channels."""
+    if preset.loss == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    return DiceLoss(sigmoid=True)
+
+
+def infinite_batches(loader: DataLoader, start_pass: int = 0) -> Iterator[dict]:
+    """Endless stream of batches, reshuffled every pass over the training set."""
+    n = start_pass
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(n)
+        yield from loader
+        n += 1
+
+
+def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: torch.device, precision: str,
+             with_hd: bool, tta_flip: bool = False) -> list[dict[str, Any]]:
+    """Per-case metrics on whole preprocessed volumes (sliding window).
+
+    Returns:
+        one dict per case: ``name``, ``dice`` and (``with_hd``) ``hd95`` arrays over channels.
+    """
+    ev = cfg.evaluation
+    cases = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image = item["image"].unsqueeze(0).to(device)
+        probs = predict_probabilities(model, image, preset.roi_size, preset.multilabel, overlap=ev.overlap,
+                                      blend=ev.blend, sw_batch_size=ev.sw_batch_size, tta_flip=tta_flip,
+                                      autocast=autocast_context(precision, device))
+        pred = discretize(probs, preset.multilabel)
+        target = label_to_masks(torch.as_tensor(item["label"]).unsqueeze(0).to(device), preset.out_channels,
+                                preset.multilabel)
+        if with_hd:
+            metrics = case_metrics(pred, target, spacing_of(item["image"]), ev.hd_percentile)
+        else:  # validation curve: Dice only (HD95 costs surface extraction on every case)
+            metrics = case_metrics_dice_only(pred, target)
+        cases.append({"name": item.get("name", str(index)), **metrics})
+    return cases
+
+
+def case_metrics_dice_only(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+    """Dice per channel with the same NaN policy as :func:`case_metrics` (absent class → NaN)."""
+    inter = (pred * target).flatten(2).sum(-1)[0]
+    sums = pred.flatten(2).sum(-1)[0] + target.flatten(2).sum(-1)[0]
+    present = target.flatten(2).sum(-1)[0] > 0
+    dice = torch.where(present, 2 * inter / sums.clamp_min(1e-8), torch.full_like(inter, float("nan")))
+    return {"dice": dice.double().cpu().numpy()}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
+    """Train a segmentation head (and optionally the backbone), select on validation, test.
+
+    Args:
+        cfg: resolved config (``dinov2/configs/eval/segmentation_default.yaml`` + preset + user).
+
+    Returns:
+        The content written to ``results.json``.
+    """
+    if get_world_size() > 1:
+        raise ValueError("Segmentation finetuning runs as one process (one GPU or the CPU); launch it with "
+                         "python -m dinov2.eval.segmentation3d, not torchrun.")
+    ctx = init_distributed(cfg.train.device)
+    device = ctx.device
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir)
+    set_determinism(seed=int(cfg.seed))
+    preset = DatasetPreset.from_config(cfg.dataset)
+    splits = load_splits(preset, cfg.base_data_dir, float(cfg.dataset_percent), int(cfg.seed))
+    logger.info("Dataset %s: %d training, %d validation, %d test cases", preset.name,
+                *(len(splits[s]) for s in ("training", "validation", "test")))
+
+    backbone, spec = build_backbone(cfg.pretrained_weights, cfg.model.arch, cfg.model.backbone_kwargs, preset.roi_size)
+    bad = [s for s in preset.roi_size if s % backbone.patch_size]
+    if bad:
+        raise ValueError(f"dataset.roi_size {list(preset.roi_size)} must be a multiple of the backbone patch size "
+                         f"{backbone.patch_size}; change roi_size in the preset or with --image-size.")
+    model = build_segmentation_model(backbone, cfg.model.head, preset.in_channels, preset.out_channels,
+                                     head_options(cfg.model, cfg.model.head), cfg.model.modality_merge,
+                                     train_backbone=bool(cfg.model.train_backbone)).to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Model: %s head on %s taps %s, %.2fM trainable parameters (backbone %s)", model.head_name,
+                spec.get("arch") or "backbone", model.taps, n_train / 1e6,
+                "finetuned" if cfg.model.train_backbone else "frozen")
+
+    cache_dir = cfg.train.cache_dir
+    train_ds = make_dataset(splits["training"], train_transforms(preset), cache_dir and Path(cache_dir) / "train",
+                            cfg.train.cache_rate)
+    val_ds = make_dataset(splits["validation"], eval_transforms(preset), cache_dir and Path(cache_dir) / "eval",
+                          cfg.train.cache_rate)
+    loader = DataLoader(train_ds, batch_size=int(cfg.train.batch_size), shuffle=True,
+                        num_workers=int(cfg.train.num_workers), drop_last=len(train_ds) > int(cfg.train.batch_size),
+                        persistent_workers=int(cfg.train.num_workers) > 0)
+
+    oc = cfg.optim
+    total_iters = int(oc.epochs) * int(oc.epoch_length)
+    if total_iters < 1:
+        raise ValueError(f"optim.epochs x optim.epoch_length must be >= 1, got {oc.epochs} x {oc.epoch_length}")
+    groups = get_param_groups(model, lr_decay_rate=float(oc.layerwise_decay), patch_embed_lr_mult=float(oc.patch_embed_lr_mult))
+    optimizer = torch.optim.AdamW(groups, lr=float(oc.lr), weight_decay=float(oc.weight_decay))
+    lr_schedule = CosineScheduler(float(oc.lr), float(oc.min_lr), total_iters, min(int(oc.warmup_iters), total_iters))
+    precision = resolve_precision(str(cfg.train.amp), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = build_loss(preset)
+    logger.info("Training %d iterations on %s in %s", total_iters, device, precision)
+
+    state = {"iteration": 0, "best": {"iteration": None, "mean_dice": -math.inf}, "train_curve": [], "val_curve": []}
+    last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
+    if cfg.train.resume and last_path.is_file():
+        resume = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        state = resume["state"]
+        _set_rng_state(resume["rng"])
+        logger.info("Resumed from %s at iteration %d", last_path, state["iteration"])
+
+    config_dict = config_to_dict(cfg)
+    eval_every = max(int(cfg.train.eval_iters), 1)
+    log_every = max(int(cfg.train.log_every), 1)
+    batches = infinite_batches(loader, start_pass=state["iteration"])
+    running, t0 = [], time.perf_counter()
+    model.train()
+    for it in range(state["iteration"], total_iters):
+        batch = next(batches)
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        lr = lr_schedule[it]
+        apply_optim_scheduler(optimizer, lr, float(oc.weight_decay), lr)
+        with autocast_context(precision, device):
+            logits = model(image)
+        loss = loss_fn(logits.float(), label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Loss is {loss.item()} at iteration {it}; lower --learning-rate or use train.amp=fp32.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if oc.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc.clip_grad))
+        scaler.step(optimizer)
+        scaler.update()
+        running.append(loss.item())
+        done = it + 1
+        if done % log_every == 0 or done == total_iters:
+            mean_loss = float(np.mean(running))
+            state["train_curve"].append({"iteration": done, "loss": mean_loss, "lr": lr})
+            logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it)", done, total_iters, mean_loss, lr,
+                        (time.perf_counter() - t0) / len(running))
+            running, t0 = [], time.perf_counter()
+        if done % eval_every == 0 or done == total_iters:
+            cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False)
+            summary = summarize(cases, preset.channel_names, preset.foreground_channels)
+            state["val_curve"].append({"iteration": done, "mean_dice": summary["mean_dice"], "dice": summary["dice"]})
+            logger.info("validation at %d: mean foreground Dice %.4f %s", done, summary["mean_dice"],
+                        {k: round(v, 4) for k, v in summary["dice"].items()})
+            score = summary["mean_dice"] if not math.isnan(summary["mean_dice"]) else -math.inf
+            if score > state["best"]["mean_dice"] or state["best"]["iteration"] is None:
+                state["best"] = {"iteration": done, "mean_dice": score}
+                save_finetuned(best_path, model, spec, config_dict, preset, done,
+                               {"name": "validation mean foreground Dice", "value": score})
+            state["iteration"] = done
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "state": state, "rng": _rng_state()}, last_path)
+            model.train()
+
+    results = {
+        "dataset": preset.name, "head": model.head_name, "pretrained_weights": str(cfg.pretrained_weights),
+        "train_backbone": bool(cfg.model.train_backbone), "dataset_percent": float(cfg.dataset_percent),
+        "channels": preset.channel_names, "foreground_channels": preset.foreground_channels,
+        "curves": {"train": state["train_curve"], "validation": state["val_curve"]},
+        "best": state["best"], "test": evaluate_test_set(best_path, splits, preset, cfg, device, precision),
+    }
+    (out_dir / RESULTS_NAME).write_text(json.dumps(json_safe(results), indent=2) + "\n")
+    logger.info("Wrote %s", out_dir / RESULTS_NAME)
+    return results
+
+
+def evaluate_test_set(best_path: Path, splits: dict, preset: DatasetPreset, cfg: DictConfig, device: torch.device,
+                    precision: str) -> dict[str, Any] | None:
+    """Per-case, per-class Dice and HD95 of the best checkpoint on the labelled test cases."""
+    labelled = [e for e in splits["test"] if "label" in e]
+    if not labelled:
+        logger.warning("No labelled test cases: results.json has no test metrics.")
+        return None
+    model, _, info = load_finetuned(best_path, device)
+    dataset = make_dataset(labelled, eval_transforms(preset), None, cfg.train.cache_rate)
+    cases = evaluate(model, dataset, preset, cfg, device, precision, with_hd=True,
+                     tta_flip=bool(cfg.evaluation.tta_flip))
+    per_case = [{"name": c["name"], "dice": dict(zip(preset.channel_names, c["dice"])),
+                 "hd95": dict(zip(preset.channel_names, c["hd95"]))} for c in cases]
+    summary = summarize(cases, preset.channel_names, preset.foreground_channels)
+    logger.info("test (best iteration %d): mean foreground Dice %.4f, HD95 %.2f mm", info["iteration"],
+                summary["mean_dice"], summary["mean_hd95"])
+    return {"iteration": info["iteration"], "cases": per_case, "summary": summary}

@@ -1,0 +1,123 @@
+"""Finetune a pretrained 3D ViT for volumetric segmentation (entry point).
+
+Recipe (CPU or one GPU)::
+
+    python -m dinov2.data.sample_data --out demo_data --labels tissue
+    python -m dinov2.eval.segmentation3d \\
+        --pretrained-weights output/eval/training_12499/teacher_checkpoint.pth \\
+        --output-dir seg_out --dataset-name brain_tissue --base-data-dir demo_data \\
+        --segmentation-head UNETR --epochs 10 --epoch-length 50 --eval-iters 100
+    python -m dinov2.eval.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
+
+``--dataset-name`` is a packaged preset (``btcv``, ``brats``, ``la``, ``brain_tissue``) or the
+path of a preset YAML (see :mod:`dinov2.eval.segmentation.preset`); ``--base-data-dir`` holds
+the datalist JSON it names. ``--pretrained-weights none`` trains from a random initialisation
+(a baseline). Trailing ``key=value`` pairs override any config key. Merge order: packaged
+``eval/segmentation_default.yaml`` ← preset (as ``dataset``) ← ``--config-file`` ← flags ←
+``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path
+
+from .segmentation.model import HEAD_NAMES, canonical_head_name
+from .segmentation.preset import load_preset
+
+logger = logging.getLogger("dinov2.eval.segmentation3d")
+
+# flag dest -> config key
+FLAG_KEYS = {
+    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "dataset_name": "dataset_name",
+    "base_data_dir": "base_data_dir", "dataset_percent": "dataset_percent", "segmentation_head": "model.head",
+    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "eval_iters": "train.eval_iters",
+    "warmup_iters": "optim.warmup_iters", "batch_size": "train.batch_size", "num_workers": "train.num_workers",
+    "learning_rate": "optim.lr", "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale",
+    "seed": "seed",
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line (the flags 3DINO users know, plus ``key=value`` overrides)."""
+    p = argparse.ArgumentParser(prog="python -m dinov2.eval.segmentation3d", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
+    p.add_argument("--pretrained-weights", help="teacher checkpoint (ours or published 3DINO-ViT), or 'none'")
+    p.add_argument("--output-dir", help="where config, checkpoints and results.json go")
+    p.add_argument("--dataset-name", help="packaged preset (btcv, brats, la, brain_tissue) or a preset YAML path")
+    p.add_argument("--base-data-dir", help="folder holding the datalist JSON")
+    p.add_argument("--dataset-percent", type=float, help="%% of the training cases to use")
+    p.add_argument("--segmentation-head", choices=HEAD_NAMES, type=canonical_head_name)
+    p.add_argument("--train-feature-model", action="store_true", help="finetune the backbone (layer-wise LR decay)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--epoch-length", type=int, help="iterations per epoch")
+    p.add_argument("--eval-iters", type=int, help="validate every N iterations")
+    p.add_argument("--warmup-iters", type=int)
+    p.add_argument("--image-size", type=int, help="cubic training crop / sliding window side (dataset.roi_size)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--cache-dir", help="on-disk cache of preprocessed volumes")
+    p.add_argument("--resize-scale", type=float, help="resample to preset spacing / scale (2 = twice the voxels per axis)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("opts", nargs="*", default=[], help="key=value config overrides")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    """Merge defaults ← preset ← config file ← flags ← ``key=value`` and check required keys."""
+    flags = []
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            flags.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")
+    if args.train_feature_model:
+        flags.append("model.train_backbone=true")
+    if args.image_size is not None:
+        flags.append(f"dataset.roi_size=[{args.image_size},{args.image_size},{args.image_size}]")
+    # The preset name may come from the config file or the flags: look for it before merging.
+    probe = merge_configs("eval/segmentation_default", args.config_file, flags + list(args.opts))
+    dataset_name = probe.get("dataset_name")
+    if dataset_name in (None, "???"):
+        raise ValueError("No dataset: pass --dataset-name (a packaged preset or a preset YAML path).")
+    default = OmegaConf.merge(load_yaml(packaged_config_path("eval/segmentation_default")),
+                              {"dataset": load_preset(dataset_name)})
+    cfg = merge_configs(default, args.config_file, flags + list(args.opts))
+    missing = [k for k in ("pretrained_weights", "output_dir", "base_data_dir") if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ValueError(f"Missing {', '.join(missing)}: pass --{missing[0].replace('_', '-')} (or set it in "
+                         "--config-file). Use --pretrained-weights none for a random-initialisation baseline.")
+    return cfg
+
+
+def _quote(value: str) -> str:
+    # OmegaConf's dotlist parses unquoted values as YAML; quote paths so ':' or leading digits stay strings.
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run finetuning; returns the process exit code."""
+    # Intermixed: key=value overrides may come before, between or after the flags.
+    args = get_args_parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .segmentation.train_loop import run_finetuning  # heavy imports after argument parsing
+
+    cfg = build_config(args)
+    results = run_finetuning(cfg)
+    test = results.get("test")
+    if test:
+        print(f"test mean foreground Dice {test['summary']['mean_dice']:.4f} "
+              f"(best validation iteration {test['iteration']}); see {cfg.output_dir}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
