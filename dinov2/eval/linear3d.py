@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
     parser.add_argument("--pretrained-weights", default=None, help="backbone checkpoint (teacher_checkpoint.pth)")
     parser.add_argument("--output-dir", default=None, help="where results.json and the feature cache go")
-    parser.add_argument("--dataset-name", default=None, help="preset in dinov2/configs/datasets (e.g. brain_lobes)")
+    parser.add_argument("--dataset-name", default=None, help="preset in dinov2/configs/datasets (e.g. brain_lobes) or a preset YAML")
     parser.add_argument("--base-data-dir", default=None, help="folder holding the preset's datalist")
     parser.add_argument("--datalist", default=None, help="classification datalist JSON (overrides the preset's)")
     parser.add_argument("--dataset-percent", type=float, default=None, help="percent of training entries kept")
@@ -101,11 +101,19 @@ def build_config(args: argparse.Namespace) -> DictConfig:
     default = load_yaml(packaged_config_path(DEFAULT_CONFIG))
     name = merged(default).dataset.name
     if name:
-        preset = load_yaml(packaged_config_path(f"datasets/{name}"))
-        if preset.get("name") not in (None, name):
-            raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
-        default.dataset = OmegaConf.merge(default.dataset, preset)
+        default.dataset = OmegaConf.merge(default.dataset, load_dataset_preset(str(name)))
     return merged(default)
+
+
+def load_dataset_preset(name: str) -> DictConfig:
+    """A packaged preset (``dinov2/configs/datasets/<name>.yaml``) or a preset YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return load_yaml(path)
+    preset = load_yaml(packaged_config_path(f"datasets/{name}"))
+    if preset.get("name") not in (None, name):
+        raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
+    return preset
 
 
 def _require(cfg: DictConfig, key: str, flag: str) -> Any:
@@ -123,8 +131,8 @@ def resolve_datalist(cfg: DictConfig) -> Path:
         datalist = Path(base) / datalist
     if not datalist.is_file():
         hint = ""
-        if cfg.dataset.build_command:
-            hint = " Create it with: " + str(cfg.dataset.build_command).replace("<base_data_dir>", str(base or "DIR"))
+        if cfg.dataset.sample_command:
+            hint = " Create it with: " + str(cfg.dataset.sample_command).replace("<base_data_dir>", str(base or "DIR"))
         raise FileNotFoundError(f"Classification datalist not found: {datalist}.{hint}")
     return datalist
 
@@ -145,9 +153,9 @@ def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, li
     num_classes = int(cfg.dataset.num_classes) if cfg.dataset.num_classes is not None else max(labels) + 1
     if max(labels) >= num_classes:
         raise ValueError(f"Label {max(labels)} found but dataset.num_classes is {num_classes}.")
-    names = list(cfg.dataset.class_names) if cfg.dataset.class_names is not None else [str(c) for c in range(num_classes)]
+    names = list(cfg.dataset.classes) if cfg.dataset.classes is not None else [str(c) for c in range(num_classes)]
     if len(names) != num_classes:
-        raise ValueError(f"dataset.class_names has {len(names)} names for {num_classes} classes.")
+        raise ValueError(f"dataset.classes has {len(names)} names for {num_classes} classes.")
     return num_classes, names
 
 
