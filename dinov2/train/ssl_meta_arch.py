@@ -200,7 +200,9 @@ class SSLMetaArch(nn.Module):
         self.ibot_loss = iBOTPatchLoss(int(cfg["ibot"]["head_n_prototypes"]), student_temp=student_temp)
         self.koleo_loss = KoLeoLoss()
         self.to(self.device)
-        self._student_forward: nn.Module = self.student  # replaced by a DDP wrapper in prepare_distributed
+        # What the student pass calls: the student itself, or its DDP wrapper (prepare_distributed).
+        # Kept out of nn.Module's registry so the state dict holds each tensor once.
+        self.__dict__["_student_forward"] = self.student
         self.teacher.eval()
 
     # ------------------------------------------------------------------ set-up
