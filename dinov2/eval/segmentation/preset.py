@@ -123,7 +123,8 @@ class DatasetPreset:
         Raises:
             ValueError: a key is missing or inconsistent; the message names the key.
         """
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        # Plain containers all the way down (a dict may still hold ListConfig values).
+        raw = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), resolve=True)
         required = ("name", "modalities", "loss", "spacing", "orientation", "intensity", "roi_size")
         missing = [k for k in required if raw.get(k) in (None, "???")]
         if missing:
