@@ -181,11 +181,15 @@ def _load_pretrained(arch: SSLMetaArch, path: str) -> None:
     logger.info("Student and teacher start from %s (%s)", path, contents.source_format)
 
 
-def _training_state(arch: SSLMetaArch, optimizer, scaler, iteration: int, global_batch: int, sampler_seed: int,
+def _training_state(arch: SSLMetaArch, optimizer, scaler, iteration: int, stream_position: int, sampler_seed: int,
                     dataset_size: int, cfg: DictConfig) -> dict[str, Any]:
-    """Everything a resumed run needs (collective: every rank must call it)."""
+    """Everything a resumed run needs (collective: every rank must call it).
+
+    ``stream_position`` counts the samples all ranks consumed so far (the global batch may have
+    changed at an earlier resume, so it is tracked rather than derived from ``iteration``).
+    """
     sampler = InfiniteSampler(dataset_size, shuffle=True, seed=sampler_seed, rank=0, world_size=1)
-    sampler.set_global_position(InfiniteSampler.position_for(iteration, global_batch))
+    sampler.set_global_position(stream_position)
     return {
         "iteration": iteration,
         "model": arch.full_state_dict(),
@@ -280,6 +284,10 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     log_period = int(cfg.train.log_period_iterations)
     ckpt_period = int(cfg.checkpointing.period_iterations)
     eval_period = int(cfg.evaluation.eval_period_iterations)
+    for key, period in (("train.log_period_iterations", log_period), ("checkpointing.period_iterations", ckpt_period),
+                        ("evaluation.eval_period_iterations", eval_period)):
+        if period < 1:
+            raise ValueError(f"{key} must be >= 1, got {period} (a large value effectively disables it).")
     logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
                 start_iter, max_iter, global_batch, world, device)
 
@@ -320,7 +328,8 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
                 metrics.log(it, record)
                 meter.reset()
             if done % ckpt_period == 0 or done == max_iter:
-                state = _training_state(arch, optimizer, scaler, done, global_batch, seed, len(dataset), cfg)
+                position = start_position + (done - start_iter) * global_batch
+                state = _training_state(arch, optimizer, scaler, done, position, seed, len(dataset), cfg)
                 path = checkpointer.save(state)
                 last_checkpoint = path or last_checkpoint
                 distributed.barrier()
