@@ -1,0 +1,147 @@
+"""PNG montages of axial, coronal and sagittal slices (Pillow only, no plotting library).
+
+Volumes are shown in the closest canonical (RAS) orientation found from the affine, in the
+neurological convention: the subject's left on the image's left, anterior or superior at the
+top. Each panel is resampled so a pixel has the same size in millimetres along both axes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, ImageDraw
+
+VIEWS = ("axial", "coronal", "sagittal")
+# An inferno-like ramp (black - purple - red - orange - pale yellow) for heat maps.
+_HEAT_ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+TITLE_HEIGHT = 14
+PANEL_MM = 1.0  # millimetres per output pixel
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map ``[0, 1]`` values to RGB ``uint8`` along an inferno-like ramp (shape ``(*values.shape, 3)``)."""
+    v = np.clip(np.nan_to_num(values), 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
+    low = np.floor(v).astype(int).clip(0, len(_HEAT_ANCHORS) - 2)
+    t = (v - low)[..., None]
+    rgb = _HEAT_ANCHORS[low] * (1 - t) + _HEAT_ANCHORS[low + 1] * t
+    return rgb.round().astype(np.uint8)
+
+
+def _canonical(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Volume ``(X, Y, Z, ...)`` reoriented to RAS array axes; also its voxel sizes and the ornt."""
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    canonical = nib.orientations.apply_orientation(volume, ornt)
+    order = ornt[:, 0].astype(int)
+    ras_zooms = np.empty(3)
+    ras_zooms[order] = zooms
+    return canonical, ras_zooms, ornt
+
+
+def _to_ras_index(index: Sequence[float], shape: Sequence[int], ornt: np.ndarray) -> list[int]:
+    out = [0, 0, 0]
+    for axis, (target, flip) in enumerate(ornt):
+        value = int(round(index[axis]))
+        out[int(target)] = shape[axis] - 1 - value if flip < 0 else value
+    return out
+
+
+def _panels(volume: np.ndarray, affine: np.ndarray, center: Sequence[float]) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """Three display slices (rows top to bottom) and their pixel sizes (row mm, column mm)."""
+    canonical, zooms, ornt = _canonical(volume, affine)
+    i, j, k = _to_ras_index(center, volume.shape[:3], ornt)
+    slices = [
+        (canonical[:, :, k], (zooms[1], zooms[0])),   # axial: rows = anterior..posterior, columns = left..right
+        (canonical[:, j, :], (zooms[2], zooms[0])),   # coronal: rows = superior..inferior
+        (canonical[i, :, :], (zooms[2], zooms[1])),   # sagittal: rows = superior..inferior, columns = posterior..anterior
+    ]
+    return [(np.swapaxes(s, 0, 1)[::-1], size) for s, size in slices]
+
+
+def _panel_image(rgb: np.ndarray, pixel_mm: tuple[float, float]) -> Image.Image:
+    rows, cols = rgb.shape[:2]
+    size = (max(1, round(cols * pixel_mm[1] / PANEL_MM)), max(1, round(rows * pixel_mm[0] / PANEL_MM)))
+    return Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.Resampling.BILINEAR)
+
+
+def gray(anatomy: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """``uint8`` grey levels of intensities in ``[low, high]``, as RGB ``(*shape, 3)``."""
+    g = (np.clip((anatomy - low) / (high - low), 0, 1) * 255).round().astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def foreground_center(mask: np.ndarray) -> list[float]:
+    """Centre of the bounding box of a bool ``(X, Y, Z)`` mask (the volume centre if empty)."""
+    if not mask.any():
+        return [(s - 1) / 2 for s in mask.shape]
+    idx = np.argwhere(mask)
+    return list((idx.min(axis=0) + idx.max(axis=0)) / 2)
+
+
+def montage(rows: Sequence[np.ndarray], titles: Sequence[str], affine: np.ndarray,
+            center: Sequence[float]) -> Image.Image:
+    """Grid of RGB slices: one row per volume, columns axial / coronal / sagittal.
+
+    Args:
+        rows: RGB ``uint8`` volumes ``(X, Y, Z, 3)`` on one grid.
+        titles: one label per row.
+        affine: ``(4, 4)`` affine of that grid.
+        center: voxel index ``(i, j, k)`` the three slices pass through.
+
+    Returns:
+        The montage as a Pillow RGB image.
+    """
+    if len(rows) != len(titles) or not rows:
+        raise ValueError(f"Need one title per row and at least one row, got {len(rows)} rows and {len(titles)} titles")
+    grid = [[_panel_image(p, size) for p, size in _panels(volume, affine, center)] for volume in rows]
+    widths = [max(row[c].width for row in grid) for c in range(3)]
+    heights = [max(p.height for p in row) + TITLE_HEIGHT for row in grid]
+    canvas = Image.new("RGB", (sum(widths), TITLE_HEIGHT + sum(heights)), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for c, view in enumerate(VIEWS):  # header: one view per column
+        draw.text((sum(widths[:c]) + 2, 1), view, fill=(160, 160, 160))
+    y = TITLE_HEIGHT
+    for row, title, height in zip(grid, titles, heights):
+        draw.text((2, y + 1), title, fill=(255, 255, 255))
+        x = 0
+        for c, panel in enumerate(row):
+            canvas.paste(panel, (x, y + TITLE_HEIGHT))
+            x += widths[c]
+        y += height
+    return canvas
+
+
+def pca_montage(anatomy: np.ndarray, rgb: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+                components: Sequence[int]) -> Image.Image:
+    """Anatomy, then three PCA components as RGB with the background removed.
+
+    Args:
+        anatomy: ``(X, Y, Z)`` intensities in ``[-1, 1]``.
+        rgb: ``(X, Y, Z, 3)`` components scaled to ``[0, 1]``.
+        mask: bool ``(X, Y, Z)`` foreground (black elsewhere).
+        affine: the grid's affine.
+        components: the component indices shown as red, green, blue (for the title).
+    """
+    colour = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8) * mask[..., None]
+    label = "PCA " + "/".join(str(c) for c in components) + " as RGB"
+    return montage([gray(anatomy), colour], ["anatomy", label], affine, foreground_center(mask))
+
+
+def attention_montage(anatomy: np.ndarray, maps: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> Image.Image:
+    """Anatomy, then one row per head with its attention (scaled to ``[0, 1]``) over the anatomy.
+
+    Args:
+        anatomy: ``(X, Y, Z)`` intensities in ``[-1, 1]``.
+        maps: ``(heads, X, Y, Z)`` display-scaled attention.
+        mask: bool ``(X, Y, Z)`` foreground (sets the slice position).
+        affine: the grid's affine.
+    """
+    base = gray(anatomy).astype(np.float64)
+    rows, titles = [gray(anatomy)], ["anatomy"]
+    for h, m in enumerate(maps):
+        alpha = np.clip(m, 0, 1)[..., None] * 0.8
+        rows.append((base * (1 - alpha) + heat_colors(m) * alpha).round().astype(np.uint8))
+        titles.append(f"head {h}")
+    return montage(rows, titles, affine, foreground_center(mask))
