@@ -30,8 +30,12 @@ import torch.nn.functional as F
 ROTATION_PLANES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 
 
-def _check_range(name: str, value: Sequence[float], low: float, high: float | None = None) -> tuple[float, float]:
-    """Validate a ``(min, max)`` pair inside ``[low, high]`` and return it as floats."""
+def check_range(name: str, value: Sequence[float], low: float, high: float | None = None) -> tuple[float, float]:
+    """Validate a ``(min, max)`` pair with ``low <= min <= max <= high`` and return it as floats.
+
+    Raises:
+        ValueError: naming the argument ``name`` and the expected bounds.
+    """
     if len(value) != 2:
         raise ValueError(f"{name} must be a (min, max) pair, got {value!r}.")
     a, b = float(value[0]), float(value[1])

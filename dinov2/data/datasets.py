@@ -13,6 +13,9 @@ output of :func:`dinov2.data.transforms.build_preprocessing` for this rank's sha
 Under ``torch.distributed`` the datalist is split between ranks (MONAI ``partition_dataset``,
 shuffled with the run seed so every rank computes the same split), so no rank loads or caches
 another rank's volumes; the sampler should therefore draw from this dataset's local indices only.
+A sampler that defines one global stream over the whole datalist (so a run can resume on a
+different number of processes) needs every rank to hold everything: pass ``rank=0,
+world_size=1``, preferably with the disk cache, which every rank then shares and fills lazily.
 
 The frame pick and the augmentation run after the cache and draw from generators that
 :meth:`PretrainDataset3d.reseed` resets per worker (``dinov2.data.seeding.WorkerInitFn``).

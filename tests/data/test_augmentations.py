@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai import transforms as mt
+from omegaconf import OmegaConf
 from scipy import ndimage
 
 from dinov2.data import augmentations as A
@@ -56,6 +57,15 @@ def test_output_structure_shapes_and_types():
         assert type(crop) is torch.Tensor and crop.dtype == torch.float32 and crop.is_contiguous()
         assert torch.isfinite(crop).all()
     assert torch.equal(volume, before), "the (cached) input volume must never be modified"
+
+
+def test_runs_single_threaded_and_restores_the_thread_count():
+    volume = torch.rand(1, 20, 20, 16)
+    reference = DataAugmentationDINO3d(global_crops_size=8, local_crops_size=4, local_crops_number=1, seed=4)(volume)
+    torch.set_num_threads(2)  # the autouse fixture restores the original count afterwards
+    out = DataAugmentationDINO3d(global_crops_size=8, local_crops_size=4, local_crops_number=1, seed=4)(volume)
+    assert torch.get_num_threads() == 2
+    assert all(torch.equal(a, b) for a, b in zip(out["global_crops"], reference["global_crops"]))
 
 
 def test_float16_storage_gives_float32_crops():
@@ -308,7 +318,8 @@ def test_yaml_defaults_equal_constructor_defaults():
 
 
 def test_from_config_overrides_and_rejects_unknown_keys():
-    aug = DataAugmentationDINO3d.from_config({"local_crops_number": 3, "local_crops_scale": [0.1, 0.3]})
+    crops = OmegaConf.create({"local_crops_number": 3, "local_crops_scale": [0.1, 0.3]})  # as in the training config
+    aug = DataAugmentationDINO3d.from_config(crops)
     assert aug.local_crops_number == 3 and aug.local_crops_scale == (0.1, 0.3)
     with pytest.raises(ValueError, match="local_crop_number"):
         DataAugmentationDINO3d.from_config({"local_crop_number": 3})
