@@ -38,6 +38,11 @@ from dinov2.data.seeding import child_sequence
 # ---------------------------------------------------------------------------------------------
 
 
+def _affine_(x: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
+    """``x = scale * x + offset`` in place, in one pass over memory (``add`` with ``alpha``)."""
+    return torch.add(torch.tensor(offset, dtype=x.dtype), x, alpha=scale, out=x)
+
+
 def adjust_contrast_(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """Gamma contrast on the crop's own range, as MONAI's ``AdjustContrast``.
 
@@ -54,7 +59,9 @@ def adjust_contrast_(x: torch.Tensor, gamma: float) -> torch.Tensor:
     span = high - low
     # exp(gamma * log t) is about twice as fast as pow_ with a non-integer exponent on CPU
     # (pow falls back to scalar code); log(0) = -inf maps to exp(-inf) = 0 as 0 ** gamma does.
-    return x.sub_(low).mul_(1.0 / (span + 1e-7)).log_().mul_(gamma).exp_().mul_(span).add_(low)
+    scale = 1.0 / (span + 1e-7)
+    _affine_(x, scale, -low * scale).log_().mul_(gamma).exp_()
+    return _affine_(x, span, low)
 
 
 def add_gaussian_noise_(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -96,7 +103,8 @@ def histogram_shift_(x: torch.Tensor, rng: np.random.Generator, num_points: int)
         moved[i] = rng.uniform(moved[i - 1], moved[i + 1])
     # Reference points are equally spaced, so the segment index is arithmetic (no bucketize),
     # and on segment k the map is intercept[k] + position * slope[k] with position in [k, k + 1].
-    position = x.sub_(low).mul_((num_points - 1) / (high - low))
+    scale = (num_points - 1) / (high - low)
+    position = _affine_(x, scale, -low * scale)
     segment = position.to(torch.int32).clamp_(max=num_points - 2).view(-1)
     table = torch.from_numpy(moved.astype(np.float32))
     slope = table[1:] - table[:-1]
