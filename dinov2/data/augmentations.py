@@ -59,8 +59,9 @@ def adjust_contrast_(x: torch.Tensor, gamma: float) -> torch.Tensor:
     span = high - low
     # exp(gamma * log t) is about twice as fast as pow_ with a non-integer exponent on CPU
     # (pow falls back to scalar code); log(0) = -inf maps to exp(-inf) = 0 as 0 ** gamma does.
-    scale = 1.0 / (span + 1e-7)
-    _affine_(x, scale, -low * scale).log_().mul_(gamma).exp_()
+    # sub_ first (not a fused affine): the minimum must map to exactly 0, a rounding error
+    # below 0 would turn into NaN in the log.
+    x.sub_(low).mul_(1.0 / (span + 1e-7)).log_().mul_(gamma).exp_()
     return _affine_(x, span, low)
 
 
