@@ -55,11 +55,13 @@ FLAG_KEYS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Linear probing of a frozen 3D ViT backbone.",
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
     parser.add_argument("--pretrained-weights", default=None, help="backbone checkpoint (teacher_checkpoint.pth)")
     parser.add_argument("--output-dir", default=None, help="where results.json and the feature cache go")
-    parser.add_argument("--dataset-name", default=None, help="preset in dinov2/configs/datasets (e.g. brain_lobes) or a preset YAML")
+    parser.add_argument("--dataset-name", default=None,
+                        help="preset in dinov2/configs/datasets (e.g. brain_lobes) or a preset YAML")
     parser.add_argument("--base-data-dir", default=None, help="folder holding the preset's datalist")
     parser.add_argument("--datalist", default=None, help="classification datalist JSON (overrides the preset's)")
     parser.add_argument("--dataset-percent", type=float, default=None, help="percent of training entries kept")
@@ -211,8 +213,9 @@ def run(cfg: DictConfig) -> dict:
                 num_workers=int(cfg.features.num_workers), device=device)
 
     setups = setup_grid(n_blocks, list(cfg.features.pooling), [float(v) for v in cfg.optim.learning_rates])
-    torch.manual_seed(int(cfg.seed))  # head initialisation
-    grid = ProbeGrid(setups, features["training"], num_classes)
+    with torch.random.fork_rng():  # seeded head initialisation without touching the caller's RNG
+        torch.manual_seed(int(cfg.seed))
+        grid = ProbeGrid(setups, features["training"], num_classes)
     history_path = output_dir / "metrics.jsonl"
     history_path.unlink(missing_ok=True)
 

@@ -87,7 +87,8 @@ def run_pca(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path, 
             image_size=None, overlap: float = 0.5) -> dict:
     """PCA outputs of one or more volumes fitted jointly (see module docstring); returns the summary."""
     if len(rgb_components) != 3 or max(rgb_components) >= n_components or min(rgb_components) < 0:
-        raise ValueError(f"--rgb-components needs 3 indices below --n-components ({n_components}), got {list(rgb_components)}")
+        raise ValueError(f"--rgb-components needs 3 indices below --n-components ({n_components}), "
+                         f"got {list(rgb_components)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     maps = [compute_token_maps(model, to_tensor(v), v.spacing, input_type, image_size, overlap, features=True)
@@ -117,7 +118,8 @@ def run_pca(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path, 
             mask = to_voxels(fg.float().reshape(1, *m.geometry.grid), m.geometry, mode="nearest")[0].numpy() > 0.5
         else:
             mask = volume.foreground
-        files = [str(save_like(voxels[c], volume, output_dir / f"{volume.stem}_pca_{c}.nii.gz")) for c in range(n_components)]
+        files = [str(save_like(voxels[c], volume, output_dir / f"{volume.stem}_pca_{c}.nii.gz"))
+                 for c in range(n_components)]
         mask_file = save_like(mask.astype(np.float32), volume, output_dir / f"{volume.stem}_foreground.nii.gz")
         rgb = np.stack([voxels[c] for c in rgb_components], axis=-1)
         png = output_dir / f"{volume.stem}_pca.png"

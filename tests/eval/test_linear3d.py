@@ -90,7 +90,8 @@ def test_splits_never_share_a_voxel_and_labels_are_the_centre_lobe():
         assert 36 <= t.origin[2] and t.origin[2] + p <= 52
     for t in by_split["training"]:
         assert t.origin[2] + p <= 36 or t.origin[2] >= 52
-    assert not any(_intersects(_box(a, p), _box(b, p)) for a in by_split["training"][::7] for b in by_split["validation"])
+    assert not any(_intersects(_box(a, p), _box(b, p))
+                   for a in by_split["training"][::7] for b in by_split["validation"])
     for t in sites[::11]:
         centre = tuple(o + p // 2 for o in t.origin)
         assert regions[centre] == t.region and LOBES[lobes[centre]] == t.lobe
@@ -158,7 +159,7 @@ def test_grid_trains_every_head_with_its_own_learning_rate_and_selects_on_valida
     setups = setup_grid([1, 4], ["cls", "cls_avgpool"], [1e-6, 0.1])
     grid = ProbeGrid(setups, train, num_classes=2)
     assert [g["lr"] for g in grid.param_groups(0.0)] == [s.lr for s in setups]
-    before = {s.name: grid.head(s.name).linear.weight.clone() for s in setups}
+    before = {s.name: grid.head(s.name).linear.weight.detach().clone() for s in setups}
     result = train_probe_grid(grid, train, val, epochs=5, epoch_length=None, batch_size=16, eval_period_iterations=4)
     assert result.iterations == 20 and [h["iteration"] for h in result.history] == [4, 8, 12, 16, 20]
     moved = {s.name: float((grid.head(s.name).linear.weight.detach() - before[s.name]).abs().max()) for s in setups}
@@ -180,15 +181,18 @@ def test_linear3d_beats_chance_on_the_brain_lobe_task_and_caches_features(lobe_d
     assert test["n"] == sizes["test"] > 100 and sum(map(sum, test["confusion_matrix"])) == sizes["test"]
     assert test["class_names"] == list(LOBES) and results["chance_balanced_accuracy"] == 0.2
     # A random-init tiny ViT's CLS / mean-patch features of real intensity patches separate lobes
-    # well above chance (0.2): balanced accuracy 0.42-0.58 and macro AUROC 0.76-0.91 over 8
-    # (backbone seed, grid offset) pairs, so 0.32 / 0.65 leave a wide margin.
+    # well above chance. With this probe recipe, over 16 settings (4 backbone seeds x 2 grid seeds
+    # x strides 6 and 8), test balanced accuracy ranged 0.35-0.63 (chance 0.2) and macro AUROC
+    # 0.70-0.91 (chance 0.5); this pinned setting gives 0.58 / 0.91. The thresholds sit below
+    # every observed run and well above chance.
     assert test["balanced_accuracy"] >= 0.32, test
     assert test["auroc_macro"] >= 0.65, test
     grid = results["grid"]
     assert len(grid) == 2 * 2 * 2 and {(g["n_blocks"], g["pooling"]) for g in grid} == {
         (1, "cls"), (1, "cls_avgpool"), (4, "cls"), (4, "cls_avgpool")}
     best = results["best_classifier"]
-    assert max(g["best_val_accuracy"] for g in grid) == next(g for g in grid if g["name"] == best["name"])["best_val_accuracy"]
+    best_row = next(g for g in grid if g["name"] == best["name"])
+    assert best_row["best_val_accuracy"] == max(g["best_val_accuracy"] for g in grid)
     assert results["validation"]["accuracy"] == pytest.approx(max(g["best_val_accuracy"] for g in grid))
     assert (out / "best_classifier.pth").is_file() and (out / "metrics.jsonl").read_text().count("\n") == 10
 

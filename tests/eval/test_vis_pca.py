@@ -183,3 +183,18 @@ def test_sliding_windows_step_by_whole_patches(window, patch, overlap):
     (value,) = _sliding_overlap((window,), overlap, patch)
     step = int(window * (1.0 - value))  # what MONAI computes
     assert step % patch == 0 and patch <= step <= window
+
+
+def test_joint_pca_over_two_images_with_pc0_background(anisotropic, tiny_checkpoint, tmp_path):
+    out = tmp_path / "joint"
+    assert _run(["--pretrained-weights", tiny_checkpoint, "--image-path", ANATOMICAL, anisotropic,
+                 "--output-dir", out, "--n-components", "4", "--background", "pc0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [Path(i["image"]).name for i in summary["images"]] == ["anatomical.nii", "anat_aniso.nii.gz"]
+    grids = [np.prod(i["token_grid"]) for i in summary["images"]]
+    assert summary["fitted_tokens"] < sum(grids)  # only the tokens PC0 calls foreground
+    for entry, source in zip(summary["images"], (ANATOMICAL, anisotropic)):
+        mask = nib.load(entry["foreground"])
+        assert mask.shape == nib.load(source).shape
+        values = np.unique(np.asarray(mask.dataobj))
+        assert set(values.tolist()) == {0.0, 1.0}

@@ -52,7 +52,8 @@ class FeatureSet:
 
     def __post_init__(self):
         n = self.labels.shape[0]
-        if self.cls_tokens.ndim != 3 or self.cls_tokens.shape[0] != n or self.patch_mean.shape != (n, self.cls_tokens.shape[2]):
+        shapes_ok = self.cls_tokens.ndim == 3 and self.cls_tokens.shape[0] == n
+        if not shapes_ok or self.patch_mean.shape != (n, self.cls_tokens.shape[2]):
             raise ValueError(f"Inconsistent feature shapes: cls {tuple(self.cls_tokens.shape)}, patch mean "
                              f"{tuple(self.patch_mean.shape)}, labels {tuple(self.labels.shape)}")
 
@@ -80,7 +81,8 @@ class ClassificationVolumes(Dataset):
 
     def __init__(self, entries: Sequence[Mapping[str, Any]], preprocessing: Mapping[str, Any] | None,
                  image_size: int | Sequence[int], in_chans: int = 1):
-        bad = [i for i, e in enumerate(entries) if isinstance(e.get("label"), bool) or not isinstance(e.get("label"), int)]
+        bad = [i for i, e in enumerate(entries)
+               if isinstance(e.get("label"), bool) or not isinstance(e.get("label"), int)]
         if bad:
             raise ValueError(f"Classification entries need an integer 'label'; entries {bad[:5]} have "
                              f"{[entries[i].get('label') for i in bad[:5]]}. Use a classification datalist.")

@@ -21,7 +21,8 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
         int64 ``(C, C)``: row = true class, column = predicted class.
     """
     if predictions.shape != labels.shape or predictions.ndim != 1:
-        raise ValueError(f"predictions and labels must both be (N,), got {tuple(predictions.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"predictions and labels must both be (N,), got {tuple(predictions.shape)} and "
+                         f"{tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     flat = labels.long() * num_classes + predictions.long()
@@ -72,7 +73,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
         lists) and ``class_names``.
     """
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"logits must be (N, C) matching labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"logits must be (N, C) matching labels (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     num_classes = logits.shape[1]
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")

@@ -118,7 +118,8 @@ def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict
     else:
         foreground = scaled > float(resolved["foreground"]["threshold"])
     if not foreground.any():
-        raise ValueError(f"{path}: no foreground voxel (mask empty or image blank); give --mask-path or check the image.")
+        raise ValueError(f"{path}: no foreground voxel (mask empty or image blank); give --mask-path or check "
+                         "the image.")
     return VisVolume(path, scaled, affine, spacing, frame if len(shape) == 4 else None, n_frames, foreground)
 
 

@@ -48,14 +48,15 @@ def _to_ras_index(index: Sequence[float], shape: Sequence[int], ornt: np.ndarray
     return out
 
 
-def _panels(volume: np.ndarray, affine: np.ndarray, center: Sequence[float]) -> list[tuple[np.ndarray, tuple[float, float]]]:
+def _panels(volume: np.ndarray, affine: np.ndarray,
+            center: Sequence[float]) -> list[tuple[np.ndarray, tuple[float, float]]]:
     """Three display slices (rows top to bottom) and their pixel sizes (row mm, column mm)."""
     canonical, zooms, ornt = _canonical(volume, affine)
     i, j, k = _to_ras_index(center, volume.shape[:3], ornt)
     slices = [
         (canonical[:, :, k], (zooms[1], zooms[0])),   # axial: rows = anterior..posterior, columns = left..right
         (canonical[:, j, :], (zooms[2], zooms[0])),   # coronal: rows = superior..inferior
-        (canonical[i, :, :], (zooms[2], zooms[1])),   # sagittal: rows = superior..inferior, columns = posterior..anterior
+        (canonical[i, :, :], (zooms[2], zooms[1])),   # sagittal: rows = superior..inferior, columns = back..front
     ]
     return [(np.swapaxes(s, 0, 1)[::-1], size) for s, size in slices]
 
