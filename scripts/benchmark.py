@@ -7,8 +7,8 @@ MFU against GEMM peaks measured in the same run, and the accuracy of each reduce
 mode against fp32 (relative error and cosine similarity of outputs and of gradients).
 Prints Markdown tables (paste them into ``docs/benchmarks.md``).
 
-``data`` runs ``scripts/benchmark_data.py`` (same options as that script); ``train`` is not
-implemented yet.
+``data`` and ``train`` run ``scripts/benchmark_data.py`` and ``scripts/benchmark_train.py``
+(their own options; ``-h`` after the command lists them).
 
 Usage::
 
@@ -68,7 +68,8 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--img-size", type=int, default=96, help="cubic input side (multiple of the patch size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per mode first (>= 1; the first one is reported as 'first step s')")
     p.add_argument("--dtypes", type=_parse_modes, default=["fp32", "bf16"],
                    help=f"comma list of precision modes: {', '.join(MODES)}")
     p.add_argument("--compile", action="store_true",
@@ -178,10 +179,10 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         runner()  # first call: allocation, primitive creation, compilation under --compile
         first = time.perf_counter() - start
-        timing = time_callable(runner, repeats=args.steps, warmup=max(args.warmup - 1, 0))
+        timing = time_callable(runner, repeats=args.steps, warmup=args.warmup - 1)
         gflops = step_flops / timing.median / 1e9
         row = {"mode": mode + (" + compile" if compiled else ""), "s_per_step": timing.median,
-               "min_s": timing.min, "spread": timing.spread, "gflops": gflops,
+               "min_s": timing.min, "spread": timing.spread, "cores_used": timing.cores_used, "gflops": gflops,
                "mfu": gflops / peaks[_PEAK_DTYPE[mode]], "first_step_s": first}
         if mode == "fp32" and not compiled and ref is None:
             ref = (runner.last_output, runner.gradients())
@@ -196,12 +197,12 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
 def format_model_tables(rows: list[dict], peaks_note: str) -> str:
     """The speed and accuracy tables as Markdown."""
     lines = [
-        "| mode | s/step (median) | min | spread | GFLOP/s | MFU | first step s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | s/step (median) | min | spread | cores used | GFLOP/s | MFU | first step s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['s_per_step']:.3f} | {r['min_s']:.3f} | {r['spread']:.0%} | "
-                     f"{r['gflops']:.1f} | {r['mfu']:.0%} | {r['first_step_s']:.1f} |")
+                     f"{r['cores_used']:.2f} | {r['gflops']:.1f} | {r['mfu']:.0%} | {r['first_step_s']:.1f} |")
     acc = [r for r in rows if "out_rel_err" in r]
     if acc:
         lines += ["", "| mode vs fp32 | patch-token rel. err | cos | CLS rel. err | grad rel. err | "
@@ -217,7 +218,7 @@ def format_model_tables(rows: list[dict], peaks_note: str) -> str:
 def main_model(argv: Sequence[str]) -> list[dict]:
     """Entry point of ``benchmark.py model``."""
     args = _model_parser().parse_args(argv)
-    for name in ("batch_size", "img_size", "steps", "peak_size"):
+    for name in ("batch_size", "img_size", "steps", "warmup", "peak_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -226,7 +227,8 @@ def main_model(argv: Sequence[str]) -> list[dict]:
     rows = run_model_benchmark(args)
     load_after = machine_description()["load_average_1m"]
     note = (f"Effective GFLOP/s = {TRAIN_STEP_FLOP_FACTOR} × analytic forward FLOPs / median step time; "
-            f"MFU against the GEMM peak of the mode's dtype measured above. Load average "
+            f"MFU against the GEMM peak of the mode's dtype measured above. 'cores used' = CPU s / wall s "
+            f"per step (below the thread count: other processes competed). Load average "
             f"{machine['load_average_1m']} before, {load_after} after (other processes on the machine "
             f"slow every figure).")
     print("\n" + format_model_tables(rows, note))
@@ -234,14 +236,13 @@ def main_model(argv: Sequence[str]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- dispatch
-def main_data(argv: Sequence[str]):
-    """Run ``scripts/benchmark_data.py``'s ``main(argv)``, loaded by path (scripts/ is no package)."""
-    path = Path(__file__).with_name("benchmark_data.py")
+def _run_sibling_script(filename: str, argv: Sequence[str], missing: str):
+    """Run ``main(argv)`` of a sibling script, loaded by path (``scripts/`` is not a package)."""
+    path = Path(__file__).with_name(filename)
     if not path.is_file():
-        print(f"The data benchmark is not available: {path} is missing. It is written separately; "
-              "update the checkout or run the model benchmark instead.", file=sys.stderr)
+        print(f"{missing}: {path} is missing. It is written separately; update the checkout.", file=sys.stderr)
         raise SystemExit(2)
-    spec = importlib.util.spec_from_file_location("benchmark_data", path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "main"):
@@ -249,9 +250,14 @@ def main_data(argv: Sequence[str]):
     return module.main(list(argv))
 
 
+def main_data(argv: Sequence[str]):
+    """``benchmark.py data``: ``scripts/benchmark_data.py`` (its own options)."""
+    return _run_sibling_script("benchmark_data.py", argv, "The data benchmark is not available")
+
+
 def main_train(argv: Sequence[str]):
-    print("benchmark.py train: not implemented yet (needs the training loop).", file=sys.stderr)
-    raise SystemExit(2)
+    """``benchmark.py train``: ``scripts/benchmark_train.py`` (its own options)."""
+    return _run_sibling_script("benchmark_train.py", argv, "benchmark.py train: not implemented yet")
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {

@@ -33,13 +33,17 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- timing
 @dataclass(frozen=True)
 class TimingResult:
-    """Wall-clock seconds of repeated calls (warm-up excluded).
+    """Wall-clock and CPU seconds of repeated calls (warm-up excluded).
 
     Attributes:
-        times: seconds of each timed call, in call order.
+        times: wall seconds of each timed call, in call order.
+        cpu_times: process CPU seconds (all threads) of the same calls. ``cpu / wall`` is the
+            number of cores the call really got: well below the thread count means other
+            processes were competing and the wall times are pessimistic.
     """
 
     times: tuple[float, ...]
+    cpu_times: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
@@ -52,6 +56,13 @@ class TimingResult:
     @property
     def mean(self) -> float:
         return statistics.fmean(self.times)
+
+    @property
+    def cores_used(self) -> float:
+        """Median over calls of CPU seconds per wall second (nan without ``cpu_times``)."""
+        if not self.cpu_times:
+            return float("nan")
+        return statistics.median(c / w for c, w in zip(self.cpu_times, self.times))
 
     @property
     def spread(self) -> float:
@@ -72,7 +83,7 @@ def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
             ``torch.cuda.synchronize`` for asynchronous devices); None on CPU.
 
     Returns:
-        :class:`TimingResult` with ``repeats`` samples.
+        :class:`TimingResult` with ``repeats`` wall and CPU samples.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -80,14 +91,15 @@ def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
         fn()
         if synchronize is not None:
             synchronize()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         if synchronize is not None:
             synchronize()
         times.append(time.perf_counter() - start)
-    return TimingResult(tuple(times))
+        cpu_times.append(time.process_time() - cpu_start)
+    return TimingResult(tuple(times), tuple(cpu_times))
 
 
 # ------------------------------------------------------------------------------ FLOPs

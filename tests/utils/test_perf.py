@@ -72,6 +72,19 @@ def test_time_callable_counts_calls_and_orders_statistics():
     assert result.min <= result.median <= max(result.times)
     assert result.min <= result.mean <= max(result.times)
     assert result.spread >= 0
+    assert len(result.cpu_times) == 4 and all(c >= 0 for c in result.cpu_times)
+    assert result.cores_used < 0.5  # sleeping uses almost no CPU
+
+
+def test_time_callable_cpu_time_tracks_busy_work():
+    def busy():  # spins until it has used 10 ms of CPU, however busy the machine is
+        end = time.process_time() + 0.01
+        while time.process_time() < end:
+            pass
+
+    result = perf.time_callable(busy, repeats=2, warmup=0)
+    assert all(c >= 0.01 for c in result.cpu_times)
+    assert all(w >= 0.9 * c for w, c in zip(result.times, result.cpu_times))  # one thread: wall >= CPU
 
 
 @pytest.mark.parametrize("repeats, warmup", [(0, 1), (1, -1)])
@@ -146,7 +159,7 @@ def test_model_benchmark_smoke_reports_speed_and_accuracy(capsys):
     bench = _load_benchmark_script()
     rows = bench.main([
         "model", "--arch", "vit_tiny_3d", "--img-size", "32", "--batch-size", "1", "--steps", "1",
-        "--warmup", "0", "--peak-size", "64", "--dtypes", "fp32,bf16",
+        "--warmup", "1", "--peak-size", "64", "--dtypes", "fp32,bf16",
     ])
     assert [r["mode"] for r in rows] == ["fp32", "bf16"]
     assert all(r["gflops"] > 0 and r["s_per_step"] > 0 for r in rows)
@@ -154,18 +167,25 @@ def test_model_benchmark_smoke_reports_speed_and_accuracy(capsys):
     assert "| mode | s/step (median) |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["train", "nonsense"])
-def test_dispatcher_exits_2_for_unavailable_commands(command):
+def test_dispatcher_rejects_unknown_command():
     bench = _load_benchmark_script()
     with pytest.raises(SystemExit) as info:
-        bench.main([command])
+        bench.main(["nonsense"])
     assert info.value.code == 2
 
 
-def test_data_command_explains_a_missing_data_benchmark(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command, script", [("data", "benchmark_data.py"), ("train", "benchmark_train.py")])
+def test_dispatcher_explains_a_missing_sibling_benchmark(command, script, tmp_path, monkeypatch, capsys):
     bench = _load_benchmark_script()
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "benchmark.py"))
     with pytest.raises(SystemExit) as info:
-        bench.main(["data"])
+        bench.main([command])
     assert info.value.code == 2
-    assert "benchmark_data.py is missing" in capsys.readouterr().err
+    assert f"{script} is missing" in capsys.readouterr().err
+
+
+def test_dispatcher_runs_a_sibling_main_with_its_arguments(tmp_path, monkeypatch):
+    (tmp_path / "benchmark_data.py").write_text("def main(argv):\n    return ['got'] + argv\n")
+    bench = _load_benchmark_script()
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "benchmark.py"))
+    assert bench.main(["data", "--seconds", "1"]) == ["got", "--seconds", "1"]
