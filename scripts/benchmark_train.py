@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS: dict[str, list[str]] = {
     "tiny": [],
-    "vit_s": ["student.arch=vit_small_3d", "student.patch_size=16", "crops.global_crops_size=64",
+    "vit_s": ["train.cpu_threads=null", "student.arch=vit_small_3d", "student.patch_size=16", "crops.global_crops_size=64",
               "crops.local_crops_size=32", "crops.local_crops_number=4", "train.batch_size_per_gpu=2",
               "dino.head_n_prototypes=65536", "dino.head_bottleneck_dim=256", "dino.head_hidden_dim=2048",
               "ibot.head_n_prototypes=65536", "ibot.head_bottleneck_dim=256", "ibot.head_hidden_dim=2048"],
@@ -140,7 +140,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per setting")
     p.add_argument("--warmup", type=int, default=3, help="untimed first iterations (worker start-up, allocation)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the config's train.cpu_threads; tiny uses 1, others torch's default)")
+                   help="torch threads (default: tiny uses 1, vit_s / vit_b torch's default, all cores)")
     p.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: the config's)")
     p.add_argument("--cache-dir", default=None, help="preprocessing cache (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")

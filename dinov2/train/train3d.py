@@ -327,17 +327,19 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
                 record.update({k: float(v) for k, v in losses.items() if k not in LOSS_KEYS})
                 metrics.log(it, record)
                 meter.reset()
-            if done % ckpt_period == 0 or done == max_iter:
-                position = start_position + (done - start_iter) * global_batch
-                state = _training_state(arch, optimizer, scaler, done, position, seed, len(dataset), cfg)
-                path = checkpointer.save(state)
-                last_checkpoint = path or last_checkpoint
-                distributed.barrier()
+            # Export before the checkpoint of the same iteration: a checkpoint at k then implies the
+            # export at k exists, even if the run is killed between the two writes.
             if done % eval_period == 0 or done == max_iter:
                 teacher = arch.teacher_state_dict()
                 if is_main:
                     last_export = save_teacher_checkpoint(
                         output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
+                distributed.barrier()
+            if done % ckpt_period == 0 or done == max_iter:
+                position = start_position + (done - start_iter) * global_batch
+                state = _training_state(arch, optimizer, scaler, done, position, seed, len(dataset), cfg)
+                path = checkpointer.save(state)
+                last_checkpoint = path or last_checkpoint
                 distributed.barrier()
     finally:
         bar.close()

@@ -108,14 +108,16 @@ def test_sigkill_at_a_random_moment(tmp_path, tiny_argv, reference_run):
     # Checkpoint every iteration so the kill can land in a save as well as in a step.
     argv = tiny_argv(tmp_path, *_run_overrides("checkpointing.period_iterations=1"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dinov2.train.train3d", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "subprocess.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "dinov2.train.train3d", *argv], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         first = tmp_path / "checkpoints" / "model_0000001.pth"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert first.exists(), "the subprocess never wrote its first checkpoint"
+        assert first.exists(), f"the subprocess never wrote its first checkpoint:\n{log.read_text()[-3000:]}"
         time.sleep(random.uniform(0.0, 0.6))  # an iteration takes ~0.1-0.3 s here
         proc.send_signal(signal.SIGKILL)
     finally:
