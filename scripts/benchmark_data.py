@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import resource
 import sys
 import time
@@ -146,14 +147,28 @@ class NaiveMonaiDINO3d:
 # ---------------------------------------------------------------------------------------------
 
 
-def samples_per_cpu_second(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
-    """Run ``fn`` repeatedly for ``seconds`` of CPU time; return (per CPU-second, per wall-second)."""
-    fn()  # warm-up: allocator, kernels, lazy imports
-    cpu0, wall0, n = time.process_time(), time.perf_counter(), 0
-    while time.process_time() - cpu0 < seconds:
-        fn()
-        n += 1
-    return n / (time.process_time() - cpu0), n / (time.perf_counter() - wall0)
+def samples_per_cpu_second(fns: dict[str, Callable[[], object]], seconds: float, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Rates of several sample makers, measured in alternating rounds.
+
+    Each function runs for ``seconds / rounds`` CPU-seconds per round, in turn, so a change of
+    load on a shared machine affects all of them alike and their ratio stays fair.
+
+    Returns:
+        name -> (samples per CPU-second, samples per wall-second).
+    """
+    totals = {name: [0, 0.0, 0.0] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: allocator, kernels, lazy imports
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            cpu0, wall0, n = time.process_time(), time.perf_counter(), 0
+            while time.process_time() - cpu0 < seconds / rounds:
+                fn()
+                n += 1
+            totals[name][0] += n
+            totals[name][1] += time.process_time() - cpu0
+            totals[name][2] += time.perf_counter() - wall0
+    return {name: (n / cpu, n / wall) for name, (n, cpu, wall) in totals.items()}
 
 
 def coordinate_volume(shape: Sequence[int]) -> torch.Tensor:
@@ -183,24 +198,40 @@ def crop_geometry(crop: torch.Tensor) -> tuple[list[float], tuple[int, ...]]:
     return features, tuple(signature)
 
 
-def compare_crop_distributions(shape: Sequence[int], samples: int, seed: int = 0) -> list[dict]:
+def compare_crop_distributions(
+    shape: Sequence[int],
+    samples: int,
+    seed: int = 0,
+    settings: dict | None = None,
+    ours_overrides: dict | None = None,
+) -> list[dict]:
     """KS / chi-square comparison of our crops and the naive reference's on a coordinate volume.
 
     Both pipelines run the same recipe with intensity transforms off (they would blur the
     coordinates); global crops 32^3 and local 16^3 keep it quick, the sizes do not enter the
     geometry being compared.
 
+    Args:
+        shape: spatial shape of the coordinate volume.
+        samples: samples drawn from each pipeline.
+        seed: seed of both pipelines.
+        settings: ``DataAugmentationDINO3d`` arguments for both pipelines (e.g. fewer local
+            crops for a quick check).
+        ours_overrides: settings changed in our pipeline only, to check that the tests detect
+            a different recipe.
+
     Returns:
         One row per compared quantity with the test's p-value.
     """
     from scipy import stats
 
-    settings = dict(
-        global_crops_size=32, local_crops_size=16, intensity_prob=0.0, global1_blur_prob=0.0,
-        global2_blur_prob=0.0, global2_gibbs_prob=0.0, local_blur_prob=0.0,
-    )
+    settings = {
+        **dict(global_crops_size=32, local_crops_size=16, intensity_prob=0.0, global1_blur_prob=0.0,
+               global2_blur_prob=0.0, global2_gibbs_prob=0.0, local_blur_prob=0.0),
+        **(settings or {}),
+    }
     coords = coordinate_volume(shape)
-    ours = DataAugmentationDINO3d(**settings, seed=seed)
+    ours = DataAugmentationDINO3d(**{**settings, **(ours_overrides or {})}, seed=seed)
     naive = NaiveMonaiDINO3d(DataAugmentationDINO3d(**settings), seed=seed + 1)
     meta = MetaTensor(coords)
     rows = []
@@ -224,6 +255,9 @@ def compare_crop_distributions(shape: Sequence[int], samples: int, seed: int = 0
         for label, (x, y) in quantities.items():
             result = stats.ks_2samp(x, y)
             rows.append(dict(crops=kind, quantity=label, ours=float(np.mean(x)), naive=float(np.mean(y)), test="KS", p=float(result.pvalue)))
+        permuted = {n: [s[0::2] != (0, 1, 2) for s in signs[n]] for n in signs}
+        table = [[sum(permuted[n]), len(permuted[n]) - sum(permuted[n])] for n in ("ours", "naive")]
+        rows.append(dict(crops=kind, quantity="share with permuted axes", ours=float(np.mean(permuted["ours"])), naive=float(np.mean(permuted["naive"])), test="Fisher", p=float(stats.fisher_exact(table).pvalue)))
         categories = sorted(set(signs["ours"]) | set(signs["naive"]))
         table = np.array([[signs[n].count(c) for c in categories] for n in ("ours", "naive")])
         table = table[:, table.sum(0) > 0]
@@ -233,11 +267,13 @@ def compare_crop_distributions(shape: Sequence[int], samples: int, seed: int = 0
 
 
 def stack_collate(samples: list[dict]) -> dict:
-    """Minimal collate for the benchmark: stack each crop group over the batch."""
-    return {
-        key: torch.stack([crop for sample in samples for crop in sample[key]])
-        for key in ("global_crops", "local_crops")
-    }
+    """Minimal collate for the benchmark: stack each crop group over the batch.
+
+    ``default_collate`` stacks straight into shared memory inside a worker, saving the copy a
+    plain ``torch.stack`` would need to send the batch to the main process.
+    """
+    collate = torch.utils.data.default_collate
+    return {key: collate([crop for sample in samples for crop in sample[key]]) for key in ("global_crops", "local_crops")}
 
 
 def loader_throughput(volume: Path, workers: int, seconds: float, batch_size: int) -> tuple[float, float]:
@@ -276,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print Markdown tables, and return the figures as a dict."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", type=Path, default=None, help="3D NIfTI to sample (default: a 1 mm template from the installed packages)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="CPU-seconds (augmentation) or wall-seconds (loader) per measurement")
+    parser.add_argument("--seconds", type=float, default=10.0, help="CPU-seconds per pipeline (augmentation, in 5 alternating rounds) or wall-seconds per loader setting")
     parser.add_argument("--check-samples", type=int, default=150, help="samples per pipeline for the distribution check (0 to skip)")
     parser.add_argument("--batch-size", type=int, default=4, help="loader batch size")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="loader worker counts to measure")
@@ -288,13 +324,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(1)
     record = build_preprocessing()({"image": str(volume_path)})
     volume = record["image"][:1]
-    print(f"Volume: {volume_path} -> preprocessed (C, H, W, D) = {tuple(volume.shape)}, spacing {record['spacing']}\n")
+    print(f"Volume: {volume_path} -> preprocessed (C, H, W, D) = {tuple(volume.shape)}, spacing {record['spacing']}")
+    print(f"Load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes slow memory-bound code)\n")
 
     ours = DataAugmentationDINO3d(seed=0)
     naive = NaiveMonaiDINO3d(DataAugmentationDINO3d(), seed=0)
     meta_volume = MetaTensor(volume.clone())
-    ours_cpu, ours_wall = samples_per_cpu_second(lambda: ours(volume), args.seconds)
-    naive_cpu, naive_wall = samples_per_cpu_second(lambda: naive(meta_volume), args.seconds)
+    rates = samples_per_cpu_second({"ours": lambda: ours(volume), "naive": lambda: naive(meta_volume)}, args.seconds)
+    (ours_cpu, ours_wall), (naive_cpu, naive_wall) = rates["ours"], rates["naive"]
     results = dict(volume=str(volume_path), ours_cpu=ours_cpu, ours_wall=ours_wall, naive_cpu=naive_cpu, naive_wall=naive_wall)
     print("| augmentation (1 process, 1 thread) | samples / CPU-s | samples / wall-s |")
     print("|---|---:|---:|")

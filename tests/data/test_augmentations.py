@@ -341,3 +341,28 @@ def test_from_config_overrides_and_rejects_unknown_keys():
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         DataAugmentationDINO3d(**kwargs)
+
+
+# -- the benchmark's equivalence check ----------------------------------------------------------
+
+
+def test_fast_pipeline_and_naive_monai_reference_give_the_same_crop_distribution():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_data.py"
+    spec = importlib.util.spec_from_file_location("benchmark_data", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    quick = dict(global_crops_size=12, local_crops_size=8, local_crops_number=1)  # MONAI is slow per crop
+    rows = benchmark.compare_crop_distributions((36, 36, 28), samples=30, seed=0, settings=quick)
+    assert len(rows) == 14  # 5 KS, 1 Fisher, 1 chi-square test, for global and for local crops
+    assert min(r["p"] for r in rows) > 1e-3, rows
+    # ... and it has power: a different depth scale or no rotations are detected.
+    changed = benchmark.compare_crop_distributions(
+        (36, 36, 28), samples=30, seed=0, settings=quick,
+        ours_overrides={"global_crops_depth_scale": (0.2, 0.6), "rotate90_prob": 0.0},
+    )
+    p = {(r["crops"], r["quantity"].split(" (")[0]): r["p"] for r in changed}
+    assert p[("global_crops", "through-plane length fraction")] < 1e-3
+    assert p[("global_crops", "share with permuted axes")] < 1e-3 and p[("local_crops", "share with permuted axes")] < 1e-3
