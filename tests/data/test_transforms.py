@@ -169,3 +169,12 @@ def test_cache_key_tracks_the_data_options_only():
 def test_invalid_preprocessing_config_raises(cfg, message):
     with pytest.raises(ValueError, match=message):
         resolve_preprocessing_config(cfg)
+
+
+def test_dicom_series_loads_through_pydicom(tmp_path, dicom_series_writer):
+    # dicom_series_writer: fixture of tests/data/conftest.py (12 x 10 pixels, 6 slices 2.5 mm apart).
+    folder = dicom_series_writer(tmp_path / "series", rows=12, columns=10, n_slices=6, pixel_spacing=(0.8, 0.8))
+    record = build_preprocessing(NO_FOREGROUND)({"image": str(folder)})
+    assert tuple(record["image"].shape) == (1, 10, 12, 6)
+    assert record["spacing"] == pytest.approx([0.8, 0.8, 2.5])
+    assert float(record["image"].min()) == pytest.approx(-1.0) and float(record["image"].max()) == pytest.approx(1.0)
