@@ -12,8 +12,8 @@ Launch recipes::
         --master_addr HOST --master_port 29500 -m dinov2.train.train3d ...
 
 :func:`init_distributed` reads the launcher's environment through :func:`read_launch_env`,
-which knows torchrun's variables. A SLURM reader (``SLURM_PROCID``, ``SLURM_NTASKS``, ...)
-slots in there as a second source, leaving the rest of this module unchanged.
+which knows torchrun's variables and, when none of them is set, SLURM's (``SLURM_PROCID``,
+``SLURM_NTASKS``, ... read by :mod:`dinov2.distributed.slurm`) for tasks started by ``srun``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dinov2.distributed.slurm import read_slurm_env
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class DistributedContext:
 
 
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
-    """Placement from torchrun's variables, or None when none of them is set.
+    """Placement from torchrun's variables, else from SLURM's (:mod:`dinov2.distributed.slurm`), else None.
 
     Args:
         environ: the environment to read (``os.environ`` by default).
@@ -106,8 +108,12 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
     environ = os.environ if environ is None else environ
     present = [k for k in TORCHRUN_VARS if k in environ]
     if not present:
-        # Seam for SLURM: a reader of SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID goes here.
-        return None
+        # torchrun's variables win (``srun torchrun ...``); else a task started by srun.
+        slurm = read_slurm_env(environ)
+        if slurm is None:
+            return None
+        return LaunchEnv(rank=slurm.rank, world_size=slurm.world_size, local_rank=slurm.local_rank,
+                         master_addr=slurm.master_addr, master_port=slurm.master_port)
     missing = [k for k in TORCHRUN_VARS if k not in environ]
     if missing:
         raise ValueError(
@@ -179,7 +185,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not is_enabled():
-        kwargs = dict(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+        # The store address comes from read_launch_env (torchrun's or SLURM's variables), so it is
+        # passed explicitly: env:// would read MASTER_ADDR/MASTER_PORT, which srun does not set.
+        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6 literal
+        kwargs = dict(backend=backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
+                      world_size=env.world_size,
                       timeout=datetime.timedelta(minutes=timeout_minutes))
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL communicators to this GPU eagerly
