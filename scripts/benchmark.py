@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
 import statistics
 import sys
 import time
@@ -66,6 +67,9 @@ def _model_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmark.py model", description="Backbone training-step benchmark.")
     p.add_argument("--arch", default="vit_base_3d", choices=sorted(MODEL_REGISTRY))
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--depth", type=int, default=None,
+                   help="override the architecture's number of blocks (e.g. time 2 blocks of a slow mode: "
+                        "every block costs the same, FLOPs follow the depth)")
     p.add_argument("--img-size", type=int, default=96, help="cubic input side (multiple of the patch size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
     p.add_argument("--warmup", type=int, default=1,
@@ -93,6 +97,10 @@ class _StepRunner:
         self.model, self.x = model, x
         self.forward = torch.compile(model.forward_features) if compiled else model.forward_features
         self.last_output: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(1234)  # the same targets in every mode
+        grid_tokens = math.prod(model.patch_embed.grid_size(x.shape[2:]))
+        self.targets = (torch.randn(x.shape[0], model.embed_dim, generator=gen),
+                        torch.randn(x.shape[0], grid_tokens, model.embed_dim, generator=gen))
 
     def __call__(self) -> None:
         for p in self.model.parameters():
@@ -100,8 +108,10 @@ class _StepRunner:
         with autocast_context("bf16" if self.mode == "bf16" else "fp32", "cpu"):
             out = self.forward(self.x)
         cls, patches = out["x_norm_clstoken"].float(), out["x_norm_patchtokens"].float()
-        # A loss touching every output, so the backward pass runs through the whole network.
-        (cls.square().mean() + patches.square().mean()).backward()
+        # Regression to fixed random targets: the gradient reaches every output. (A loss of
+        # the squared outputs alone would be ~constant after the final LayerNorm, leaving
+        # gradients of pure rounding noise and a meaningless accuracy comparison.)
+        ((cls - self.targets[0]).square().mean() + (patches - self.targets[1]).square().mean()).backward()
         self.last_output = {"cls": cls.detach(), "patches": patches.detach()}
 
     def gradients(self) -> dict[str, torch.Tensor]:
@@ -109,11 +119,14 @@ class _StepRunner:
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def _cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), ref.flatten(), dim=0))
+    # float64: an fp32 dot product over ~10⁸ gradient entries drifts by more than bf16's error.
+    a, ref = a.double().flatten(), ref.double().flatten()
+    return float(a @ ref / (a.norm() * ref.norm()).clamp_min(1e-300))
 
 
 def accuracy_vs_reference(out: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -147,7 +160,8 @@ def accuracy_vs_reference(out: dict[str, torch.Tensor], grads: dict[str, torch.T
 def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
     """Time every requested mode; return one result dict per row of the table."""
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, img_size=args.img_size, init_values=args.init_values).train()
+    overrides = {} if args.depth is None else {"depth": args.depth}
+    model = build_model(args.arch, img_size=args.img_size, init_values=args.init_values, **overrides).train()
     x = torch.randn(args.batch_size, model.in_chans, args.img_size, args.img_size, args.img_size)
     fwd_flops = model_forward_flops(model, x.shape)
     counted = counted_forward_flops(model, x[:1]) * args.batch_size  # one sample is enough, and cheap
@@ -155,7 +169,7 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
         raise RuntimeError(f"Analytic forward FLOPs {fwd_flops} != FlopCounterMode {counted}: fix "
                            "dinov2/utils/perf.py:model_forward_flops for this architecture")
     step_flops = TRAIN_STEP_FLOP_FACTOR * fwd_flops
-    print(f"# {args.arch}, batch {args.batch_size}, {args.img_size}³ input, "
+    print(f"# {args.arch}{'' if args.depth is None else f' (depth {args.depth})'}, batch {args.batch_size}, {args.img_size}³ input, "
           f"{model.patch_embed.grid_size((args.img_size,) * 3)} patch grid")
     print(f"forward {fwd_flops / 1e9:.2f} GFLOP (FlopCounterMode agrees: {counted / 1e9:.2f}); "
           f"train step = {TRAIN_STEP_FLOP_FACTOR}× forward = {step_flops / 1e9:.2f} GFLOP\n", flush=True)
@@ -183,6 +197,7 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
         gflops = step_flops / timing.median / 1e9
         row = {"mode": mode + (" + compile" if compiled else ""), "s_per_step": timing.median,
                "min_s": timing.min, "spread": timing.spread, "cores_used": timing.cores_used, "gflops": gflops,
+               "gflops_per_cpu_s": step_flops / statistics.median(timing.cpu_times) / 1e9,
                "mfu": gflops / peaks[_PEAK_DTYPE[mode]], "first_step_s": first}
         if mode == "fp32" and not compiled and ref is None:
             ref = (runner.last_output, runner.gradients())
@@ -197,12 +212,13 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
 def format_model_tables(rows: list[dict], peaks_note: str) -> str:
     """The speed and accuracy tables as Markdown."""
     lines = [
-        "| mode | s/step (median) | min | spread | cores used | GFLOP/s | MFU | first step s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | s/step (median) | min | spread | cores used | GFLOP/s | MFU | GFLOP per CPU-s | first step s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['s_per_step']:.3f} | {r['min_s']:.3f} | {r['spread']:.0%} | "
-                     f"{r['cores_used']:.2f} | {r['gflops']:.1f} | {r['mfu']:.0%} | {r['first_step_s']:.1f} |")
+                     f"{r['cores_used']:.2f} | {r['gflops']:.1f} | {r['mfu']:.0%} | "
+                     f"{r['gflops_per_cpu_s']:.1f} | {r['first_step_s']:.1f} |")
     acc = [r for r in rows if "out_rel_err" in r]
     if acc:
         lines += ["", "| mode vs fp32 | patch-token rel. err | cos | CLS rel. err | grad rel. err | "
@@ -221,6 +237,8 @@ def main_model(argv: Sequence[str]) -> list[dict]:
     for name in ("batch_size", "img_size", "steps", "warmup", "peak_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.depth is not None and args.depth < 1:
+        raise SystemExit("--depth must be >= 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     machine = machine_description()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
@@ -228,7 +246,8 @@ def main_model(argv: Sequence[str]) -> list[dict]:
     load_after = machine_description()["load_average_1m"]
     note = (f"Effective GFLOP/s = {TRAIN_STEP_FLOP_FACTOR} × analytic forward FLOPs / median step time; "
             f"MFU against the GEMM peak of the mode's dtype measured above. 'cores used' = CPU s / wall s "
-            f"per step (below the thread count: other processes competed). Load average "
+            f"per step (below the thread count: other processes competed); 'GFLOP per CPU-s' divides by CPU "
+            f"time instead of wall time (per-core throughput; robust to competition with 1 thread). Load average "
             f"{machine['load_average_1m']} before, {load_after} after (other processes on the machine "
             f"slow every figure).")
     print("\n" + format_model_tables(rows, note))
