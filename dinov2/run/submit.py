@@ -111,6 +111,8 @@ def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": args.nodes,
         "ntasks_per_node": tasks_per_node(args.gpus_per_node),
         "signal_delay_s": args.slurm_signal_delay_s,
+        # SLURM's default lets the other tasks run on (stuck in a collective) when one fails.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {"gpus_per_node": args.gpus_per_node or None, "cpus_per_task": args.cpus_per_task,
                 "account": args.slurm_account, "qos": args.slurm_qos, "constraint": args.slurm_constraint,

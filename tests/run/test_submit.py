@@ -44,6 +44,7 @@ def test_dry_run_script_requests_the_resources(capsys, tmp_path):
     assert flags["output"].startswith(logs) and flags["error"].startswith(logs)
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert srun.count(logs) >= 3  # per-task stdout, stderr and the job folder
+    assert "--kill-on-bad-exit=1" in srun  # one failed task ends the step, no hang
     assert "module load cuda" in script
 
 
