@@ -202,6 +202,41 @@ def _training_state(arch: SSLMetaArch, optimizer, scaler, iteration: int, stream
     }
 
 
+def _start_or_resume(arch: SSLMetaArch, scaler, cfg: DictConfig, latest: Path | None,
+                     global_batch: int) -> tuple[torch.optim.Optimizer, int, int]:
+    """Load the latest training state (or the pretrained teacher), wrap for DDP/FSDP, build the optimizer.
+
+    Returns:
+        ``(optimizer, start_iteration, start_stream_position)``.
+    """
+    state = None
+    if latest is not None:
+        state = TrainingCheckpointer.load(latest)
+        arch.load_full_state_dict(state["model"])
+    elif cfg.student.pretrained_weights:
+        _load_pretrained(arch, str(cfg.student.pretrained_weights))
+    # Wrap (DDP) or shard (FSDP) only after loading plain weights, and build the optimizer on
+    # the parameters that result.
+    arch.prepare_distributed(str(cfg.compute_precision.strategy))
+    optimizer = arch.build_optimizer()
+    if state is None:
+        return optimizer, 0, 0
+    arch.load_optimizer_state_dict(optimizer, state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    start_iter = int(state["iteration"])
+    start_position = int(state["sampler"]["global_position"])
+    if start_position != InfiniteSampler.position_for(start_iter, global_batch):
+        logger.warning("The global batch changed since the checkpoint (%d samples consumed in %d iterations); "
+                       "the data stream continues where it stopped", start_position, start_iter)
+    world = distributed.get_world_size()
+    if int(state["world_size"]) == world:
+        restore_rng_state(state["rng"][distributed.get_rank()])
+    logger.info("Resumed from %s: iteration %d, stream position %d (saved by %d processes, now %d)",
+                latest, start_iter, start_position, state["world_size"], world)
+    return optimizer, start_iter, start_position
+
+
 def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
           device: torch.device | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; the process group, if any, must already exist.
@@ -236,6 +271,18 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     batch_size = int(cfg.train.batch_size_per_gpu)
     global_batch = batch_size * world
     per_epoch, max_iter = _iteration_plan(cfg)
+    log_period = int(cfg.train.log_period_iterations)
+    ckpt_period = int(cfg.checkpointing.period_iterations)
+    eval_period = int(cfg.evaluation.eval_period_iterations)
+    for key, period in (("train.log_period_iterations", log_period), ("checkpointing.period_iterations", ckpt_period),
+                        ("evaluation.eval_period_iterations", eval_period)):
+        if period < 1:
+            raise ValueError(f"{key} must be >= 1, got {period} (a large value effectively disables it).")
+    checkpointer = TrainingCheckpointer(output_dir, int(cfg.checkpointing.max_to_keep))
+    if not resume and checkpointer.list():
+        # Mixing a fresh run's checkpoints with an older run's would let a later resume pick the wrong one.
+        raise ValueError(f"{checkpointer.directory} holds checkpoints of an earlier run and --no-resume was given; "
+                         "choose another --output-dir or delete that folder.")
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir)
@@ -244,34 +291,10 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     arch = SSLMetaArch(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if arch.autocast_dtype == torch.float16 else None
     schedules = build_schedulers(cfg, per_epoch, global_batch)
-    checkpointer = TrainingCheckpointer(output_dir, int(cfg.checkpointing.max_to_keep))
 
-    start_iter, start_position, state = 0, 0, None
     latest = checkpointer.latest() if resume else None
     distributed.barrier()  # rank 0 may have removed stray temporary files
-    if latest is not None:
-        state = TrainingCheckpointer.load(latest)
-        arch.load_full_state_dict(state["model"])
-    elif cfg.student.pretrained_weights:
-        _load_pretrained(arch, str(cfg.student.pretrained_weights))
-    # Wrap (DDP) or shard (FSDP) only after loading plain weights, and build the optimizer on
-    # the parameters that result.
-    arch.prepare_distributed(str(cfg.compute_precision.strategy))
-    optimizer = arch.build_optimizer()
-    if state is not None:
-        arch.load_optimizer_state_dict(optimizer, state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        start_iter = int(state["iteration"])
-        start_position = int(state["sampler"]["global_position"])
-        if start_position != InfiniteSampler.position_for(start_iter, global_batch):
-            logger.warning("The global batch changed since the checkpoint (%d samples consumed in %d iterations); "
-                           "the data stream continues where it stopped", start_position, start_iter)
-        if int(state["world_size"]) == world:
-            restore_rng_state(state["rng"][rank])
-        logger.info("Resumed from %s: iteration %d, stream position %d (saved by %d processes, now %d)",
-                    latest, start_iter, start_position, state["world_size"], world)
-        state = None
+    optimizer, start_iter, start_position = _start_or_resume(arch, scaler, cfg, latest, global_batch)
 
     dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=seed, rank=0, world_size=1)
     collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
@@ -281,13 +304,6 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     metrics = MetricsLogger(output_dir, start_iter, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
     bar = ProgressBar(max_iter, start_iter, enabled=is_main and bool(cfg.train.progress_bar))
     meter = ThroughputMeter()
-    log_period = int(cfg.train.log_period_iterations)
-    ckpt_period = int(cfg.checkpointing.period_iterations)
-    eval_period = int(cfg.evaluation.eval_period_iterations)
-    for key, period in (("train.log_period_iterations", log_period), ("checkpointing.period_iterations", ckpt_period),
-                        ("evaluation.eval_period_iterations", eval_period)):
-        if period < 1:
-            raise ValueError(f"{key} must be >= 1, got {period} (a large value effectively disables it).")
     logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
                 start_iter, max_iter, global_batch, world, device)
 
@@ -306,12 +322,15 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
             log_now = done % log_period == 0 or done == max_iter
             losses = arch.forward_backward(batch, values["teacher_temp"], scaler,
                                            monitors=log_now and bool(cfg.train.monitor_collapse))
-            reduced = distributed.all_reduce_mean(torch.stack([losses[k].float() for k in LOSS_KEYS]).cpu())
+            # Reduced on the compute device (NCCL cannot reduce CPU tensors), checked on every rank
+            # so that all ranks stop together.
+            reduced = distributed.all_reduce_mean(torch.stack([losses[k].float() for k in LOSS_KEYS])).cpu()
             if not torch.isfinite(reduced).all():
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, reduced.tolist()))
                 raise NonFiniteLossError(
-                    f"Non-finite loss at iteration {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, reduced.tolist()))
-                    + f". The last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}; "
-                    "Lower optim.base_lr or optim.clip_grad, or use compute_precision.dtype=fp32, and resume."
+                    f"Non-finite loss at iteration {it}: {terms}. The last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}; lower optim.base_lr or "
+                    "optim.clip_grad, or use compute_precision.dtype=fp32, and resume."
                 )
             grad_norm = arch.optimizer_step(optimizer, scaler)
             arch.update_teacher(values["momentum"])
@@ -363,7 +382,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="YAML merged over the packaged defaults (a path or a packaged name like train/vit3d_highres)")
     parser.add_argument("--output-dir", required=True, help="run folder: config, metrics, checkpoints, teacher exports")
     parser.add_argument("--cache-dir", default=None, help="disk cache of preprocessed volumes (preprocessing.cache.dir)")
-    parser.add_argument("--no-resume", action="store_true", help="start from iteration 0 even if checkpoints exist")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="never resume: start at iteration 0 (refused if the output folder holds checkpoints)")
     parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. optim.epochs=10")
     return parser
 

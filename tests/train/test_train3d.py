@@ -53,6 +53,12 @@ def test_two_iterations_write_every_output(two_iteration_run):
                            state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"])
 
 
+def test_no_resume_refuses_to_mix_with_an_earlier_run(two_iteration_run, tiny_config):
+    cfg = train3d.build_config(str(tiny_config), ["train.datalist=x.json"])
+    with pytest.raises(ValueError, match="--no-resume"):
+        train3d.train(cfg, two_iteration_run, resume=False)
+
+
 def test_highres_stage_starts_from_a_teacher_export(two_iteration_run, tiny_config):
     cfg = train3d.build_config(str(tiny_config), ["train.datalist=x.json", "crops.global_crops_size=48",
                                                   "crops.local_crops_size=24"])
