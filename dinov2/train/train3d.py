@@ -45,7 +45,14 @@ from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter
 from dinov2.train.param_groups import apply_optim_scheduler
 from dinov2.train.schedules import build_schedulers
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.utils.config import config_to_dict, load_yaml, merge_configs, packaged_config_path, save_config
+from dinov2.utils.config import (
+    config_to_dict,
+    load_yaml,
+    merge_configs,
+    packaged_config_path,
+    save_config,
+    unknown_keys,
+)
 
 logger = logging.getLogger("dinov2.train")
 
@@ -70,23 +77,6 @@ def default_config() -> DictConfig:
         raise ValueError(f"Sections {clash} are defined in both data_defaults.yaml and ssl3d_default_config.yaml; "
                          "keep each in one file.")
     return OmegaConf.merge(data, recipe)
-
-
-def _unknown_keys(cfg: DictConfig, reference: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of ``cfg`` absent from ``reference``.
-
-    Unlike ``dinov2.utils.config.unknown_keys`` this looks at ``reference.keys()``, which also
-    lists keys whose value is ``???`` (``key in cfg`` is False for those).
-    """
-    known = set(reference.keys())
-    out = []
-    for key in cfg.keys():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            out.append(dotted)
-        elif OmegaConf.is_dict(reference._get_node(key)) and OmegaConf.is_dict(cfg._get_node(key)):
-            out.extend(_unknown_keys(cfg[key], reference[key], dotted + "."))
-    return out
 
 
 def _config_file(name: str | None) -> Path | None:
@@ -117,7 +107,7 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
     default = default_config()
     path = _config_file(config_file)
     cfg = merge_configs(default, path, overrides)
-    unknown = _unknown_keys(cfg, default)
+    unknown = unknown_keys(cfg, default)
     if unknown:
         raise ValueError(f"Unknown config keys {unknown}: not in dinov2/configs/ssl3d_default_config.yaml or "
                          "data_defaults.yaml. Fix the spelling in your YAML / overrides.")

@@ -83,12 +83,16 @@ def merge_configs(
 def unknown_keys(cfg: DictConfig, reference: DictConfig, prefix: str = "") -> list[str]:
     """Dotted keys present in ``cfg`` but absent from ``reference`` (likely typos)."""
     out = []
-    for key, value in cfg.items():
+    # keys() rather than `in`: OmegaConf reports a key whose value is still ??? as absent.
+    known = set(reference.keys())
+    for key in cfg.keys():
         dotted = f"{prefix}{key}"
-        if key not in reference:
+        if key not in known:
             out.append(dotted)
-        elif isinstance(value, DictConfig) and isinstance(reference[key], DictConfig):
-            out.extend(unknown_keys(value, reference[key], dotted + "."))
+            continue
+        value, ref = cfg._get_node(key), reference._get_node(key)
+        if isinstance(value, DictConfig) and isinstance(ref, DictConfig):
+            out.extend(unknown_keys(value, ref, dotted + "."))
     return out
 
 

@@ -23,6 +23,12 @@ def test_file_then_overrides_win(default, tmp_path):
     assert unknown_keys(cfg, OmegaConf.load(default)) == ["train"]
 
 
+def test_required_values_are_known_keys():
+    reference = OmegaConf.create({"train": {"datalist": "???", "batch": 2}})
+    cfg = OmegaConf.create({"train": {"datalist": "a.json", "batchh": 3}})
+    assert unknown_keys(cfg, reference) == ["train.batchh"]
+
+
 def test_interpolations_are_resolved(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("a: 2\nb: ${a}\n")
