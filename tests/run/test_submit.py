@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,13 +105,17 @@ def _losses(run: Path) -> list[dict]:
 def test_local_executor_run_matches_direct_run(tmp_path, small_datalist):
     from dinov2.train import train3d
 
-    common = ["--config-file", str(TINY_CONFIG), "--cache-dir", str(tmp_path / "cache"),
-              f"train.datalist={small_datalist}", "train.max_iterations=2", "train.batch_size_per_gpu=2",
-              "train.num_workers=0"]
     direct, via_submitit = tmp_path / "direct", tmp_path / "submitit_run"
-    assert train3d.main([*common, "--output-dir", str(direct)]) == 0
-    assert submit.main(["train3d", "--local", "--gpus-per-node", "0", "--timeout", "15",
-                        "--output-dir", str(via_submitit), "--", *common]) == 0
+    common = ["--config-file", str(TINY_CONFIG), f"train.datalist={small_datalist}", "train.max_iterations=2",
+              "train.batch_size_per_gpu=2", "train.num_workers=0"]
+    # The submitted job spends its first seconds importing torch/MONAI in its own process: run
+    # the direct run meanwhile (submit.main only waits on that process, from a thread).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        submitted = pool.submit(submit.main, ["train3d", "--local", "--gpus-per-node", "0", "--timeout", "15",
+                                              "--output-dir", str(via_submitit), "--", *common,
+                                              "--cache-dir", str(tmp_path / "cache_submitit")])
+        assert train3d.main([*common, "--cache-dir", str(tmp_path / "cache_direct"), "--output-dir", str(direct)]) == 0
+        assert submitted.result(timeout=600) == 0
 
     expected, got = _losses(direct), _losses(via_submitit)
     assert [line["iteration"] for line in got] == [0, 1]
