@@ -26,7 +26,7 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path
+from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, unknown_keys
 
 from .segmentation.model import HEAD_NAMES, canonical_head_name
 from .segmentation.preset import load_preset
@@ -90,6 +90,9 @@ def build_config(args: argparse.Namespace):
     default = OmegaConf.merge(load_yaml(packaged_config_path("eval/segmentation_default")),
                               {"dataset": load_preset(dataset_name)})
     cfg = merge_configs(default, args.config_file, flags + list(args.opts))
+    typos = [k for k in unknown_keys(cfg, default) if not k.startswith(("model.backbone_kwargs.", "dataset."))]
+    if typos:
+        logger.warning("Config keys unknown to the defaults (typos?): %s", ", ".join(typos))
     missing = [k for k in ("pretrained_weights", "output_dir", "base_data_dir") if OmegaConf.is_missing(cfg, k)]
     if missing:
         raise ValueError(f"Missing {', '.join(missing)}: pass --{missing[0].replace('_', '-')} (or set it in "
