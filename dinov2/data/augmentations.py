@@ -89,12 +89,12 @@ def histogram_shift_(x: torch.Tensor, rng: np.random.Generator, num_points: int)
     between matching points. The ends stay fixed, so the range is preserved.
 
     Args:
-        x: ``(C, X, Y, Z)`` tensor, modified in place.
+        x: ``(C, X, Y, Z)`` tensor, overwritten (used as scratch space).
         rng: generator for the control points.
         num_points: number of control points (>= 3).
 
     Returns:
-        The remapped tensor (``x`` itself when its range is empty).
+        A new ``(C, X, Y, Z)`` remapped tensor (``x`` itself when its range is empty).
     """
     low, high = (float(v) for v in torch.aminmax(x))
     if high <= low:
