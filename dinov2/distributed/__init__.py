@@ -160,7 +160,25 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def collective_timeout_minutes(timeout_minutes: float | None = None) -> float:
+    """The collective timeout: the argument, else ``DINOV2_DIST_TIMEOUT_MIN``, else 30 minutes."""
+    if timeout_minutes is not None:
+        value = float(timeout_minutes)
+    else:
+        raw = os.environ.get("DINOV2_DIST_TIMEOUT_MIN", str(DEFAULT_TIMEOUT_MINUTES))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"DINOV2_DIST_TIMEOUT_MIN must be a number of minutes, got '{raw}'") from None
+    if value <= 0:
+        raise ValueError(f"The collective timeout must be positive, got {value} minutes")
+    return value
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistributedContext:
     """Set up this process: pick the device and, under a launcher, join the process group.
 
     NCCL is used on CUDA, gloo on CPU. Without launcher variables no group is created and the
@@ -169,7 +187,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
     Args:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (config key ``train.device``).
-        timeout_minutes: collective timeout; a rank stuck longer than this aborts the job.
+        timeout_minutes: collective timeout; a rank stuck longer than this aborts the job
+            (default: ``DINOV2_DIST_TIMEOUT_MIN`` or 30 minutes).
 
     Returns:
         The :class:`DistributedContext` of this process.
@@ -190,7 +209,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6 literal
         kwargs = dict(backend=backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
                       world_size=env.world_size,
-                      timeout=datetime.timedelta(minutes=timeout_minutes))
+                      timeout=datetime.timedelta(minutes=collective_timeout_minutes(timeout_minutes)))
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL communicators to this GPU eagerly
         dist.init_process_group(**kwargs)

@@ -63,3 +63,16 @@ def test_device_choice():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def test_collective_timeout_comes_from_argument_then_environment(monkeypatch):
+    from dinov2.distributed import collective_timeout_minutes
+
+    monkeypatch.delenv("DINOV2_DIST_TIMEOUT_MIN", raising=False)
+    assert collective_timeout_minutes() == 30.0
+    monkeypatch.setenv("DINOV2_DIST_TIMEOUT_MIN", "2.5")
+    assert collective_timeout_minutes() == 2.5
+    assert collective_timeout_minutes(7) == 7.0
+    monkeypatch.setenv("DINOV2_DIST_TIMEOUT_MIN", "soon")
+    with pytest.raises(ValueError, match="DINOV2_DIST_TIMEOUT_MIN"):
+        collective_timeout_minutes()
