@@ -96,3 +96,15 @@ def test_unknown_dataset_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="brain_tissue"):
         segmentation3d.main(["--pretrained-weights", "none", "--dataset-name", "no_such_dataset",
                              "--base-data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+
+
+def test_dataset_percent_subsets_training_only(tissue_data):
+    from dinov2.eval.segmentation.data import load_splits
+    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
+
+    preset = DatasetPreset.from_config(load_preset("brain_tissue"))
+    full = load_splits(preset, tissue_data, 100.0, seed=0)
+    part = load_splits(preset, tissue_data, 40.0, seed=0)
+    assert len(full["training"]) == 5 and len(part["training"]) == 2
+    assert {e["name"] for e in part["training"]} <= {e["name"] for e in full["training"]}
+    assert part["validation"] == full["validation"] and part["test"] == full["test"]
