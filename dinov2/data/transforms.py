@@ -44,6 +44,7 @@ from monai.transforms import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2.data.readers import image_readers
 from dinov2.utils.config import load_yaml, packaged_config_path
 
 # Bump when the stored format or the meaning of a preprocessing option changes, so old disk
@@ -340,7 +341,7 @@ def build_preprocessing(cfg: Mapping[str, Any] | DictConfig | None = None, key: 
     c = resolve_preprocessing_config(cfg)
     intensity = c["intensity"]
     transforms = [
-        LoadImaged(keys=key, image_only=True, dtype=np.float32),
+        LoadImaged(keys=key, reader=image_readers(), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys=key),
         ReplaceNonFinited(keys=key, fill=c["nonfinite_fill"]),
     ]

@@ -86,6 +86,12 @@ def write_dicom_multiframe(
 
 
 @pytest.fixture
+def dicom_multiframe_writer():
+    """:func:`write_dicom_multiframe` as a fixture."""
+    return write_dicom_multiframe
+
+
+@pytest.fixture
 def nifti_writer():
     """:func:`write_nifti` (a fixture, so tests need not import this conftest by name)."""
     return write_nifti

@@ -39,6 +39,7 @@ from monai.transforms import (
 )
 
 from dinov2.data.datalist import load_finetune_datalist, subset_training
+from dinov2.data.readers import image_readers
 
 from .preset import DatasetPreset
 
@@ -88,7 +89,7 @@ def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad
         A list of MONAI dictionary transforms.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    t: list = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    t: list = [LoadImaged(keys=keys, reader=image_readers(), image_only=True), EnsureChannelFirstd(keys=keys)]
     if with_label and preset.remap:
         t.append(MapLabelValued(keys="label", orig_labels=list(preset.remap), target_labels=list(preset.remap.values())))
     # Anatomical axis labels stated explicitly: MONAI's default for them is changing (FutureWarning).
