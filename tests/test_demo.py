@@ -1,0 +1,44 @@
+"""The quick demo runs end to end on the embedded real data and reports every result."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = proc.stdout[proc.stdout.index("6/6  Results"):]
+
+    teacher = sorted(out.glob("pretrain/eval/training_*/teacher_checkpoint.pth"))
+    assert teacher, "pretraining exported no teacher"
+    metrics = [json.loads(line) for line in (out / "pretrain" / "training_metrics.json").read_text().splitlines()]
+    assert metrics and all("dino_loss" in m and "ibot_loss" in m and "koleo_loss" in m for m in metrics)
+
+    for run in ("pretrained", "random_init"):
+        results = json.loads((out / "segmentation" / run / "results.json").read_text())
+        summary = results["test"]["summary"]
+        assert 0.0 <= summary["mean_dice"] <= 1.0
+        assert set(summary["dice"]) == {"background", "ventricles", "grey matter", "other brain"}
+    probe = json.loads((out / "linear_probe" / "results.json").read_text())
+    assert 0.0 <= probe["test"]["balanced_accuracy"] <= 1.0
+
+    test_image = nib.load(sorted((out / "data" / "brain_tissue").rglob("*.nii.gz"))[0])
+    for vis in ("pca", "mhsa"):
+        niftis = sorted((out / "visualisation" / vis).rglob("*.nii.gz"))
+        assert niftis and sorted((out / "visualisation" / vis).rglob("*.png"))
+        assert nib.load(niftis[0]).shape[:3] == test_image.shape[:3]
+
+    # The report names every result so a user can find it.
+    for needle in ("mean fg Dice", "random init", "Linear probe", "teacher checkpoint", "pca maps", "mhsa maps",
+                   "dinov2.eval.predict"):
+        assert needle in report
