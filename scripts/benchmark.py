@@ -78,7 +78,7 @@ def _model_parser() -> argparse.ArgumentParser:
                    help=f"comma list of precision modes: {', '.join(MODES)}")
     p.add_argument("--compile", action="store_true",
                    help="also time each mode under torch.compile (inductor; compile time reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all logical CPUs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's, one per physical core)")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square GEMMs for the peak")
     p.add_argument("--init-values", type=float, default=1.0,
                    help="LayerScale init; 1.0 (not the 1e-5 training default) so every block contributes "
