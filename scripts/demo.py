@@ -49,10 +49,10 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(pretrain_epochs=30, seg_image_size=48, seg_feature_size=16, seg_overlap=0.5, seg_epochs=8, seg_epoch_length=25, seg_eval_iters=100,
-                    linear_epochs=10, linear_epoch_length=50),
-    "quick": Profile(pretrain_epochs=2, seg_image_size=32, seg_feature_size=8, seg_overlap=0.25, seg_epochs=1, seg_epoch_length=10, seg_eval_iters=10,
-                     linear_epochs=2, linear_epoch_length=20),
+    "full": Profile(pretrain_epochs=30, seg_image_size=40, seg_feature_size=16, seg_overlap=0.5,
+                    seg_epochs=6, seg_epoch_length=25, seg_eval_iters=75, linear_epochs=10, linear_epoch_length=50),
+    "quick": Profile(pretrain_epochs=2, seg_image_size=32, seg_feature_size=8, seg_overlap=0.25,
+                     seg_epochs=1, seg_epoch_length=10, seg_eval_iters=10, linear_epochs=2, linear_epoch_length=20),
 }
 
 
