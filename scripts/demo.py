@@ -183,6 +183,8 @@ def summarise(out: Path, teacher: Path, seg_dirs: dict[str, Path], linear_dir: P
                          + f" {'mean fg Dice':>13} {'mean fg HD95':>13}")
         lines.append(f"  {name:<12} " + " ".join(f"{fmt(summary.get('dice', {}).get(c)):>12}" for c in classes)
                      + f" {fmt(summary.get('mean_dice')):>13} {fmt(summary.get('mean_hd95'), '.2f'):>13}")
+    lines.append("  (a few hundred iterations of tiny pretraining on 14 volumes check the pipeline; they are not "
+                 "expected to beat random init)")
     lin = json.loads((linear_dir / "results.json").read_text())
     test = lin.get("test") or lin["validation"]
     lines += ["", "Linear probe (brain lobe of 32 mm patches, test hemisphere)",
