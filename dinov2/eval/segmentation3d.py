@@ -111,10 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Intermixed: key=value overrides may come before, between or after the flags.
     args = get_args_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dinov2.utils.errors import explained_resource_errors
+
     from .segmentation.train_loop import run_finetuning  # heavy imports after argument parsing
 
     cfg = build_config(args)
-    results = run_finetuning(cfg)
+    memory_advice = ("Lower --batch-size, --image-size (training crop and sliding window), evaluation.sw_batch_size "
+                     "or the head's width (model.unetr.feature_size); without --train-feature-model the backbone "
+                     "needs no gradients.")
+    disk_advice = f"Free space under {cfg.output_dir} and the dataset cache (--cache-dir), or use a larger disk."
+    with explained_resource_errors(memory_advice, disk_advice):
+        results = run_finetuning(cfg)
     test = results.get("test")
     if test:
         print(f"test mean foreground Dice {test['summary']['mean_dice']:.4f} "

@@ -53,6 +53,7 @@ from dinov2.utils.config import (
     save_config,
     unknown_keys,
 )
+from dinov2.utils.errors import ResourceError, explained_resource_errors
 
 logger = logging.getLogger("dinov2.train")
 
@@ -386,8 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     handlers = _setup_logging(output_dir, ctx.is_main_process)
+    memory_advice = ("Lower train.batch_size_per_gpu, crops.global_crops_size / crops.local_crops_size or "
+                     "crops.local_crops_number, or use a smaller student.arch; on GPU, bf16 "
+                     "(compute_precision) and gradient checkpointing also save memory.")
+    disk_advice = (f"Free space under {output_dir} (checkpointing.max_to_keep limits how many training states "
+                   "are kept) and under the preprocessing cache (--cache-dir), or point them at a larger disk.")
     try:
-        train(cfg, output_dir, resume=not args.no_resume, device=ctx.device)
+        with explained_resource_errors(memory_advice, disk_advice):
+            train(cfg, output_dir, resume=not args.no_resume, device=ctx.device)
+    except ResourceError as exc:
+        logger.error("%s", exc)
+        raise
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         raise

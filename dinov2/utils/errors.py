@@ -1,0 +1,56 @@
+"""Turn resource failures (out of memory, full disk) into messages that say what to do.
+
+Entry points wrap their run in :func:`explained_resource_errors`: the original exception is
+kept as the cause, and a :class:`ResourceError` with advice is raised instead, so a user sees
+"reduce train.batch_size_per_gpu or the crop sizes" rather than a bare allocator trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from typing import Iterator
+
+import torch
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+class ResourceError(RuntimeError):
+    """The machine ran out of a resource; the message says which and what to change."""
+
+
+def explain_resource_error(exc: BaseException, memory_advice: str, disk_advice: str) -> str | None:
+    """Advice for an out-of-memory or no-space error, or None for any other exception.
+
+    Args:
+        exc: the exception raised by the run.
+        memory_advice: what the entry point's user can lower (config keys / flags).
+        disk_advice: where the run writes (output and cache folders) and what to free.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"No space left on the device{where}. {disk_advice}"
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    text = str(exc).lower()
+    is_oom = isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)) or (
+        isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MARKERS))
+    if is_oom:
+        device = "GPU" if "cuda" in text else "memory"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return f"Out of {device} ({first_line}). {memory_advice}"
+    return None
+
+
+@contextlib.contextmanager
+def explained_resource_errors(memory_advice: str, disk_advice: str) -> Iterator[None]:
+    """Re-raise out-of-memory / no-space errors as :class:`ResourceError` with advice."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - only resource errors are translated
+        advice = explain_resource_error(exc, memory_advice, disk_advice)
+        if advice is None:
+            raise
+        raise ResourceError(advice) from exc
