@@ -81,6 +81,7 @@ def render() -> str:
            "`dinov2/configs/`; do not edit by hand. Merge order for every entry point: packaged",
            "defaults ← `--config-file` ← `key=value` on the command line (OmegaConf dotlist).",
            "`???` marks a value you must give.", ""]
+    known: dict[str, tuple[str, str]] = {}  # dotted key -> (file, meaning) of the first file that explains it
     for name in order:
         purpose = FILES.get(name) or ("dataset preset" if name.startswith("datasets/") else "")
         out += [f"## `{name}`", ""]
@@ -89,6 +90,10 @@ def render() -> str:
         yaml.safe_load(rel[name].read_text())  # fail loudly on a file that is not valid YAML
         out += ["| key | default | meaning |", "|---|---|---|"]
         for key, value, meaning in entries(rel[name]):
+            if meaning:
+                known.setdefault(key, (name, meaning))
+            elif key in known:  # an override file repeats a key explained in a base file
+                meaning = f"as in `{known[key][0]}`: {known[key][1]}"
             shown = f"`{value}`" if value else "*(section)*"
             out.append(f"| `{key}` | {shown} | {meaning.replace('|', '/')} |")
         out.append("")
