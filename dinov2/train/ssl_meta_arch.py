@@ -25,12 +25,14 @@ import logging
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dinov2 import distributed
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, build_centering, iBOTPatchLoss, koleo_per_crop
 from dinov2.models import build_model
+from dinov2.models.checkpoint import backbone_kwargs_from_config
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
 from dinov2.train.param_groups import get_param_groups
@@ -55,22 +57,13 @@ def backbone_from_config(cfg: Mapping[str, Any], teacher: bool = False) -> Visio
         cfg: resolved config (DictConfig or nested dict).
         teacher: build without stochastic depth (the teacher is an EMA, never trained directly).
     """
-    s = cfg["student"]
-    return build_model(
-        s["arch"],
-        img_size=int(cfg["crops"]["global_crops_size"]),
-        patch_size=int(s["patch_size"]),
-        in_chans=int(s["in_chans"]),
-        drop_path_rate=0.0 if teacher else float(s["drop_path_rate"]),
-        drop_path_uniform=bool(s["drop_path_uniform"]),
-        init_values=None if s["layerscale"] is None else float(s["layerscale"]),
-        ffn_layer=str(s["ffn_layer"]),
-        qkv_bias=bool(s["qkv_bias"]),
-        proj_bias=bool(s["proj_bias"]),
-        ffn_bias=bool(s["ffn_bias"]),
-        num_register_tokens=int(s["num_register_tokens"]),
-        interpolate_offset=float(s["interpolate_offset"]),
-    )
+    # One reader of the student.* keys for training and for checkpoint loading.
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    arch, kwargs = backbone_kwargs_from_config(plain)
+    student = plain["student"]
+    kwargs["drop_path_rate"] = 0.0 if teacher else float(student["drop_path_rate"])
+    kwargs["drop_path_uniform"] = bool(student["drop_path_uniform"])
+    return build_model(arch, **kwargs)
 
 
 def _head(cfg_section: Mapping[str, Any], in_dim: int) -> DINOHead:
