@@ -52,3 +52,20 @@ def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatc
         train3d.main(["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"), "--output-dir", str(tmp_path / "run"),
                       f"train.datalist={datalist}"])
     assert "checkpointing.max_to_keep" in str(info.value) and str(tmp_path / "run") in str(info.value)
+
+
+def test_segmentation_names_a_missing_data_folder(tmp_path):
+    from dinov2.eval import segmentation3d
+
+    with pytest.raises(FileNotFoundError, match="--base-data-dir .*missing_data is not a folder"):
+        segmentation3d.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
+                             "--dataset-name", "brain_tissue", "--base-data-dir", str(tmp_path / "missing_data")])
+
+
+def test_train3d_names_a_missing_datalist(tmp_path):
+    from dinov2.data.datalist import DatalistError
+    from dinov2.train import train3d
+
+    with pytest.raises(DatalistError, match="missing.json.*python -m dinov2.data.datalist"):
+        train3d.main(["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"),
+                      "--output-dir", str(tmp_path / "run"), f"train.datalist={tmp_path / 'missing.json'}"])
