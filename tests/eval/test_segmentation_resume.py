@@ -1,0 +1,52 @@
+"""A finetuning run killed after a checkpoint continues from it instead of starting over."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dinov2.data.sample_data import write_segmentation_dataset
+from dinov2.eval import segmentation3d
+from dinov2.eval.segmentation import train_loop
+
+RUN = [
+    "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--segmentation-head", "Linear",
+    "--epochs", "1", "--epoch-length", "6", "--eval-iters", "3", "--warmup-iters", "1", "--batch-size", "1",
+    "--num-workers", "0", "--image-size", "32", "--resize-scale", "0.5", "train.log_every=1",
+    "model.arch=vit_tiny_3d", "model.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2, patch_size: 8}",
+    "evaluation.overlap=0",
+]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, caplog):
+    data = tmp_path / "data"
+    write_segmentation_dataset(data, labels="tissue", seed=0)
+    out = tmp_path / "run"
+    args = RUN + ["--base-data-dir", str(data), "--output-dir", str(out)]
+
+    original_save = train_loop.atomic_torch_save
+
+    def save_then_die(obj, path):
+        original_save(obj, path)
+        raise Killed  # the process dies right after the checkpoint of iteration 3
+
+    monkeypatch.setattr(train_loop, "atomic_torch_save", save_then_die)
+    with pytest.raises(Killed):
+        segmentation3d.main(args)
+    assert not (out / "results.json").exists()
+
+    monkeypatch.setattr(train_loop, "atomic_torch_save", original_save)
+    caplog.set_level("INFO", logger="dinov2.eval.segmentation.train_loop")
+    assert segmentation3d.main(args) == 0
+    assert "Resumed from" in caplog.text and "at iteration 3" in caplog.text
+
+    results = json.loads((out / "results.json").read_text())
+    trained = [point["iteration"] for point in results["curves"]["train"]]
+    validated = [point["iteration"] for point in results["curves"]["validation"]]
+    assert trained == [1, 2, 3, 4, 5, 6]  # iterations 1-3 from the first process, 4-6 after resuming
+    assert validated == [3, 6]
