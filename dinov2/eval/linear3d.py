@@ -37,6 +37,7 @@ from dinov2.eval.linear.features import FeatureSet, load_or_extract_features
 from dinov2.eval.linear.metrics import classification_metrics
 from dinov2.layers.patch_embed import to_3tuple
 from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
+from dinov2.eval.segmentation.preset import load_preset
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
 
 logger = logging.getLogger("dinov2.eval.linear3d")
@@ -109,11 +110,9 @@ def build_config(args: argparse.Namespace) -> DictConfig:
 
 def load_dataset_preset(name: str) -> DictConfig:
     """A packaged preset (``dinov2/configs/datasets/<name>.yaml``) or a preset YAML file."""
+    preset = load_preset(name)  # the one lookup of presets, shared with segmentation3d
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        return load_yaml(path)
-    preset = load_yaml(packaged_config_path(f"datasets/{name}"))
-    if preset.get("name") not in (None, name):
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()) and preset.get("name") not in (None, name):
         raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
     return preset
 

@@ -24,13 +24,7 @@ from dinov2.data.crops import (
 )
 from dinov2.data.transforms import load_data_defaults
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Data workers run single-threaded; OpenMP start-up would dominate these small tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NO_INTENSITY = dict(intensity_prob=0.0, global1_blur_prob=0.0, global2_blur_prob=0.0, global2_gibbs_prob=0.0, local_blur_prob=0.0)

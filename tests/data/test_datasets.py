@@ -19,13 +19,7 @@ SMALL = dict(global_crops_size=8, local_crops_size=4, local_crops_number=2)
 NO_INTENSITY = dict(intensity_prob=0.0, global1_blur_prob=0.0, global2_blur_prob=0.0, global2_gibbs_prob=0.0, local_blur_prob=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Data workers run single-threaded; OpenMP start-up would dominate these small tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_nifti(path, array, spacing=(1.0, 1.0, 1.0)):

@@ -31,13 +31,7 @@ from dinov2.models.export import save_teacher_checkpoint
 TEST_PARAMS = PatchTaskParams(stride=8, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy 2-core machine extra threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ ANATOMICAL = _nibabel_data("anatomical.nii")  # real T1, (33, 41, 25), 2 mm, LAS
 SERIES_4D = _nibabel_data("example4d.nii.gz")  # real fMRI, (128, 96, 24, 2), oblique-free, 2.2 mm slices
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

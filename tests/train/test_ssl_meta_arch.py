@@ -38,13 +38,7 @@ def cfg():
     return tiny_cfg()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model gains nothing from a second thread, and a busy machine makes two slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_step_produces_finite_losses_and_student_only_gradients(cfg):
