@@ -158,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.iterations < 1 or args.warmup < 1:
         raise SystemExit("--iterations and --warmup must be >= 1 (the first iteration pays for worker start-up).")
     from dinov2.data.sample_data import write_pretraining_datalist
+    from dinov2.utils.allocator import tune_cpu_allocator
     from dinov2.utils.perf import machine_description
+
+    tune_cpu_allocator()  # as train3d's entry point does (DINOV2_MALLOC_TUNING=0 to compare without)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ import torch
 
 from dinov2.data.image_io import is_nifti_path, strip_image_suffix
 from dinov2.distributed import resolve_device
+from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.perf import autocast_context
 
 logger = logging.getLogger("dinov2.eval.predict")
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Predict every case of ``--input``; returns the exit code."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_cpu_allocator()
     from .segmentation.checkpoint import load_finetuned
     from .segmentation.inference import predict_case
 
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation = info["config"].get("evaluation", {})
     overlap = args.overlap if args.overlap is not None else evaluation.get("overlap", 0.5)
     blend = args.blend or evaluation.get("blend", "gaussian")
-    sw_batch = args.sw_batch_size or evaluation.get("sw_batch_size", 2)
+    sw_batch = args.sw_batch_size or evaluation.get("sw_batch_size", 4)
     cases = list_cases(args.input)
     logger.info("%s head (%s, iteration %d) on %d case(s)", info["head"], preset.name, info["iteration"], len(cases))
     out_dir = Path(args.output)

@@ -26,6 +26,7 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, unknown_keys
 
 from .segmentation.model import HEAD_NAMES, canonical_head_name
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Intermixed: key=value overrides may come before, between or after the flags.
     args = get_args_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_cpu_allocator()
     from dinov2.utils.errors import explained_resource_errors
 
     from .segmentation.train_loop import run_finetuning  # heavy imports after argument parsing

@@ -45,6 +45,7 @@ from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter
 from dinov2.train.param_groups import apply_optim_scheduler
 from dinov2.train.schedules import build_schedulers
 from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.config import (
     config_to_dict,
     load_yaml,
@@ -387,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     handlers = _setup_logging(output_dir, ctx.is_main_process)
+    tune_cpu_allocator()
     memory_advice = ("Lower train.batch_size_per_gpu, crops.global_crops_size / crops.local_crops_size or "
                      "crops.local_crops_number, or use a smaller student.arch; on GPU, bf16 "
                      "(compute_precision) and gradient checkpointing also save memory.")
