@@ -24,7 +24,7 @@ FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity, the
 
 
 def predict_probabilities(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], multilabel: bool,
-                          overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
+                          overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 4,
                           tta_flip: bool = False, autocast: contextlib.AbstractContextManager | None = None,
                           sw_device: torch.device | str | None = None) -> torch.Tensor:
     """Probabilities of a whole volume by sliding windows.
@@ -97,7 +97,7 @@ def labels_from_probabilities(probs: torch.Tensor, preset) -> torch.Tensor:
 
 
 def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_path: str | os.PathLike,
-                 overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2, tta_flip: bool = False,
+                 overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 4, tta_flip: bool = False,
                  device: torch.device | str = "cpu",
                  autocast: contextlib.AbstractContextManager | None = None) -> Path:
     """Segment one case and write its label map in the input's original space.
