@@ -12,11 +12,18 @@ With random weights the label agreement is a harsh measure (near-uniform probabi
 argmax easily). ``--accuracy-checkpoint`` adds what matters: the test Dice of a *finetuned*
 checkpoint (e.g. on the embedded brain-tissue set) at the reference and at the fast overlap.
 
+Process memory: MONAI's row runs first with glibc's default allocator, as a MONAI user runs it;
+then the toolkit's allocator tuning is switched on (``dinov2.utils.allocator``; every entry point
+of the toolkit does this), and MONAI runs again under it ("MONAI + tuned allocator") so the table
+separates what the allocator gives from what the rest of our settings give. ``--no-tuning``
+keeps glibc's defaults for every row.
+
 Settings of ours (``--variants``):
     ref        fp32, reference overlap, ``--sw-batch-size`` windows per forward pass
     cl         + channels-last-3d memory format for the convolutions
     bf16       + bf16 autocast (pays off only with AMX / AVX512-BF16 or on a GPU)
-    fewer      fp32 with ``--fast-overlap`` (fewer windows; Gaussian blending hides the seams)
+    fewer      fp32 with ``--fast-overlap`` (fewer windows; Gaussian blending hides the seams);
+               its default 0.25 is also the default overlap of MONAI's ``sliding_window_inference``
 
 MONAI's ``UNETR`` imports ``einops`` (not a toolkit dependency): install it to run the
 comparison (``pip install einops``) or pass ``--skip-monai``.
@@ -47,6 +54,7 @@ from dinov2.data.sample_data import package_dir
 from dinov2.eval.segmentation.inference import predict_probabilities
 from dinov2.eval.segmentation.model import build_segmentation_model
 from dinov2.models import build_model
+from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.perf import autocast_context, machine_description, native_bf16_support
 
 VARIANTS = ("ref", "cl", "bf16", "fewer")
@@ -138,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-channels", type=int, default=14)
     p.add_argument("--variants", default="ref,fewer", help=f"comma list of {VARIANTS}")
     p.add_argument("--skip-monai", action="store_true")
+    p.add_argument("--no-tuning", action="store_true", help="keep glibc's default allocator for every row")
+    p.add_argument("--skip-monai-tuned", action="store_true", help="do not re-run MONAI under the tuned allocator")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--accuracy-checkpoint", default=None, help="finetuned best_model.pth: report its test Dice per overlap")
     p.add_argument("--accuracy-datalist", default=None, help="datalist JSON whose labelled 'test' cases are scored")
@@ -159,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{count_windows(args.volume, args.roi, args.overlap)} windows")
 
     monai_seconds = None
+    monai_net = None
     if not args.skip_monai:
         try:
             from monai.networks.nets import UNETR
@@ -166,10 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                               num_heads=12, norm_name="instance", res_block=True, conv_block=True).eval()
         except Exception as exc:  # noqa: BLE001 - optional comparison, say why it is missing
             raise SystemExit(f"MONAI UNETR unavailable ({exc}); pip install einops, or pass --skip-monai") from exc
-        _, monai_seconds = timed(lambda: predict_probabilities(
-            monai_net, image, [args.roi] * 3, False, overlap=args.overlap, sw_batch_size=args.monai_sw_batch_size))
-        rows.append(("MONAI UNETR fp32", args.overlap, args.monai_sw_batch_size, monai_seconds, None, None))
-        del monai_net
+
+        def run_monai():
+            return predict_probabilities(monai_net, image, [args.roi] * 3, False, overlap=args.overlap,
+                                         sw_batch_size=args.monai_sw_batch_size)
+
+        _, monai_seconds = timed(run_monai)
+        rows.append(("MONAI UNETR fp32 (glibc default allocator)", args.overlap, args.monai_sw_batch_size,
+                     monai_seconds, None, None))
+    # From here on the process runs as the toolkit's entry points run it.
+    tuned = False if args.no_tuning else tune_cpu_allocator(True)
+    if monai_net is not None and tuned and not args.skip_monai_tuned:
+        _, seconds = timed(run_monai)
+        rows.append(("MONAI UNETR fp32 + tuned allocator", args.overlap, args.monai_sw_batch_size, seconds,
+                     None, None))
+    del monai_net
 
     backbone = build_model("vit_base_3d", patch_size=16, img_size=args.roi)
     ours = build_segmentation_model(backbone, "UNETR", 1, args.out_channels, {"feature_size": 16}).eval()
@@ -191,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             agree = float((probs.argmax(1) == reference.argmax(1)).float().mean())
             maxdiff = float((probs - reference).abs().max())
-        rows.append((f"ours UNETR ViT-B {variant}", overlap, args.sw_batch_size, seconds, agree, maxdiff))
+        name = f"ours UNETR ViT-B {variant}{' (tuned allocator)' if tuned else ''}"
+        rows.append((name, overlap, args.sw_batch_size, seconds, agree, maxdiff))
 
     print("\n| setting | overlap | windows | sw batch | seconds | voxels/s | vs MONAI | label agreement vs ours ref | max prob diff |")
     print("|---|---|---|---|---|---|---|---|---|")
