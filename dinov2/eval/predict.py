@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from dinov2.data.image_io import is_nifti_path, strip_image_suffix
 from dinov2.distributed import resolve_device
@@ -43,7 +44,10 @@ def list_cases(input_path: str | Path) -> list[tuple[str, list[str]]]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
         if not files:
-            raise FileNotFoundError(f"No .nii/.nii.gz file in {path}.")
+            subfolders = sorted(p.name + "/" for p in path.iterdir() if p.is_dir())
+            hint = f" (sub-folders are not searched; it has {', '.join(subfolders)})" if subfolders else ""
+            raise FileNotFoundError(f"No .nii/.nii.gz file directly in {path}{hint}. Pass the folder that holds the "
+                                    "images, one NIfTI file, or a datalist JSON whose 'test' entries list them.")
         return [(strip_image_suffix(p.name), [str(p)]) for p in files]
     if path.suffix == ".json":
         data = json.loads(path.read_text())
@@ -85,20 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .segmentation.checkpoint import load_finetuned
     from .segmentation.inference import predict_case
 
-    device = resolve_device(args.device)
-    model, preset, info = load_finetuned(args.checkpoint, device)
+    try:  # a wrong path or file is the user's to fix: say so in one line, not a traceback
+        cases = list_cases(args.input)
+        device = resolve_device(args.device)
+        model, preset, info = load_finetuned(args.checkpoint, device)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
     evaluation = info["config"].get("evaluation", {})
     overlap = args.overlap if args.overlap is not None else evaluation.get("overlap", 0.5)
     blend = args.blend or evaluation.get("blend", "gaussian")
     sw_batch = args.sw_batch_size or evaluation.get("sw_batch_size", 4)
-    cases = list_cases(args.input)
     logger.info("%s head (%s, iteration %d) on %d case(s)", info["head"], preset.name, info["iteration"], len(cases))
     out_dir = Path(args.output)
-    for name, files in cases:
-        written = predict_case(model, preset, files, out_dir / f"{name}_seg.nii.gz", overlap=overlap, blend=blend,
-                               sw_batch_size=sw_batch, tta_flip=args.tta_flip, device=device,
-                               autocast=autocast_context(args.precision, device))
-        print(written)
+    # A CPU case takes tens of seconds: a bar over the cases gives rate and ETA on stderr; the
+    # written paths go to stdout (one per line, for scripts) through tqdm so they do not tear it.
+    with tqdm(cases, desc="predict", unit="case", dynamic_ncols=True) as bar:
+        for name, files in bar:
+            bar.set_postfix_str(name)
+            written = predict_case(model, preset, files, out_dir / f"{name}_seg.nii.gz", overlap=overlap,
+                                   blend=blend, sw_batch_size=sw_batch, tta_flip=args.tta_flip, device=device,
+                                   autocast=autocast_context(args.precision, device))
+            tqdm.write(str(written), file=sys.stdout)
     return 0
 
 

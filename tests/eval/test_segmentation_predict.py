@@ -58,7 +58,7 @@ def test_prediction_is_aligned_with_a_non_ras_input(tmp_path):
     assert dice > 0.9, dice  # resampling to 2 mm and back blurs only the box's border voxels
 
 
-def test_predict_cli_writes_input_space_label_maps(tmp_path):
+def test_predict_cli_writes_input_space_label_maps(tmp_path, capsys):
     path, _ = phantom(tmp_path)
     preset = tiny_preset()
     torch.manual_seed(0)
@@ -72,8 +72,26 @@ def test_predict_cli_writes_input_space_label_maps(tmp_path):
     path.rename(inputs / "case_a.nii.gz")
     assert predict.main(["--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(tmp_path / "out"),
                          "--tta-flip"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("case_a_seg.nii.gz")  # the written path, alone on stdout
+    assert "predict" in err and "1/1" in err  # the progress bar over cases (rate, ETA) on stderr
     img = nib.load(tmp_path / "out" / "case_a_seg.nii.gz")
     assert img.shape == (30, 26, 22)
     np.testing.assert_allclose(img.affine, LPI_PERMUTED_AFFINE)
     assert np.issubdtype(img.get_data_dtype(), np.integer)
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+
+def test_predict_cli_names_the_fix_for_a_folder_without_images(tmp_path, caplog):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(tmp_path / "data"),
+                         "--output", str(tmp_path / "out")]) == 1
+    assert "sub-folders are not searched; it has images/" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_cli_reports_a_missing_checkpoint(tmp_path, caplog):
+    path, _ = phantom(tmp_path)
+    assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(path),
+                         "--output", str(tmp_path / "out")]) == 1
+    assert "missing.pth not found" in caplog.text
