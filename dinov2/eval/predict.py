@@ -9,7 +9,9 @@ Usage::
 ``--input`` is a NIfTI file, a folder of NIfTI files (one case each, single-modality models), or
 a finetuning datalist JSON (its ``test`` entries, or every entry of a plain list; ``image`` may
 list one file per modality). Each output ``<case>_seg.nii.gz`` has the shape, affine and
-orientation of its input. The checkpoint alone describes the model and the preprocessing.
+orientation of its input; beside it, ``<case>_seg.png`` shows axial, coronal and sagittal slices
+of the input with the labels over them (``--no-preview`` skips it). The checkpoint alone
+describes the model and the preprocessing.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
     p.add_argument("--tta-flip", action="store_true", help="average over flips along each axis")
+    p.add_argument("--no-preview", action="store_true",
+                   help="do not write <case>_seg.png (input slices with the predicted labels over them)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast of the forward passes (bf16 pays off on CPUs with AMX/AVX512-BF16 and on GPUs)")
@@ -88,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_cpu_allocator()
     from .segmentation.checkpoint import load_finetuned
     from .segmentation.inference import predict_case
+    from .segmentation.preview import write_preview
 
     try:  # a wrong path or file is the user's to fix: say so in one line, not a traceback
         cases = list_cases(args.input)
@@ -110,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = predict_case(model, preset, files, out_dir / f"{name}_seg.nii.gz", overlap=overlap,
                                    blend=blend, sw_batch_size=sw_batch, tta_flip=args.tta_flip, device=device,
                                    autocast=autocast_context(args.precision, device))
+            if not args.no_preview:
+                write_preview(files[0], written, written.with_name(f"{name}_seg.png"), preset)
             tqdm.write(str(written), file=sys.stdout)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from dinov2.eval import predict
@@ -58,15 +59,19 @@ def test_prediction_is_aligned_with_a_non_ras_input(tmp_path):
     assert dice > 0.9, dice  # resampling to 2 mm and back blurs only the box's border voxels
 
 
+def tiny_checkpoint(tmp_path):
+    """A finetuned-checkpoint file of a tiny random UNETR (2 classes), as segmentation3d writes it."""
+    torch.manual_seed(0)
+    kwargs = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 16}
+    model = build_segmentation_model(build_model("vit_tiny_3d", **kwargs), "UNETR", 1, 2, {"feature_size": 4})
+    config = {"model": {"unetr": {"feature_size": 4}, "modality_merge": "concat"}, "evaluation": {"overlap": 0.25}}
+    return save_finetuned(tmp_path / "best_model.pth", model, {"arch": "vit_tiny_3d", "kwargs": kwargs}, config,
+                          tiny_preset(), 7, {"name": "x", "value": 0.5})
+
+
 def test_predict_cli_writes_input_space_label_maps(tmp_path, capsys):
     path, _ = phantom(tmp_path)
-    preset = tiny_preset()
-    torch.manual_seed(0)
-    backbone = build_model("vit_tiny_3d", embed_dim=32, depth=4, num_heads=2, patch_size=8, img_size=16)
-    model = build_segmentation_model(backbone, "UNETR", 1, 2, {"feature_size": 4})
-    spec = {"arch": "vit_tiny_3d", "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 16}}
-    config = {"model": {"unetr": {"feature_size": 4}, "modality_merge": "concat"}, "evaluation": {"overlap": 0.25}}
-    ckpt = save_finetuned(tmp_path / "best_model.pth", model, spec, config, preset, 7, {"name": "x", "value": 0.5})
+    ckpt = tiny_checkpoint(tmp_path)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     path.rename(inputs / "case_a.nii.gz")
@@ -74,6 +79,8 @@ def test_predict_cli_writes_input_space_label_maps(tmp_path, capsys):
                          "--tta-flip"]) == 0
     out, err = capsys.readouterr()
     assert out.strip().endswith("case_a_seg.nii.gz")  # the written path, alone on stdout
+    preview = Image.open(tmp_path / "out" / "case_a_seg.png")
+    assert preview.width > 30 and preview.height > 26  # three views of the 30x26x22 input, two rows
     assert "predict" in err and "1/1" in err  # the progress bar over cases (rate, ETA) on stderr
     img = nib.load(tmp_path / "out" / "case_a_seg.nii.gz")
     assert img.shape == (30, 26, 22)
@@ -95,3 +102,11 @@ def test_predict_cli_reports_a_missing_checkpoint(tmp_path, caplog):
     assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(path),
                          "--output", str(tmp_path / "out")]) == 1
     assert "missing.pth not found" in caplog.text
+
+
+def test_predict_cli_no_preview(tmp_path):
+    path, _ = phantom(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(path), "--output", str(tmp_path / "out"),
+                         "--no-preview"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{path.name.split('.')[0]}_seg.nii.gz"]

@@ -146,3 +146,76 @@ def attention_montage(anatomy: np.ndarray, maps: np.ndarray, mask: np.ndarray, a
         rows.append((base * (1 - alpha) + heat_colors(m) * alpha).round().astype(np.uint8))
         titles.append(f"head {h}")
     return montage(rows, titles, affine, foreground_center(mask))
+
+
+# Distinct colours for label values, with the names the legend uses: value v >= 1 takes entry
+# (v - 1) modulo the table, so a structure keeps its colour in every case whichever labels are
+# present. Background (0) is never drawn.
+LABEL_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (230, 25, 75)), ("green", (60, 180, 75)), ("blue", (0, 130, 200)), ("yellow", (255, 225, 25)),
+    ("magenta", (240, 50, 230)), ("cyan", (70, 240, 240)), ("orange", (245, 130, 48)),
+    ("purple", (145, 30, 180)), ("lime", (210, 245, 60)), ("pink", (250, 190, 212)),
+    ("teal", (0, 128, 128)), ("brown", (170, 110, 40)), ("olive", (128, 128, 0)), ("navy", (0, 0, 128)),
+)
+LABEL_ALPHA = 0.55
+LEGEND_LINE = 14
+
+
+def label_colour(value: int) -> tuple[str, tuple[int, int, int]]:
+    """Name and RGB of the colour that draws label ``value`` (``value != 0``)."""
+    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
+
+
+def label_montage(anatomy: np.ndarray, labels: np.ndarray, affine: np.ndarray,
+                  names: dict[int, str] | None = None) -> Image.Image:
+    """Anatomy, then the label map drawn over it, with a colour legend underneath.
+
+    Slices pass through the centre of the labelled region (the volume centre if nothing is
+    labelled), so a preview shows the structures rather than an empty corner.
+
+    Args:
+        anatomy: ``(X, Y, Z)`` intensities in ``[-1, 1]``.
+        labels: integer ``(X, Y, Z)`` label map on the same grid (0 = background).
+        affine: the grid's ``(4, 4)`` affine.
+        names: label value → name for the legend (default: the value).
+
+    Returns:
+        The montage as a Pillow RGB image.
+    """
+    if anatomy.shape != labels.shape:
+        raise ValueError(f"anatomy {anatomy.shape} and labels {labels.shape} must share one grid")
+    names = names or {}
+    base = gray(anatomy)
+    overlay = base.astype(np.float64)
+    legend = []
+    for value in (int(v) for v in np.unique(labels) if v != 0):
+        colour_name, colour = label_colour(value)
+        where = labels == value
+        overlay[where] = (1 - LABEL_ALPHA) * overlay[where] + LABEL_ALPHA * np.asarray(colour, dtype=np.float64)
+        legend.append((f"{value} {names.get(value, '')}".strip() + f" ({colour_name})", colour))
+    image = montage([base, overlay.round().astype(np.uint8)], ["anatomy", "labels"], affine,
+                    foreground_center(labels != 0))
+    return _with_legend(image, legend or [("no label found", (160, 160, 160))])
+
+
+def _with_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """``image`` with rows of coloured legend entries appended below, wrapped to its width."""
+    draw = ImageDraw.Draw(image)
+    lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
+    x = 2
+    for text, colour in entries:
+        width = int(draw.textlength(text)) + 24  # swatch + gap
+        if lines[-1] and x + width > image.width:
+            lines.append([])
+            x = 2
+        lines[-1].append((text, colour, x))
+        x += width
+    canvas = Image.new("RGB", (image.width, image.height + LEGEND_LINE * len(lines) + 4), (0, 0, 0))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        y = image.height + 2 + row * LEGEND_LINE
+        for text, colour, x in line:
+            draw.rectangle((x, y + 2, x + 9, y + 11), fill=colour)
+            draw.text((x + 13, y), text, fill=(255, 255, 255))
+    return canvas
