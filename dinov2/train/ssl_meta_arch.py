@@ -211,8 +211,8 @@ class SSLMetaArch(nn.Module):
         ``ddp`` wraps the student in DistributedDataParallel (gradients all-reduced in
         backward). ``fsdp`` shards student and teacher parameters with ``fully_shard`` (each
         transformer block, the heads, then the whole network), so the EMA update runs on
-        matching local shards. The FSDP path needs CUDA and has not been run in this project's
-        CPU-only test environment.
+        matching local shards. Both run on GPUs (NCCL) and on CPU processes (gloo), which is how
+        the tests check that FSDP computes what one process computes.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"compute_precision.strategy='{strategy}' is unknown; choose one of {', '.join(STRATEGIES)}.")
@@ -224,18 +224,23 @@ class SSLMetaArch(nn.Module):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.__dict__["_student_forward"] = DistributedDataParallel(self.student, device_ids=ids)
             return
-        if self.device.type != "cuda":
-            raise ValueError("compute_precision.strategy=fsdp needs CUDA; use ddp on CPU.")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        mesh = init_device_mesh(self.device.type, (distributed.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32) \
             if self.autocast_dtype is not None else MixedPrecisionPolicy()
         for network in (self.student, self.teacher):
             for block in network.backbone.blocks:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(network.dino_head, mp_policy=mp)
-            fully_shard(network.ibot_head, mp_policy=mp)
-            fully_shard(network, mp_policy=mp)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+                # The student's crop groups go through Block.forward_list, not forward: FSDP gathers
+                # a module's shards only around the methods it knows.
+                register_fsdp_forward_method(block, "forward_list")
+            fully_shard(network.dino_head, mesh=mesh, mp_policy=mp)
+            fully_shard(network.ibot_head, mesh=mesh, mp_policy=mp)
+            # FSDP leaves the root's parameters gathered after forward, expecting a backward to
+            # free them; the teacher has no backward, and its EMA update must see local shards.
+            fully_shard(network, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
         self._sharded = True
 
     @property

@@ -1,4 +1,4 @@
-"""torchrun with 2 gloo processes on CPU computes what one process computes on the same global batch.
+"""torchrun with 2 gloo processes on CPU (DDP or FSDP) computes what one process computes on the same global batch.
 
 Equal losses need every term to be a statistic of the GLOBAL batch: DINO and iBOT averages,
 Sinkhorn-Knopp (all-reduced) and DDP's gradient mean are; KoLeo is per process by design (as
@@ -35,15 +35,18 @@ def _student(run_dir, iteration) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, tiny_argv):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, tiny_argv, strategy):
     single = tmp_path / "single"
     train3d.main(tiny_argv(single, *EQUIVALENCE, "train.batch_size_per_gpu=4", "train.max_iterations=4"))
 
-    # Two processes of 2 samples each, for the first 2 iterations...
+    # Two processes of 2 samples each (DDP: replicated weights; FSDP: each holds half of every
+    # parameter of student and teacher), for the first 2 iterations...
     multi = tmp_path / "multi"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dinov2.train.train3d",
-           *tiny_argv(multi, *EQUIVALENCE, "train.batch_size_per_gpu=2", "train.max_iterations=2")]
+           *tiny_argv(multi, *EQUIVALENCE, "train.batch_size_per_gpu=2", "train.max_iterations=2",
+                      f"compute_precision.strategy={strategy}")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in (multi / "log.txt").read_text()
