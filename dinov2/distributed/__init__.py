@@ -152,6 +152,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto.")
+    if torch.cuda.device_count() == 1:
+        # SLURM's per-task GPU binding (--gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per task):
+        # each process sees its own GPU as device 0, whatever its local rank.
+        return torch.device("cuda", 0)
     if local_rank >= torch.cuda.device_count():
         raise ValueError(
             f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "

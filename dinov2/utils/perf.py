@@ -215,7 +215,7 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 3072, rep
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     timing = time_callable(lambda: torch.nn.functional.linear(a, b), repeats=repeats, warmup=1, synchronize=sync)
     return 2 * size ** 3 / timing.median / 1e9
 
@@ -226,11 +226,12 @@ def native_bf16_support(device: str | torch.device = "cpu") -> bool:
 
     CPU: AVX512-BF16 or AMX (oneDNN then runs bf16 GEMMs at 2-16× the fp32 rate); without
     them PyTorch converts in software and bf16 is several times *slower* than fp32.
-    CUDA: ``torch.cuda.is_bf16_supported()``.
+    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)``: compute capability 8.0+
+    (Ampere on); V100 and T4 only emulate bf16, slowly, and should use fp16.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         raise ValueError(f"native_bf16_support knows cpu and cuda, got '{device.type}'")
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}

@@ -189,3 +189,11 @@ def test_dispatcher_runs_a_sibling_main_with_its_arguments(tmp_path, monkeypatch
     bench = _load_benchmark_script()
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "benchmark.py"))
     assert bench.main(["data", "--seconds", "1"]) == ["got", "--seconds", "1"]
+
+
+def test_emulated_cuda_bf16_does_not_count_as_native(monkeypatch):
+    # V100/T4: torch reports bf16 "supported" through emulation; autocast should pick fp16 there.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert perf.native_bf16_support("cuda") is False
+    from dinov2.eval.segmentation.train_loop import resolve_precision
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"

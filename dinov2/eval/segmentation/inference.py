@@ -125,9 +125,11 @@ def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_pa
     pre = eval_transforms(preset, with_label=False)
     data = pre({"image": image_paths if len(image_paths) > 1 else image_paths[0]})
     image = data["image"]
-    probs = predict_probabilities(model, image.unsqueeze(0).to(device), preset.roi_size, preset.multilabel,
+    # Volume and blended output in host memory, windows on ``device`` (whole CT volumes with many
+    # classes do not fit next to the model on a GPU).
+    probs = predict_probabilities(model, image.unsqueeze(0), preset.roi_size, preset.multilabel,
                                   overlap=overlap, blend=blend, sw_batch_size=sw_batch_size, tta_flip=tta_flip,
-                                  autocast=autocast)[0].cpu()
+                                  autocast=autocast, sw_device=device)[0]
     data["pred"] = MetaTensor(probs, meta=dict(image.meta),
                               applied_operations=list(image.applied_operations))
     inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]

@@ -33,7 +33,7 @@ from dinov2.models.export import atomic_torch_save
 from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
 from dinov2.train.schedules import CosineScheduler
 from dinov2.utils.config import config_to_dict, save_config
-from dinov2.utils.perf import autocast_context, recommended_precision
+from dinov2.utils.perf import autocast_context, native_bf16_support, recommended_precision
 
 from .checkpoint import load_finetuned, save_finetuned
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
@@ -55,7 +55,7 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if setting != "auto":
         return setting
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16_support(device) else "fp16"  # V100/T4 only emulate bf16: fp16 there
     return recommended_precision(device)
 
 
@@ -87,12 +87,14 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
     cases = []
     for index in range(len(dataset)):
         item = dataset[index]
-        image = item["image"].unsqueeze(0).to(device)
+        # The whole volume, its blended logits and probabilities stay in host memory (a 512x512x300
+        # CT with 14 classes is > 4 GB per float map); only the windows visit the device.
+        image = item["image"].unsqueeze(0)
         probs = predict_probabilities(model, image, preset.roi_size, preset.multilabel, overlap=ev.overlap,
                                       blend=ev.blend, sw_batch_size=ev.sw_batch_size, tta_flip=tta_flip,
-                                      autocast=autocast_context(precision, device))
+                                      autocast=autocast_context(precision, device), sw_device=device)
         pred = discretize(probs, preset.multilabel)
-        target = label_to_masks(torch.as_tensor(item["label"]).unsqueeze(0).to(device), preset.out_channels,
+        target = label_to_masks(torch.as_tensor(item["label"]).unsqueeze(0), preset.out_channels,
                                 preset.multilabel)
         if with_hd:
             metrics = case_metrics(pred, target, spacing_of(item["image"]), ev.hd_percentile)
@@ -184,7 +186,8 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
         resume = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"] and scaler.is_enabled():  # an fp32/bf16 run saved an empty scaler state
+            scaler.load_state_dict(resume["scaler"])
         state = resume["state"]
         _set_rng_state(resume["rng"])
         logger.info("Resumed from %s at iteration %d", last_path, state["iteration"])
