@@ -36,7 +36,7 @@ from dinov2.models.checkpoint import backbone_kwargs_from_config
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
 from dinov2.train.param_groups import get_param_groups
-from dinov2.utils.perf import autocast_context
+from dinov2.utils.perf import autocast_context, native_bf16_support
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ class SSLMetaArch(nn.Module):
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         if self.autocast_dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("compute_precision.dtype=fp16 needs CUDA; use bf16 or fp32 on CPU.")
+        if self.autocast_dtype == torch.bfloat16 and not native_bf16_support(self.device):
+            # Still correct, but emulated: 12-26x slower than fp32 on an AVX2 CPU (docs/benchmarks.md).
+            logger.warning("compute_precision.dtype=bf16 has no hardware support on %s and runs emulated, much "
+                           "slower than %s; set compute_precision.dtype=%s.", self.device,
+                           *(("fp32", "fp32") if self.device.type == "cpu" else ("fp16", "fp16")))
         self.n_local_crops = int(cfg["crops"]["local_crops_number"])
         self.dino_weight = float(cfg["dino"]["loss_weight"])
         self.ibot_weight = float(cfg["ibot"]["loss_weight"])

@@ -176,3 +176,14 @@ def test_bf16_autocast_on_cpu_keeps_fp32_parameters_and_gradients():
     assert all(torch.isfinite(v) for v in losses.values())
     grad = arch.student.backbone.blocks[0].mlp.fc1.weight.grad
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
+def test_emulated_bf16_is_announced(caplog):
+    from dinov2.utils.perf import native_bf16_support
+
+    with caplog.at_level("WARNING"):
+        SSLMetaArch(tiny_cfg("compute_precision.dtype=bf16"), "cpu")
+    emulated = "runs emulated" in caplog.text
+    assert emulated == (not native_bf16_support("cpu"))
+    if emulated:
+        assert "compute_precision.dtype=fp32" in caplog.text
