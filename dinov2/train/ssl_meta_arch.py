@@ -283,14 +283,34 @@ class SSLMetaArch(nn.Module):
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`optimizer_state_dict`."""
+        """Inverse of :meth:`optimizer_state_dict`, whichever strategy wrote the state.
+
+        One process and DDP key the state by parameter position, FSDP by parameter name. Position
+        keys map onto names through the optimizer's parameter order (the same
+        ``get_param_groups`` builds it in every run); name keys load by position in
+        ``Optimizer.load_state_dict``, which follows the same order.
+        """
         if self.is_sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.student, optimizer, dict(state),
+            set_optimizer_state_dict(self.student, optimizer, self._keyed_by_name(optimizer, state),
                                      options=StateDictOptions(full_state_dict=True))
             return
         optimizer.load_state_dict(state)
+
+    def _keyed_by_name(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``state`` with parameter positions (``optimizer.state_dict()`` keys) replaced by student names."""
+        groups = state["param_groups"]
+        if not all(isinstance(k, int) for g in groups for k in g["params"]):
+            return dict(state)
+        name_of = {id(p): n for n, p in self.student.named_parameters()}
+        names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        positions = [k for g in groups for k in g["params"]]
+        if sorted(positions) != list(range(len(names))):
+            raise ValueError(f"The checkpoint's optimizer state covers {len(positions)} parameters, this student has "
+                             f"{len(names)}: it was written for another architecture or parameter grouping.")
+        return {"state": {names[k]: v for k, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[k] for k in g["params"]]} for g in groups]}
 
     def teacher_state_dict(self) -> dict[str, Tensor]:
         """The teacher's ``backbone.*``, ``dino_head.*``, ``ibot_head.*`` tensors (CPU, unsharded; collective under FSDP)."""

@@ -34,24 +34,32 @@ def _student(run_dir, iteration) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["model"].items() if k.startswith("student.")}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_process(tmp_path, tiny_argv, strategy):
-    single = tmp_path / "single"
-    train3d.main(tiny_argv(single, *EQUIVALENCE, "train.batch_size_per_gpu=4", "train.max_iterations=4"))
-
-    # Two processes of 2 samples each (DDP: replicated weights; FSDP: each holds half of every
-    # parameter of student and teacher), for the first 2 iterations...
-    multi = tmp_path / "multi"
+def _torchrun(run_dir, tiny_argv, iterations, strategy):
+    """2 gloo processes of 2 samples each, up to ``iterations``, with ``strategy``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dinov2.train.train3d",
-           *tiny_argv(multi, *EQUIVALENCE, "train.batch_size_per_gpu=2", "train.max_iterations=2",
+           *tiny_argv(run_dir, *EQUIVALENCE, "train.batch_size_per_gpu=2", f"train.max_iterations={iterations}",
                       f"compute_precision.strategy={strategy}")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [("ddp", "one process"), ("fsdp", "one process"), ("ddp", "fsdp")])
+def test_two_gloo_processes_match_one_process(tmp_path, tiny_argv, first, then):
+    single = tmp_path / "single"
+    train3d.main(tiny_argv(single, *EQUIVALENCE, "train.batch_size_per_gpu=4", "train.max_iterations=4"))
+
+    # Two processes (DDP: replicated weights; FSDP: each holds half of every parameter of student
+    # and teacher), for the first 2 iterations...
+    multi = tmp_path / "multi"
+    _torchrun(multi, tiny_argv, 2, first)
     assert "2 process(es)" in (multi / "log.txt").read_text()
-    # ... then one process resumes the 2-process checkpoint for the last 2.
-    train3d.main(tiny_argv(multi, *EQUIVALENCE, "train.batch_size_per_gpu=4", "train.max_iterations=4"))
+    # ... then the run resumes that checkpoint for the last 2: in one process, or sharded.
+    if then == "one process":
+        train3d.main(tiny_argv(multi, *EQUIVALENCE, "train.batch_size_per_gpu=4", "train.max_iterations=4"))
+    else:
+        _torchrun(multi, tiny_argv, 4, then)
 
     expected, got = _lines(single), _lines(multi)
     assert [line["iteration"] for line in got] == [0, 1, 2, 3]
