@@ -9,6 +9,7 @@ every other file to MONAI's readers.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,20 @@ from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
 from .image_io import is_multiframe, load_dicom_multiframe
+
+_REFUSAL = "MultiFrameDicomReader: unable to load"
+
+
+class _DropOurRefusals(logging.Filter):
+    """MONAI's ``LoadImage`` tries every reader given to it and logs each refusal at INFO; ours
+    refuses every file that is not a multi-frame DICOM by design, so those lines are noise that
+    reads like a failure ("unable to load ...nii.gz"). Other readers' messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_REFUSAL)
+
+
+logging.getLogger("LoadImage").addFilter(_DropOurRefusals())
 
 
 class MultiFrameDicomReader(ImageReader):

@@ -26,3 +26,13 @@ def test_other_files_are_left_to_monai(tmp_path, nifti_writer):
     nifti_writer(nifti, (8, 8, 8))
     assert not reader.verify_suffix(str(nifti))
     assert not reader.verify_suffix([str(nifti), str(nifti)])
+
+
+def test_nifti_loads_without_a_refusal_line_that_reads_like_an_error(tmp_path, nifti_writer, caplog):
+    nifti = tmp_path / "a.nii.gz"
+    nifti_writer(nifti, (8, 8, 8))
+    load = LoadImaged(keys="image", reader=image_readers(), image_only=True)
+    with caplog.at_level("INFO"):
+        image = load({"image": str(nifti)})["image"]
+    assert tuple(image.shape) == (8, 8, 8)
+    assert "unable to load" not in caplog.text
