@@ -39,7 +39,7 @@ from .checkpoint import load_finetuned, save_finetuned
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
 from .inference import predict_probabilities
 from .metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
-from .model import build_backbone, build_segmentation_model, head_options
+from .model import NO_WEIGHTS, build_backbone, build_segmentation_model, head_options
 from .preset import DatasetPreset
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,35 @@ def case_metrics_dice_only(pred: torch.Tensor, target: torch.Tensor) -> dict[str
     return {"dice": dice.double().cpu().numpy()}
 
 
+def resumable_weights(model: torch.nn.Module, pretrained_weights: str) -> dict[str, torch.Tensor]:
+    """What a resumed run cannot rebuild: trainable parameters and buffers, not a frozen backbone.
+
+    A frozen ViT-L is 1.2 GB that ``--pretrained-weights`` already holds; the resumable state of
+    a frozen-backbone run is then the head alone. A frozen *random* backbone (``none``) is kept:
+    nothing else can restore it. ``best_model.pth`` stays complete either way.
+    """
+    state = model.state_dict()
+    if str(pretrained_weights) in NO_WEIGHTS:
+        return state
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def load_resumable_weights(model: torch.nn.Module, resume: dict, pretrained_weights: str, path: Path) -> None:
+    """Inverse of :func:`resumable_weights`: the frozen rest must come from the same pretrained file."""
+    saved_from = resume.get("frozen_from", pretrained_weights)
+    if saved_from != pretrained_weights:
+        raise ValueError(f"{path} continues a run whose frozen backbone came from {saved_from}, but this run loads "
+                         f"{pretrained_weights}. Pass the same --pretrained-weights, or a new --output-dir.")
+    missing, unexpected = model.load_state_dict(resume["model"], strict=False)
+    params = dict(model.named_parameters())
+    trainable_missing = [k for k in missing if k not in params or params[k].requires_grad]
+    if unexpected or trainable_missing:
+        raise ValueError(f"{path} does not match this model (missing {trainable_missing[:5]}, unexpected "
+                         f"{unexpected[:5]}): it was written with another head, backbone or "
+                         "--train-feature-model setting. Use a new --output-dir, or the original settings.")
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -184,7 +213,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
     if cfg.train.resume and last_path.is_file():
         resume = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(resume["model"])
+        load_resumable_weights(model, resume, str(cfg.pretrained_weights), last_path)
         optimizer.load_state_dict(resume["optimizer"])
         if resume["scaler"] and scaler.is_enabled():  # an fp32/bf16 run saved an empty scaler state
             scaler.load_state_dict(resume["scaler"])
@@ -235,8 +264,9 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
                 save_finetuned(best_path, model, spec, config_dict, preset, done,
                                {"name": "validation mean foreground Dice", "value": score})
             state["iteration"] = done
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "state": state, "rng": _rng_state()}, last_path)
+            atomic_torch_save({"model": resumable_weights(model, cfg.pretrained_weights), "frozen_from": str(cfg.pretrained_weights),
+                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                               "rng": _rng_state()}, last_path)
             model.train()
 
     results = {
