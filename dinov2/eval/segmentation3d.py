@@ -113,17 +113,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_cpu_allocator()
+    from dinov2.models.checkpoint import CheckpointError
     from dinov2.utils.errors import explained_resource_errors
 
     from .segmentation.train_loop import run_finetuning  # heavy imports after argument parsing
 
-    cfg = build_config(args)
-    memory_advice = ("Lower --batch-size, --image-size (training crop and sliding window), evaluation.sw_batch_size "
-                     "or the head's width (model.unetr.feature_size); without --train-feature-model the backbone "
-                     "needs no gradients.")
-    disk_advice = f"Free space under {cfg.output_dir} and the dataset cache (--cache-dir), or use a larger disk."
-    with explained_resource_errors(memory_advice, disk_advice):
-        results = run_finetuning(cfg)
+    try:
+        cfg = build_config(args)
+        memory_advice = ("Lower --batch-size, --image-size (training crop and sliding window), "
+                         "evaluation.sw_batch_size or the head's width (model.unetr.feature_size); without "
+                         "--train-feature-model the backbone needs no gradients.")
+        disk_advice = f"Free space under {cfg.output_dir} and the dataset cache (--cache-dir), or use a larger disk."
+        with explained_resource_errors(memory_advice, disk_advice):
+            results = run_finetuning(cfg)
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        # A wrong path, dataset, flag or resume mismatch is the user's to fix: one line that
+        # names the file and the fix, not a traceback (as linear3d, vis_pca and predict do).
+        logger.error("%s", exc)
+        return 1
     test = results.get("test")
     if test:
         print(f"test mean foreground Dice {test['summary']['mean_dice']:.4f} "

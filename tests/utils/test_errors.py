@@ -1,6 +1,7 @@
 """Out-of-memory and full-disk failures reach the user as advice, other errors unchanged."""
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,13 @@ def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatc
     assert "checkpointing.max_to_keep" in str(info.value) and str(tmp_path / "run") in str(info.value)
 
 
-def test_segmentation_names_a_missing_data_folder(tmp_path):
+def test_segmentation_names_a_missing_data_folder(tmp_path, caplog):
     from dinov2.eval import segmentation3d
 
-    with pytest.raises(FileNotFoundError, match="--base-data-dir .*missing_data is not a folder"):
-        segmentation3d.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
-                             "--dataset-name", "brain_tissue", "--base-data-dir", str(tmp_path / "missing_data")])
+    assert segmentation3d.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
+                                "--dataset-name", "brain_tissue", "--base-data-dir",
+                                str(tmp_path / "missing_data")]) == 1
+    assert re.search("--base-data-dir .*missing_data is not a folder", caplog.text)
 
 
 def test_train3d_names_a_missing_datalist(tmp_path):
