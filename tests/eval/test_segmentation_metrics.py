@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from dinov2.eval.segmentation.metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
@@ -56,3 +57,11 @@ def test_discretize_and_label_masks():
     label = torch.tensor([0, 2]).view(1, 1, 2, 1, 1).float()
     onehot = label_to_masks(label, 3, multilabel=False)
     assert onehot[0, :, 0, 0, 0].tolist() == [1, 0, 0] and onehot[0, :, 1, 0, 0].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
+                                           (2 * 86400 + 3600, "2d 1:00:00"), (-5, "0:00:00")])
+def test_eta_format(seconds, text):
+    from dinov2.eval.segmentation.train_loop import format_eta
+
+    assert format_eta(seconds) == text

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from monai.transforms import Resize
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from dinov2.data.transforms import build_preprocessing, resolve_preprocessing_config
 from dinov2.layers.patch_embed import to_3tuple
@@ -131,7 +132,8 @@ def extract_features(model: torch.nn.Module, loader: DataLoader, n_last_blocks: 
     """
     model.eval()
     cls_parts, mean_parts, label_parts = [], [], []
-    for images, labels in loader:
+    # Thousands of patches through a large backbone take minutes: show rate and ETA.
+    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False, dynamic_ncols=True):
         outputs = model.get_intermediate_layers(images.to(device), n=n_last_blocks, return_class_token=True, norm=True)
         cls_parts.append(torch.stack([cls for _, cls in outputs], dim=1).float().cpu())
         mean_parts.append(outputs[-1][0].mean(dim=1).float().cpu())

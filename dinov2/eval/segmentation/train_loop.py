@@ -27,6 +27,7 @@ from monai.data import DataLoader
 from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from dinov2.distributed import get_world_size, init_distributed
 from dinov2.models.export import atomic_torch_save
@@ -77,7 +78,7 @@ def infinite_batches(loader: DataLoader, start_pass: int = 0) -> Iterator[dict]:
 
 
 def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: torch.device, precision: str,
-             with_hd: bool, tta_flip: bool = False) -> list[dict[str, Any]]:
+             with_hd: bool, tta_flip: bool = False, desc: str = "evaluation") -> list[dict[str, Any]]:
     """Per-case metrics on whole preprocessed volumes (sliding window).
 
     Returns:
@@ -85,7 +86,8 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
     """
     ev = cfg.evaluation
     cases = []
-    for index in range(len(dataset)):
+    # Whole volumes by sliding window take seconds to minutes each: show rate and ETA.
+    for index in tqdm(range(len(dataset)), desc=desc, unit="case", leave=False, dynamic_ncols=True):
         item = dataset[index]
         # The whole volume, its blended logits and probabilities stay in host memory (a 512x512x300
         # CT with 14 classes is > 4 GB per float map); only the windows visit the device.
@@ -102,6 +104,15 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
             metrics = case_metrics_dice_only(pred, target)
         cases.append({"name": item.get("name", str(index)), **metrics})
     return cases
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` (days prefixed when over 24 h) of a non-negative duration."""
+    seconds = max(int(round(seconds)), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def case_metrics_dice_only(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -249,11 +260,12 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
         if done % log_every == 0 or done == total_iters:
             mean_loss = float(np.mean(running))
             state["train_curve"].append({"iteration": done, "loss": mean_loss, "lr": lr})
-            logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it)", done, total_iters, mean_loss, lr,
-                        (time.perf_counter() - t0) / len(running))
+            seconds_per_it = (time.perf_counter() - t0) / len(running)
+            logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it, training ETA %s)", done, total_iters, mean_loss,
+                        lr, seconds_per_it, format_eta(seconds_per_it * (total_iters - done)))
             running, t0 = [], time.perf_counter()
         if done % eval_every == 0 or done == total_iters:
-            cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False)
+            cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False, desc="validation")
             summary = summarize(cases, preset.channel_names, preset.foreground_channels)
             state["val_curve"].append({"iteration": done, "mean_dice": summary["mean_dice"], "dice": summary["dice"]})
             logger.info("validation at %d: mean foreground Dice %.4f %s", done, summary["mean_dice"],
@@ -291,7 +303,7 @@ def evaluate_test_set(best_path: Path, splits: dict, preset: DatasetPreset, cfg:
     model, _, info = load_finetuned(best_path, device)
     dataset = make_dataset(labelled, eval_transforms(preset), None, cfg.train.cache_rate)
     cases = evaluate(model, dataset, preset, cfg, device, precision, with_hd=True,
-                     tta_flip=bool(cfg.evaluation.tta_flip))
+                     tta_flip=bool(cfg.evaluation.tta_flip), desc="test")
     per_case = [{"name": c["name"], "dice": dict(zip(preset.channel_names, c["dice"])),
                  "hd95": dict(zip(preset.channel_names, c["hd95"]))} for c in cases]
     summary = summarize(cases, preset.channel_names, preset.foreground_channels)
