@@ -16,6 +16,16 @@ def to_3tuple(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, 
     return value  # type: ignore[return-value]
 
 
+class PatchGridError(ValueError):
+    """A spatial size that is not a multiple of the patch size (callers that know which setting
+    chose the size catch it and name that setting)."""
+
+    def __init__(self, spatial: tuple[int, ...], patch_size: tuple[int, int, int]):
+        super().__init__(f"Input spatial size {spatial} is not a multiple of the patch size {patch_size}: "
+                         "crop or pad the volume (e.g. MONAI DivisiblePad / ResizeWithPadOrCrop).")
+        self.spatial, self.patch_size = spatial, patch_size
+
+
 class PatchEmbed3D(nn.Module):
     """Split a volume into non-overlapping cubic patches and project each to ``embed_dim``.
 
@@ -45,10 +55,7 @@ class PatchEmbed3D(nn.Module):
             raise ValueError(f"Expected 3 spatial dims (H, W, D), got {tuple(spatial)}")
         bad = [s for s, p in zip(spatial, self.patch_size) if s % p]
         if bad:
-            raise ValueError(
-                f"Input spatial size {tuple(spatial)} is not a multiple of the patch size {self.patch_size}: "
-                "crop or pad the volume (e.g. MONAI DivisiblePad / ResizeWithPadOrCrop)."
-            )
+            raise PatchGridError(tuple(int(s) for s in spatial), self.patch_size)
         return tuple(s // p for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

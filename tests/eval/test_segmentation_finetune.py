@@ -108,3 +108,10 @@ def test_dataset_percent_subsets_training_only(tissue_data):
     assert len(full["training"]) == 5 and len(part["training"]) == 2
     assert {e["name"] for e in part["training"]} <= {e["name"] for e in full["training"]}
     assert part["validation"] == full["validation"] and part["test"] == full["test"]
+
+
+def test_image_size_that_does_not_fit_the_patch_names_the_flag(tissue_data, tmp_path, caplog):
+    args = list(TINY_RUN)
+    args += ["--image-size", "36", "--base-data-dir", str(tissue_data), "--output-dir", str(tmp_path / "out")]
+    assert segmentation3d.main(args) == 1
+    assert "--image-size" in caplog.text and "multiple of" in caplog.text

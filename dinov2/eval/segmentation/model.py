@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from dinov2.layers.patch_embed import PatchGridError
 from dinov2.models import VisionTransformer3D, build_model
 from dinov2.models.checkpoint import load_pretrained_backbone
 
@@ -251,6 +252,18 @@ def build_backbone(pretrained_weights: str | None, arch: str, backbone_kwargs: M
         ``(backbone, spec)``; ``spec = {"arch": name or None, "kwargs": {...}}`` rebuilds the same
         architecture with :func:`backbone_from_spec` (stored in finetuned checkpoints).
     """
+    try:
+        return _build_backbone(pretrained_weights, arch, backbone_kwargs, img_size)
+    except PatchGridError as exc:
+        if img_size is None:
+            raise
+        side = max(exc.patch_size)
+        raise ValueError(f"The training crop / sliding window {list(exc.spatial)} (--image-size, dataset.roi_size) is "
+                         f"not a multiple of the backbone's patch size {side}: pass a multiple of {side}, e.g. "
+                         f"--image-size {max(side, round(max(exc.spatial) / side) * side)}.") from exc
+
+
+def _build_backbone(pretrained_weights, arch, backbone_kwargs, img_size) -> tuple[VisionTransformer3D, dict]:
     if pretrained_weights is None or str(pretrained_weights) in NO_WEIGHTS:
         kwargs = dict(backbone_kwargs or {})
         if img_size is not None:

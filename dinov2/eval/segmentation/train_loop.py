@@ -187,10 +187,6 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
                 *(len(splits[s]) for s in ("training", "validation", "test")))
 
     backbone, spec = build_backbone(cfg.pretrained_weights, cfg.model.arch, cfg.model.backbone_kwargs, preset.roi_size)
-    bad = [s for s in preset.roi_size if s % backbone.patch_size]
-    if bad:
-        raise ValueError(f"dataset.roi_size {list(preset.roi_size)} must be a multiple of the backbone patch size "
-                         f"{backbone.patch_size}; change roi_size in the preset or with --image-size.")
     model = build_segmentation_model(backbone, cfg.model.head, preset.in_channels, preset.out_channels,
                                      head_options(cfg.model, cfg.model.head), cfg.model.modality_merge,
                                      train_backbone=bool(cfg.model.train_backbone)).to(device)
