@@ -35,7 +35,7 @@ from dinov2.data.datalist import DatalistError, load_finetune_datalist, subset_t
 from dinov2.eval.linear.classifiers import ProbeGrid, best_head_logits, setup_grid, train_probe_grid
 from dinov2.eval.linear.features import FeatureSet, load_or_extract_features
 from dinov2.eval.linear.metrics import classification_metrics
-from dinov2.layers.patch_embed import to_3tuple
+from dinov2.layers.patch_embed import PatchGridError, to_3tuple
 from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
 from dinov2.eval.segmentation.preset import load_preset
 from dinov2.utils.allocator import tune_cpu_allocator
@@ -56,7 +56,7 @@ FLAG_KEYS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Linear probing of a frozen 3D ViT backbone.",
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.linear3d", description="Linear probing of a frozen 3D ViT backbone.",
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
@@ -197,7 +197,18 @@ def run(cfg: DictConfig) -> dict:
         p.requires_grad_(False)
     size = cfg.dataset.image_size
     image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
-    model.patch_embed.grid_size(image_size)  # a clear error now if the size does not fit the patches
+    try:
+        grid = model.patch_embed.grid_size(image_size)
+    except PatchGridError as exc:
+        side = max(exc.patch_size)
+        raise ValueError(f"--image-size {list(image_size)} is not a multiple of the backbone's patch size {side}: "
+                         f"pass a multiple of {side}.") from exc
+    if min(grid) < 2:
+        # e.g. the brain_lobes preset's 16^3 patches under a patch-16 ViT-L: one token per patch,
+        # so "patch tokens" and their average carry no spatial information.
+        logger.warning("--image-size %s gives a %s token grid for patch size %s: the patch-token features are a "
+                       "single token. Use --image-size %d or more for this backbone.", list(image_size), list(grid),
+                       max(model.patch_embed.patch_size), 2 * max(model.patch_embed.patch_size))
 
     n_blocks = sorted({int(n) for n in cfg.features.n_last_blocks})
     if n_blocks[-1] > model.depth:

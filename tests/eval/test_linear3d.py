@@ -206,3 +206,14 @@ def test_linear3d_names_the_missing_datalist_and_how_to_make_it(tiny_checkpoint,
                           "--dataset-name", "brain_lobes", "--base-data-dir", str(tmp_path / "nothing")])
     assert code == 1
     assert "python -m dinov2.data.classification_sample --out" in caplog.text and "datalist.json" in caplog.text
+
+
+def test_image_size_against_the_patch_size(lobe_data, tiny_checkpoint, tmp_path, caplog):
+    base = ["--pretrained-weights", str(tiny_checkpoint), "--dataset-name", "brain_lobes",
+            "--base-data-dir", str(lobe_data.parent), "--epochs", "1", "--learning-rates", "0.1"]
+    assert linear3d.main(base + ["--output-dir", str(tmp_path / "a"), "--image-size", "12"]) == 1
+    assert "--image-size [12, 12, 12] is not a multiple of the backbone's patch size 8" in caplog.text
+    caplog.clear()
+    # One token per axis still runs, with a warning that the patch features are a single token.
+    assert linear3d.main(base + ["--output-dir", str(tmp_path / "b"), "--image-size", "8"]) == 0
+    assert "[1, 1, 1] token grid" in caplog.text and "--image-size 16 or more" in caplog.text
