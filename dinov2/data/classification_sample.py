@@ -415,7 +415,7 @@ def write_classification_dataset(out_dir: str | os.PathLike, params: PatchTaskPa
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the dataset and print the datalist path."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m dinov2.data.classification_sample", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = PatchTaskParams()
     parser.add_argument("--out", required=True, help="destination folder")

@@ -41,7 +41,7 @@ FLAG_KEYS = {
     "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "eval_iters": "train.eval_iters",
     "warmup_iters": "optim.warmup_iters", "batch_size": "train.batch_size", "num_workers": "train.num_workers",
     "learning_rate": "optim.lr", "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale",
-    "seed": "seed",
+    "seed": "seed", "device": "train.device",
 }
 
 
@@ -68,6 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="on-disk cache of preprocessed volumes")
     p.add_argument("--resize-scale", type=float, help="resample to preset spacing / scale (2 = twice the voxels per axis)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train and evaluate (train.device; "
+                   "auto = CUDA when available), as in the other entry points")
     p.add_argument("opts", nargs="*", default=[], help="key=value config overrides")
     return p
 

@@ -151,7 +151,7 @@ def run_mhsa(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.vis_pca", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained-weights", required=True, help="backbone checkpoint (teacher_checkpoint.pth)")
     parser.add_argument("--image-path", required=True, nargs="+", help="NIfTI volume(s); PCA is fitted on all jointly")

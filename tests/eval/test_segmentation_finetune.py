@@ -115,3 +115,14 @@ def test_image_size_that_does_not_fit_the_patch_names_the_flag(tissue_data, tmp_
     args += ["--image-size", "36", "--base-data-dir", str(tissue_data), "--output-dir", str(tmp_path / "out")]
     assert segmentation3d.main(args) == 1
     assert "--image-size" in caplog.text and "multiple of" in caplog.text
+
+
+def test_flags_land_on_their_config_keys(tmp_path):
+    parser = segmentation3d.get_args_parser()
+    args = parser.parse_intermixed_args([
+        "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--base-data-dir", str(tmp_path),
+        "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--epochs", "3", "--image-size", "48",
+        "--segmentation-head", "Linear", "optim.lr=0.5"])
+    cfg = segmentation3d.build_config(args)
+    assert cfg.train.device == "cpu" and cfg.optim.epochs == 3 and cfg.model.head == "Linear"
+    assert list(cfg.dataset.roi_size) == [48, 48, 48] and cfg.optim.lr == 0.5

@@ -162,7 +162,8 @@ def resolve_datalist(preset: DatasetPreset, base_data_dir: str | os.PathLike) ->
     if not path.is_file():
         hint = ""
         if preset.raw.get("sample_command"):
-            hint = f" This preset's sample data is written by: {preset.raw['sample_command']} --out {base}."
+            command = str(preset.raw["sample_command"]).replace("<base_data_dir>", str(base))
+            hint = f" This preset's sample data is written by: {command}."
         raise FileNotFoundError(f"Datalist {path} not found. Put it there, or point the preset at it with "
                                 f"dataset.datalist=<file relative to {base}>.{hint}")
     return path
