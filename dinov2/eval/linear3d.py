@@ -38,8 +38,8 @@ from dinov2.eval.linear.metrics import classification_metrics
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
 from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
 from dinov2.eval.segmentation.preset import load_preset
-from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
+from dinov2.utils.entry_point import start_entry_point
 
 logger = logging.getLogger("dinov2.eval.linear3d")
 
@@ -279,8 +279,7 @@ def run(cfg: DictConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit code."""
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_cpu_allocator()
+    start_entry_point()
     try:
         cfg = build_config(args)
         run(cfg)

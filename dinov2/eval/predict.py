@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dinov2.data.image_io import is_nifti_path, strip_image_suffix
 from dinov2.distributed import resolve_device
-from dinov2.utils.allocator import tune_cpu_allocator
+from dinov2.utils.entry_point import start_entry_point
 from dinov2.utils.perf import autocast_context
 
 logger = logging.getLogger("dinov2.eval.predict")
@@ -88,8 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every case of ``--input``; returns the exit code."""
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_cpu_allocator()
+    start_entry_point()
     from .segmentation.checkpoint import load_finetuned
     from .segmentation.inference import predict_case
     from .segmentation.preview import write_preview

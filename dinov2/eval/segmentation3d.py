@@ -26,8 +26,8 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, unknown_keys
+from dinov2.utils.entry_point import start_entry_point
 
 from .segmentation.model import HEAD_NAMES, canonical_head_name
 from .segmentation.preset import load_preset
@@ -113,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run finetuning; returns the process exit code."""
     # Intermixed: key=value overrides may come before, between or after the flags.
     args = get_args_parser().parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_cpu_allocator()
+    start_entry_point()
     from dinov2.models.checkpoint import CheckpointError
     from dinov2.utils.errors import explained_resource_errors
 

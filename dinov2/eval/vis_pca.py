@@ -43,7 +43,7 @@ from dinov2.eval.visualisation.montage import attention_montage, pca_montage
 from dinov2.eval.visualisation.pca import fit_pca, scale_scores
 from dinov2.eval.visualisation.tokens import INPUT_TYPES, TokenMaps, compute_token_maps, to_voxels, token_fraction
 from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
-from dinov2.utils.allocator import tune_cpu_allocator
+from dinov2.utils.entry_point import start_entry_point
 
 logger = logging.getLogger("dinov2.eval.vis_pca")
 
@@ -174,8 +174,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit code."""
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_cpu_allocator()
+    start_entry_point()
     try:
         if args.mask_path is not None and len(args.mask_path) != len(args.image_path):
             raise ValueError(f"{len(args.mask_path)} masks for {len(args.image_path)} images: give one per image.")
