@@ -14,6 +14,9 @@ Collapse monitors (DINO's two failure modes):
   prototype takes every sample (dominant-dimension collapse).
 * ``teacher_cls_effective_rank``: ``exp`` of the entropy of the normalised singular values of
   the teacher's CLS embeddings (RankMe); near 1 means all samples map to one direction.
+
+:mod:`dinov2.train.collapse` turns these into warnings. :func:`progress_line` is the one line
+per logging period that ``train3d`` writes to ``log.txt``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,49 @@ def effective_rank(embeddings: Tensor) -> Tensor:
     s = torch.linalg.svdvals(embeddings.float())
     p = s / s.sum().clamp_min(1e-12) + 1e-7
     return torch.exp(-(p * torch.log(p)).sum())
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` (days prefixed when over 24 h) of a non-negative duration."""
+    seconds = max(int(round(seconds)), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def _against_uniform(name: str, record: Mapping[str, Any]) -> str:
+    """``dino 6.12/6.93``: a loss and its uniform value (just the loss when not monitored)."""
+    line = record.get(f"{name}_uniform_loss")
+    text = f"{name} {record[f'{name}_loss']:.3f}"
+    return f"{text}/{line:.3f}" if isinstance(line, float) else text
+
+
+def progress_line(record: Mapping[str, Any], done: int, total: int) -> str:
+    """One readable line of a logging period for ``log.txt``.
+
+    Losses are shown against their uniform values (``dino 6.12/6.93``: what the loss is when
+    the student predicts uniformly; a run sitting there has collapsed), ``teacher_entropy``
+    against ln K.
+
+    Args:
+        record: the period's metrics record (losses, ``epoch``, ``lr``, ``iterations_per_s``,
+            optionally the collapse monitors and ``collapse``, the active collapse conditions).
+        done: iterations completed.
+        total: the run's last iteration.
+    """
+    parts = [f"it {done}/{total}", f"epoch {record['epoch']:.2f}", f"total_loss {record['total_loss']:.3f}",
+             _against_uniform("dino", record), _against_uniform("ibot", record), f"koleo {record['koleo_loss']:.3f}"]
+    if "teacher_entropy" in record:
+        ln_k = record.get("dino_uniform_loss")  # = ln K of the DINO head
+        parts.append(f"teacher_entropy {record['teacher_entropy']:.2f}" + (f"/{ln_k:.2f}" if ln_k else ""))
+    speed = float(record.get("iterations_per_s", 0.0))
+    parts += [f"lr {record['lr']:.3g}", f"{speed:.2f} it/s"]
+    if speed > 0:
+        parts.append(f"ETA {format_eta((total - done) / speed)}")
+    if record.get("collapse"):
+        parts.append(f"collapse: {','.join(record['collapse'])}")
+    return "  ".join(parts)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -179,10 +225,11 @@ class ProgressBar:
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="it", dynamic_ncols=True,
                          desc="pretraining", smoothing=0.05)
 
-    def update(self, postfix: Mapping[str, float] | None = None) -> None:
-        """Advance by one iteration, optionally showing a few values (e.g. the loss)."""
+    def update(self, postfix: Mapping[str, float | str] | None = None) -> None:
+        """Advance by one iteration, optionally showing a few values (e.g. the loss; empty texts are left out)."""
         if postfix:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            shown = {k: v if isinstance(v, str) else f"{v:.4g}" for k, v in postfix.items() if v != ""}
+            self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:

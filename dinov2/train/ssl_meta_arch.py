@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Mapping
 
 import torch
@@ -436,6 +437,12 @@ class SSLMetaArch(nn.Module):
         out = {"dino_loss": dino_loss.detach(), "ibot_loss": ibot_loss.detach(),
                "koleo_loss": koleo_loss.detach(), "total_loss": total.detach()}
         if monitors:
+            # What each loss would be if the student predicted the uniform distribution (cross-
+            # entropy ln K against any target): the line a collapsed run sits on. iBOT averages
+            # over all global crops, unmasked ones adding 0, so its line scales with the masked share.
+            out["dino_uniform_loss"] = torch.tensor(math.log(self.dino_loss.out_dim))
+            masked_share = masks.any(dim=-1).float().mean().cpu()
+            out["ibot_uniform_loss"] = masked_share * math.log(self.ibot_loss.patch_out_dim)
             with torch.no_grad():
                 # The raw tempered softmax, not the centred targets: Sinkhorn-Knopp forces its
                 # targets to use every prototype and would hide a collapse of the teacher itself.

@@ -15,9 +15,13 @@ Config: ``dinov2/configs/data_defaults.yaml`` <- ``dinov2/configs/ssl3d_default_
 
 Outputs in ``--output-dir``: ``training_metrics.json`` (one JSON line per logging step),
 ``checkpoints/model_<iter>.pth`` (full training state, the last K), ``eval/training_<iter>/
-teacher_checkpoint.pth`` (teacher exports, ``<iter>`` = completed iterations), ``log.txt``.
+teacher_checkpoint.pth`` (teacher exports, ``<iter>`` = completed iterations), ``log.txt`` (one
+progress line per logging period, every export and checkpoint, collapse warnings).
 A run restarted with the same output folder resumes from its latest checkpoint (unless
 ``--no-resume``) and ends with the same weights as a run that was never interrupted.
+
+Collapse (``train.collapse_watch``, :mod:`dinov2.train.collapse`): a warning names what was seen
+and what to change; with ``stop_run`` the run saves that iteration and exits with code 1.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from dinov2.data.samplers import InfiniteSampler
 from dinov2.models.checkpoint import read_checkpoint
 from dinov2.models.export import save_teacher_checkpoint
 from dinov2.train.checkpointer import TrainingCheckpointer, capture_rng_state, restore_rng_state
+from dinov2.train.collapse import CollapseError, CollapseWatch
 from dinov2.train.loader import build_train_loader, seed_training_step
-from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter
+from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter, progress_line
 from dinov2.train.param_groups import apply_optim_scheduler
 from dinov2.train.schedules import build_schedulers
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -229,6 +234,52 @@ def _start_or_resume(arch: SSLMetaArch, scaler, cfg: DictConfig, latest: Path | 
     return optimizer, start_iter, start_position
 
 
+def _collapse_watch(cfg: DictConfig, world: int) -> CollapseWatch | None:
+    """The run's collapse watch, or None when ``train.collapse_watch.enabled`` is false or it would see nothing."""
+    if not cfg.train.collapse_watch.enabled:
+        return None
+    if not cfg.train.monitor_collapse:
+        logger.warning("train.collapse_watch.enabled=true needs the monitors of train.monitor_collapse=true; "
+                       "the collapse watch is off for this run.")
+        return None
+    return CollapseWatch.from_config(cfg, world)
+
+
+def _period_record(it: int, done: int, per_epoch: int, reduced: torch.Tensor, values: dict[str, float],
+                   grad_norm: torch.Tensor, meter: ThroughputMeter, losses: dict[str, torch.Tensor],
+                   device: torch.device) -> dict[str, Any]:
+    """The logging period's record (a line of training_metrics.json; collective: every rank calls it)."""
+    record: dict[str, Any] = {"iteration": it, **dict(zip(LOSS_KEYS, reduced.tolist())), **values}
+    record["epoch"] = done / per_epoch
+    record["grad_norm"] = float(grad_norm)
+    record.update(meter.summary())
+    monitors = {k: v for k, v in losses.items() if k not in LOSS_KEYS}
+    if "ibot_uniform_loss" in monitors:
+        # The reduced iBOT loss is a mean over ranks of per-rank losses, each with its own masked
+        # share: the mean of the per-rank uniform values is the line it collapses onto.
+        monitors["ibot_uniform_loss"] = distributed.all_reduce_mean(monitors["ibot_uniform_loss"].float().to(device))
+    record.update({k: float(v) for k, v in monitors.items()})
+    return record
+
+
+def _watch_step(watch: CollapseWatch | None, record: dict[str, Any], done: int, is_main: bool) -> str | None:
+    """Feed the record to the watch (rank 0) and add ``collapse`` (active conditions) to it.
+
+    Returns:
+        The stop message when a warning was raised and ``train.collapse_watch.stop_run`` is
+        true, else None; the same on every rank (collective when ``stop_run`` is true).
+    """
+    if watch is None:
+        return None
+    raised = watch.update(record) if is_main else []
+    record["collapse"] = watch.active
+    if not watch.settings.stop_run:
+        return None
+    # Only rank 0 watches; every rank must stop at the same iteration, or the others would
+    # hang in the next collective.
+    return distributed.broadcast_object(watch.stop_message(raised, done) if raised else None)
+
+
 def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
           device: torch.device | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; the process group, if any, must already exist.
@@ -245,6 +296,8 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
 
     Raises:
         NonFiniteLossError: a loss became NaN/Inf (the last good checkpoint is kept).
+        CollapseError: a collapse warning with ``train.collapse_watch.stop_run=true`` (that
+            iteration's teacher export and checkpoint are written first).
     """
     threads = torch.get_num_threads()
     if cfg.train.cpu_threads is not None:
@@ -296,8 +349,11 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     metrics = MetricsLogger(output_dir, start_iter, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
     bar = ProgressBar(max_iter, start_iter, enabled=is_main and bool(cfg.train.progress_bar))
     meter = ThroughputMeter()
+    watch = _collapse_watch(cfg, world)
     logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
                 start_iter, max_iter, global_batch, world, device)
+    logger.info("One line per %d iteration(s) below; 'dino 6.12/6.93' is a loss and its value for a uniform "
+                "prediction (a run that stays there has collapsed), teacher_entropy is shown against ln K", log_period)
 
     last_checkpoint, last_export, reduced = latest, None, None
     stream = iter(loader)
@@ -327,31 +383,34 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
             grad_norm = arch.optimizer_step(optimizer, scaler)
             arch.update_teacher(values["momentum"])
             meter.add(data_wait, global_batch)
-            bar.update({"loss": float(reduced[0])})
 
+            stop = None
             if log_now:
-                record = dict(zip(LOSS_KEYS, reduced.tolist()))
-                record.update(values)
-                record["epoch"] = done / per_epoch
-                record["grad_norm"] = float(grad_norm)
-                record.update(meter.summary())
-                record.update({k: float(v) for k, v in losses.items() if k not in LOSS_KEYS})
+                record = _period_record(it, done, per_epoch, reduced, values, grad_norm, meter, losses, device)
+                stop = _watch_step(watch, record, done, is_main)
                 metrics.log(it, record)
+                logger.info("%s", progress_line(record, done, max_iter))
                 meter.reset()
+            bar.update({"loss": float(reduced[0]), "collapse": watch.active_short if watch else ""})
             # Export before the checkpoint of the same iteration: a checkpoint at k then implies the
-            # export at k exists, even if the run is killed between the two writes.
-            if done % eval_period == 0 or done == max_iter:
+            # export at k exists, even if the run is killed between the two writes. A stopped run
+            # saves its last iteration too, to inspect it or to resume with stop_run=false.
+            if stop or done % eval_period == 0 or done == max_iter:
                 teacher = arch.teacher_state_dict()
                 if is_main:
                     last_export = save_teacher_checkpoint(
                         output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
+                    logger.info("Teacher export after %d iterations: %s", done, last_export)
                 distributed.barrier()
-            if done % ckpt_period == 0 or done == max_iter:
+            if stop or done % ckpt_period == 0 or done == max_iter:
                 position = start_position + (done - start_iter) * global_batch
                 state = _training_state(arch, optimizer, scaler, done, position, seed, len(dataset), cfg)
                 path = checkpointer.save(state)
                 last_checkpoint = path or last_checkpoint
                 distributed.barrier()
+            if stop:
+                saved = f" Saved: training state {last_checkpoint}, teacher export {last_export}." if is_main else ""
+                raise CollapseError(stop + saved)
     finally:
         bar.close()
         metrics.close()
@@ -403,6 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         raise
+    except CollapseError as exc:
+        # An outcome the user asked for (stop_run), not a bug: one line (every rank stopped at the
+        # same iteration; rank 0 speaks for all), no traceback.
+        if ctx.is_main_process:
+            logger.error("%s", exc)
+        return 1
     finally:
         _teardown_logging(handlers)
         distributed.shutdown_distributed()

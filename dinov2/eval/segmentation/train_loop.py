@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dinov2.distributed import get_world_size, init_distributed
 from dinov2.models.export import atomic_torch_save
+from dinov2.train.metrics import format_eta
 from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
 from dinov2.train.schedules import CosineScheduler
 from dinov2.utils.config import config_to_dict, save_config
@@ -104,15 +105,6 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
             metrics = case_metrics_dice_only(pred, target)
         cases.append({"name": item.get("name", str(index)), **metrics})
     return cases
-
-
-def format_eta(seconds: float) -> str:
-    """``H:MM:SS`` (days prefixed when over 24 h) of a non-negative duration."""
-    seconds = max(int(round(seconds)), 0)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
 
 
 def case_metrics_dice_only(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
