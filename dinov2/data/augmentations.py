@@ -325,6 +325,8 @@ class DataAugmentationDINO3d:
         sharpen_sigma2: Sequence[float] = (0.5, 1.0),
         sharpen_alpha: Sequence[float] = (10.0, 30.0),
         gibbs_alpha: Sequence[float] = (0.0, 0.8),
+        region_scale: Sequence[float] | None = None,
+        region_depth_scale: Sequence[float] | None = None,
         seed: int | np.random.SeedSequence = 0,
     ) -> None:
         for name, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
@@ -344,6 +346,12 @@ class DataAugmentationDINO3d:
         self.local_crops_scale = _check_fraction_range("local_crops_scale", local_crops_scale)
         self.local_crops_depth_scale = _check_fraction_range("local_crops_depth_scale", local_crops_depth_scale)
         self.aspect_ratio = check_range("aspect_ratio", aspect_ratio, 1e-6)
+        if (region_scale is None) != (region_depth_scale is None):
+            raise ValueError("region_scale and region_depth_scale must be set together (or both null), got "
+                             f"{region_scale!r} and {region_depth_scale!r}.")
+        self.region_scale = None if region_scale is None else _check_fraction_range("region_scale", region_scale)
+        self.region_depth_scale = (None if region_depth_scale is None
+                                   else _check_fraction_range("region_depth_scale", region_depth_scale))
         self.contrast_gamma = check_range("contrast_gamma", contrast_gamma, 1e-6)
         self.blur_sigma = check_range("blur_sigma", blur_sigma, 1e-6)
         self.sharpen_sigma1 = check_range("sharpen_sigma1", sharpen_sigma1, 1e-6)
@@ -455,8 +463,24 @@ class DataAugmentationDINO3d:
         with _single_thread():
             return self._make_crops(volume)
 
+    def _region(self, volume: torch.Tensor) -> torch.Tensor:
+        """The sub-volume every crop of this sample is drawn from (a view; the whole volume if off).
+
+        On a few near-identical volumes, crops drawn from anywhere in the volume show unrelated
+        anatomy, and the DINO objective (all crops of a sample share one target) can then only
+        be met by telling volumes apart or by flat outputs. Drawing all crops of a sample from
+        one random region makes their shared content a place in the anatomy.
+        """
+        if self.region_scale is None:
+            return volume
+        shape = volume.shape[1:]
+        size = sample_crop_size(self.rng, shape, self.region_scale, self.aspect_ratio, self.region_depth_scale)
+        start = sample_crop_start(self.rng, shape, size)
+        return volume[:, start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+
     def _make_crops(self, volume: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         g, l = self.global_crops_size, self.local_crops_size
+        volume = self._region(volume)
         global_crops = []
         for index in range(_NUMBER_OF_GLOBAL_CROPS):
             crop = self._intensity(self._crop(volume, g, self.global_crops_scale, self.global_crops_depth_scale))

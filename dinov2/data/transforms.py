@@ -6,7 +6,9 @@ The chain built by :func:`build_preprocessing`, in order, on a dict with an ``"i
    ``EnsureChannelFirstd``. A 4D series becomes ``(T, X, Y, Z)``, its frames on the channel axis;
    one frame is picked at random every time the volume is sampled (:func:`pick_frame`), after
    the cache, so caching never freezes the choice.
-2. :class:`ReplaceNonFinited`: NaN and +-Inf become the finite minimum (or 0).
+2. :class:`ReplaceNonFinited`: NaN and +-Inf become the finite minimum (or 0); then, if
+   ``target_spacing`` is set, MONAI's ``Spacingd`` resamples (trilinear) to that voxel size, so
+   a crop of N voxels covers the same millimetres in every volume of a mixed-resolution set.
 3. :class:`ReorderAxesd`: the two in-plane axes (equal spacing) first, the odd one last
    (:func:`in_plane_axis_order`); the affine is permuted with the data.
 4. Robust intensity scaling to ``[b_min, b_max]``: MONAI's ``ScaleIntensityRangePercentilesd``
@@ -41,6 +43,7 @@ from monai.transforms import (
     MapTransform,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
+    Spacingd,
 )
 from omegaconf import DictConfig, OmegaConf
 
@@ -128,6 +131,9 @@ def resolve_preprocessing_config(cfg: Mapping[str, Any] | DictConfig | None = No
         raise ValueError(f"preprocessing.nonfinite_fill must be 'min' or 'zero', got {out['nonfinite_fill']!r}.")
     if out["storage_dtype"] not in _STORAGE_DTYPES:
         raise ValueError(f"preprocessing.storage_dtype must be one of {sorted(_STORAGE_DTYPES)}, got {out['storage_dtype']!r}.")
+    spacing = out["target_spacing"]
+    if spacing is not None and (len(spacing) != 3 or not all(float(v) > 0 for v in spacing)):
+        raise ValueError(f"preprocessing.target_spacing must be null or three positive sizes in mm, got {spacing!r}.")
     margin = out["foreground"]["margin"]
     if int(margin) != margin or margin < 0:
         raise ValueError(f"preprocessing.foreground.margin must be a non-negative integer, got {margin!r}.")
@@ -345,6 +351,8 @@ def build_preprocessing(cfg: Mapping[str, Any] | DictConfig | None = None, key: 
         EnsureChannelFirstd(keys=key),
         ReplaceNonFinited(keys=key, fill=c["nonfinite_fill"]),
     ]
+    if c["target_spacing"] is not None:
+        transforms.append(Spacingd(keys=key, pixdim=[float(v) for v in c["target_spacing"]], mode="bilinear"))
     if c["reorder_axes"]:
         transforms.append(ReorderAxesd(keys=key))
     if intensity["mode"] == "percentile":

@@ -95,6 +95,37 @@ def test_crops_lie_inside_the_volume():
                 assert crop[c].min() >= 0 and crop[c].max() <= n - 1
 
 
+def test_region_holds_every_crop_of_a_sample():
+    """With a region, all crops of one sample come from one sub-volume of the given fractions."""
+    shape = (60, 60, 40)
+    aug = DataAugmentationDINO3d(global_crops_size=8, local_crops_size=4, local_crops_number=4, **NO_INTENSITY,
+                                 flip_prob=0.0, rotate90_prob=0.0, region_scale=(0.25, 0.25),
+                                 region_depth_scale=(0.5, 0.5), aspect_ratio=(1.0, 1.0), seed=5)
+    coords = coordinate_volume(shape)
+    starts = set()
+    for _ in range(20):
+        out = aug(coords)
+        crops = out["global_crops"] + out["local_crops"]
+        low = [min(float(c[a].min()) for c in crops) for a in range(3)]
+        high = [max(float(c[a].max()) for c in crops) for a in range(3)]
+        # region: 30 x 30 in-plane (a quarter of the area), 20 through-plane
+        assert [h - lo for lo, h in zip(low, high)] <= [29.0, 29.0, 19.0]
+        starts.add(tuple(round(v) for v in low))
+    assert len(starts) > 5  # the region moves from sample to sample
+    plain = DataAugmentationDINO3d(global_crops_size=8, local_crops_size=4, local_crops_number=4, **NO_INTENSITY,
+                                   seed=5)
+    spans = []
+    for _ in range(20):
+        crops = sum(plain(coords).values(), [])
+        spans.append(max(float(c[0].max()) for c in crops) - min(float(c[0].min()) for c in crops))
+    assert max(spans) > 29.0  # without a region the crops of a sample spread wider
+
+
+def test_region_scales_must_come_together():
+    with pytest.raises(ValueError, match="region_scale and region_depth_scale"):
+        DataAugmentationDINO3d(region_scale=(0.3, 0.5))
+
+
 def test_resized_crop_reads_exactly_its_box_and_matches_monai():
     torch.manual_seed(0)
     volume = torch.rand(2, 23, 19, 17)
@@ -308,6 +339,9 @@ def test_yaml_defaults_equal_constructor_defaults():
     public = lambda a: {k: v for k, v in vars(a).items() if k not in ("rng", "torch_generator")}  # noqa: E731
     assert set(load_data_defaults()["crops"]) == set(public(plain))
     for key, value in public(plain).items():
+        if value is None:  # optional settings that are off by default
+            assert public(from_yaml)[key] is None, key
+            continue
         assert np.allclose(public(from_yaml)[key], value), key
 
 

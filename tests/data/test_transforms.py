@@ -149,6 +149,7 @@ def test_cache_key_tracks_the_data_options_only():
         {"reorder_axes": False},
         {"nonfinite_fill": "zero"},
         {"storage_dtype": "float16"},
+        {"target_spacing": [2.0, 2.0, 2.0]},
     ]
     keys = {preprocessing_cache_key(c) for c in changed}
     assert base not in keys and len(keys) == len(changed)
@@ -164,6 +165,8 @@ def test_cache_key_tracks_the_data_options_only():
         ({"nonfinite_fill": "mean"}, "nonfinite_fill"),
         ({"cache": {"mode": "disk"}}, "cache.dir"),
         ({"foreground": {"margin": -1}}, "margin"),
+        ({"target_spacing": [2.0, 2.0]}, "target_spacing"),
+        ({"target_spacing": [2.0, 0.0, 2.0]}, "target_spacing"),
     ],
 )
 def test_invalid_preprocessing_config_raises(cfg, message):
@@ -178,3 +181,17 @@ def test_dicom_series_loads_through_pydicom(tmp_path, dicom_series_writer):
     assert tuple(record["image"].shape) == (1, 10, 12, 6)
     assert record["spacing"] == pytest.approx([0.8, 0.8, 2.5])
     assert float(record["image"].min()) == pytest.approx(-1.0) and float(record["image"].max()) == pytest.approx(1.0)
+
+
+def test_target_spacing_resamples_every_volume_to_the_same_voxel_size(tmp_path):
+    """A 1 mm and a 4 mm volume of the same 40 mm box both come out at 2 mm: 20 voxels a side."""
+    cfg = {**NO_FOREGROUND, **LINEAR, "target_spacing": [2.0, 2.0, 2.0]}
+    fine = save_nifti(tmp_path / "fine.nii", np.full((40, 40, 40), 500.0), spacing=(1.0, 1.0, 1.0))
+    coarse = save_nifti(tmp_path / "coarse.nii", np.full((10, 10, 10), 500.0), spacing=(4.0, 4.0, 4.0))
+    for path in (fine, coarse):
+        out = build_preprocessing(cfg)({"image": path})
+        assert out["spacing"] == pytest.approx([2.0, 2.0, 2.0])
+        assert tuple(out["image"].shape[1:]) == pytest.approx((20, 20, 20), abs=1)
+        assert torch.allclose(out["image"], torch.zeros(()), atol=1e-5)  # 500 -> 0 in the window, kept by resampling
+    unchanged = build_preprocessing({**NO_FOREGROUND, **LINEAR})({"image": coarse})
+    assert tuple(unchanged["image"].shape[1:]) == (10, 10, 10) and unchanged["spacing"] == pytest.approx([4.0] * 3)
