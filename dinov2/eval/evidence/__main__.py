@@ -1,0 +1,49 @@
+"""``python -m dinov2.eval.evidence``: print and write whether a teacher's frozen features learned anything."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dinov2.data.sample_data import SampleDataError
+from dinov2.utils.entry_point import start_entry_point
+
+from . import __doc__ as PACKAGE_DOC
+from .errors import EvidenceError
+from .report import format_table
+from .run import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_WINDOW, run_evidence
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.evidence", description=PACKAGE_DOC.split("\n\n")[0],
+                                     epilog=PACKAGE_DOC.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, nargs="+", help="teacher checkpoint(s); several = several seeds")
+    parser.add_argument("--output-dir", default=None, help="where evidence.json / evidence.md go "
+                        "(default: <first teacher's folder>/evidence)")
+    parser.add_argument("--random-seeds", type=int, default=3, help="random-init backbones compared (seeds 0..n-1)")
+    parser.add_argument("--dense-window", type=int, default=DEFAULT_DENSE_WINDOW,
+                        help="dense-task window side in voxels; a multiple of the backbone's patch size")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit code (1 with one ``ERROR:`` line for a user error)."""
+    args = get_args_parser().parse_args(argv)
+    start_entry_point()
+    try:
+        evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
+                                args.batch_size)
+    except (EvidenceError, SampleDataError) as exc:
+        print("ERROR: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    print(format_table(evidence))
+    print(f"Wrote {evidence['files']['json']} and {evidence['files']['markdown']} ({evidence['seconds']} s).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

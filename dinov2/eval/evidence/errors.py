@@ -1,0 +1,7 @@
+"""The one exception type of the evidence command: a user error whose message names the fix."""
+
+from __future__ import annotations
+
+
+class EvidenceError(ValueError):
+    """The evidence cannot be computed as asked (bad file, bad option); the message says what to change."""

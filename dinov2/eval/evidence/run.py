@@ -1,0 +1,199 @@
+"""``run_evidence``: every representation on every task, then the summary (what the command runs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import Teacher, load_teacher, random_backbone, same_architecture
+from .baselines import POOLING_GRIDS, raw_features
+from .dense_task import build_dense_task
+from .errors import EvidenceError
+from .features import network_features
+from .held_out import EVALUATION_FILES, held_out_files, pretraining_overlap
+from .patch_task import PATCH_PARAMS, build_patch_task
+from .probe import balanced_accuracy, fit_probe
+from .report import JSON_NAME, MARKDOWN_NAME, summarise_task, write_outputs
+from .tasks import NUM_CLASSES, SPLITS, TaskData
+from .volumes import load_evidence_volumes
+
+logger = logging.getLogger("dinov2.eval.evidence")
+
+DEFAULT_DENSE_WINDOW = 32
+DEFAULT_BATCH_SIZE = 64
+
+
+def probe_scores(features: dict[str, torch.Tensor], task: TaskData) -> dict:
+    """Fit the probe on training, choose its penalty on validation, score it on test.
+
+    Args:
+        features: split name -> ``(T, D)`` features of the split's labelled items.
+        task: the task (for its labels).
+
+    Returns:
+        ``{"test_balanced_accuracy", "validation_balanced_accuracy", "l2"}``.
+    """
+    labels = {s: task.splits[s].labels for s in SPLITS}
+    probe, validation = fit_probe(features["training"], labels["training"], features["validation"],
+                                  labels["validation"], NUM_CLASSES)
+    test = balanced_accuracy(probe.predict(features["test"]), labels["test"])
+    return {"test_balanced_accuracy": test, "validation_balanced_accuracy": validation, "l2": probe.l2}
+
+
+def network_scores(model: nn.Module, task: TaskData, batch_size: int, device: torch.device) -> dict:
+    """:func:`probe_scores` of a frozen backbone's features (moved to ``device`` and back)."""
+    model.to(device)
+    try:
+        features = {s: network_features(model, task.splits[s], batch_size, device) for s in SPLITS}
+    finally:
+        model.cpu()
+    return probe_scores(features, task)
+
+
+def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
+    """The raw-intensity baseline with the pooling grid chosen on validation (ties: the coarser grid).
+
+    Returns:
+        :func:`probe_scores` of the chosen grid plus ``pooling`` (g), ``features`` (g^3) and
+        ``validation_by_pooling`` (g -> validation balanced accuracy).
+    """
+    side = min(patch) if task.name == "dense" else PATCH_PARAMS.patch_size
+    tried = {}
+    for grid in (g for g in POOLING_GRIDS if g <= side):
+        features = {s: raw_features(task.splits[s], grid, patch) for s in SPLITS}
+        tried[grid] = probe_scores(features, task)
+    best = max(tried, key=lambda g: (tried[g]["validation_balanced_accuracy"], -g))
+    return {**tried[best], "pooling": best, "features": best ** 3,
+            "validation_by_pooling": {str(g): r["validation_balanced_accuracy"] for g, r in tried.items()}}
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvidenceError(f"--device {name} but CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+def check_sizes(teacher: Teacher, dense_window: int) -> tuple[int, int, int]:
+    """The backbone's patch size, after checking that the patch task and the dense windows fit it.
+
+    Raises:
+        EvidenceError: a patch-task patch or ``dense_window`` is not a multiple of the patch size.
+    """
+    patch = tuple(int(p) for p in teacher.model.patch_embed.patch_size)
+    side = PATCH_PARAMS.patch_size
+    if any(side % p for p in patch):
+        raise EvidenceError(f"{teacher.path}: the backbone's patch size {list(patch)} does not divide the patch "
+                            f"task's {side}-voxel patches; the evidence needs a patch size of 2, 4, 8 or 16.")
+    step = math.lcm(*patch)
+    if dense_window < step or dense_window % step:
+        suggestion = max(step, round(DEFAULT_DENSE_WINDOW / step) * step)
+        raise EvidenceError(f"--dense-window {dense_window} is not a multiple of the backbone's patch size "
+                            f"{list(patch)} ({teacher.path}): pass a multiple of {step}, "
+                            f"e.g. --dense-window {suggestion}.")
+    return patch  # type: ignore[return-value]
+
+
+def _check_overlap(teachers: list[Teacher]) -> list[dict]:
+    held_out = held_out_files()
+    checks = []
+    for teacher in teachers:
+        check = {"teacher": str(teacher.path), **pretraining_overlap(teacher.config, held_out)}
+        if check["held_out_in_datalist"]:
+            logger.warning("%s: the evaluation data was in its pretraining datalist %s (%s): the result is NOT "
+                           "evidence.", teacher.path, check["datalist"], ", ".join(check["held_out_in_datalist"]))
+        elif not check["checked"]:
+            logger.warning("%s: %s.", teacher.path, check["note"])
+        checks.append(check)
+    return checks
+
+
+def _score_backbone(model: nn.Module, label: str, tasks: list[TaskData], batch_size: int,
+                    device: torch.device) -> dict[str, dict]:
+    """Task name -> :func:`network_scores` of one backbone, each logged as it comes."""
+    scores = {}
+    for task in tasks:
+        scores[task.name] = found = network_scores(model, task, batch_size, device)
+        logger.info("%s task, %s: test balanced accuracy %.3f (validation %.3f, l2 %g)", task.name, label,
+                    found["test_balanced_accuracy"], found["validation_balanced_accuracy"], found["l2"])
+    return scores
+
+
+def _evaluate_all(teachers: list[Teacher], spec: dict, seeds: range, tasks: list[TaskData],
+                  patch: Sequence[int], batch_size: int, device: torch.device) -> dict:
+    """Task name -> ``{"teacher": [...], "random_init": [...], "raw": {...}}`` (see :func:`summarise_task`)."""
+    results = {t.name: {"teacher": [], "random_init": []} for t in tasks}
+    for i, teacher in enumerate(teachers):
+        label = f"teacher {i + 1}/{len(teachers)} ({teacher.path})"
+        for name, scores in _score_backbone(teacher.model, label, tasks, batch_size, device).items():
+            results[name]["teacher"].append({"checkpoint": str(teacher.path), **scores})
+    for seed in seeds:
+        model = random_backbone(spec, seed)
+        for name, scores in _score_backbone(model, f"random init seed {seed}", tasks, batch_size, device).items():
+            results[name]["random_init"].append({"seed": seed, **scores})
+    for task in tasks:
+        results[task.name]["raw"] = raw = raw_scores(task, patch)
+        logger.info("%s task, raw intensities pooled to %d^3: test balanced accuracy %.3f (validation %.3f)",
+                    task.name, raw["pooling"], raw["test_balanced_accuracy"], raw["validation_balanced_accuracy"])
+    return results
+
+
+def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
+                 output_dir: str | os.PathLike | None = None, device: str = "cpu",
+                 dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Measure whether pretrained teachers' frozen features beat random inits and raw intensities.
+
+    Args:
+        teachers: teacher checkpoints (several = several pretraining seeds; one architecture).
+        random_seeds: random-init backbones of that architecture (seeds 0 .. n-1).
+        output_dir: where evidence.json / evidence.md go (default ``<first teacher's folder>/evidence``).
+        device: ``cpu`` or ``cuda[:i]``; features are computed there in float32.
+        dense_window: window side of the dense task in voxels (a multiple of the patch size).
+        batch_size: patches per forward pass (dense windows: a quarter of it).
+
+    Returns:
+        What evidence.json holds (``tasks.<patch|dense>`` with per-seed values, statistics,
+        margins, chance; held-out files; the pretraining-datalist check; ``files``).
+
+    Raises:
+        EvidenceError: a bad file or option (the message names the fix).
+        SampleDataError: the sample-data packages are not installed.
+    """
+    started = time.perf_counter()
+    if not teachers:
+        raise EvidenceError("No teacher checkpoint given: pass at least one --teacher teacher_checkpoint.pth.")
+    if random_seeds < 0 or batch_size < 1:
+        raise EvidenceError(f"--random-seeds must be >= 0 and --batch-size >= 1, got {random_seeds} and {batch_size}.")
+    device = _device(device)
+    loaded = [load_teacher(p) for p in teachers]
+    spec = same_architecture(loaded)
+    patch = check_sizes(loaded[0], dense_window)
+    output_dir = Path(output_dir) if output_dir is not None else loaded[0].path.parent / "evidence"
+    overlap = _check_overlap(loaded)
+    logger.info("Building the evaluation tasks from the FSL MNI152 templates and the Harvard-Oxford atlas.")
+    volumes = load_evidence_volumes()
+    tasks = [build_patch_task(volumes), build_dense_task(volumes, dense_window, patch)]
+    results = _evaluate_all(loaded, spec, range(random_seeds), tasks, patch, batch_size, device)
+    evidence = {
+        "teachers": [str(t.path) for t in loaded],
+        "random_seeds": list(range(random_seeds)),
+        "backbone": spec,
+        "device": str(device),
+        "evaluation_files": [str(p) for p in held_out_files(include_near_duplicates=False)],
+        "evaluation_file_names": [f"{pkg}/{rel}" for pkg, rel in EVALUATION_FILES],
+        "held_out_files": [str(p) for p in held_out_files()],
+        "pretraining_overlap": overlap,
+        "evaluation_data_in_pretraining": any(c["held_out_in_datalist"] for c in overlap),
+        "tasks": {t.name: summarise_task(t, results[t.name]) for t in tasks},
+    }
+    evidence["seconds"] = round(time.perf_counter() - started, 1)
+    evidence["files"] = {"json": str(output_dir / JSON_NAME), "markdown": str(output_dir / MARKDOWN_NAME)}
+    write_outputs(evidence, output_dir)
+    return evidence

@@ -1,0 +1,289 @@
+"""The evidence command: clean splits, labels that match the atlas, a sound probe, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2.data.classification_sample import TEMPLATES, plan_patch_sites
+from dinov2.data.sample_data import package_dir
+from dinov2.eval.evidence import NEAR_DUPLICATE_FILES, held_out_files, pretraining_overlap
+from dinov2.eval.evidence.__main__ import main
+from dinov2.eval.evidence.backbones import random_backbone
+from dinov2.eval.evidence.baselines import token_cubes
+from dinov2.eval.evidence.dense_task import (
+    band_rows,
+    build_dense_task,
+    cut_window,
+    dense_band_rows,
+    plan_dense_windows,
+    to_token_cubes,
+    token_labels,
+)
+from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task
+from dinov2.eval.evidence.probe import balanced_accuracy, fit_probe
+from dinov2.eval.evidence.run import raw_scores
+from dinov2.eval.evidence.tasks import TaskData, TaskSplit
+from dinov2.eval.evidence.volumes import EvidenceVolumes, hemisphere_frames, load_evidence_volumes
+from dinov2.eval.segmentation.checkpoint import save_finetuned
+from dinov2.eval.segmentation.model import build_segmentation_model
+from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
+from dinov2.models import build_model
+from dinov2.models.export import save_teacher_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[2]
+PATCH = (8, 8, 8)
+TINY_SPEC = {"arch": "vit_tiny_3d", "kwargs": {"patch_size": 8, "img_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def volumes() -> EvidenceVolumes:
+    return load_evidence_volumes()
+
+
+def tiny_teacher(path: Path, datalist: str | None = None) -> Path:
+    """A random vit_tiny_3d (8^3 patches) saved as our teacher checkpoint."""
+    torch.manual_seed(7)
+    model = build_model("vit_tiny_3d", patch_size=8, img_size=32)
+    config = {"student": {"arch": "vit_tiny_3d", "patch_size": 8}, "crops": {"global_crops_size": 32}}
+    if datalist is not None:
+        config["train"] = {"datalist": datalist}
+    return save_teacher_checkpoint(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, config, 0)
+
+
+# ------------------------------------------------------------------------------ held-out files
+def test_held_out_files_are_the_evaluation_templates_and_their_near_duplicates():
+    evaluation = held_out_files(include_near_duplicates=False)
+    assert evaluation == [(package_dir(p) / r).resolve() for p, r in TEMPLATES.values()]
+    everything = held_out_files()
+    assert everything[:2] == evaluation
+    assert {p.name for p in everything[2:]} == {Path(r).name for _, r in NEAR_DUPLICATE_FILES}
+    assert all(p.is_file() for p in everything)
+
+
+def test_overlap_check_resolves_datalist_paths_relative_to_the_datalist(tmp_path):
+    held = held_out_files()
+    near_duplicate = held[3]
+    datalist = tmp_path / "lists" / "pretrain.json"
+    datalist.parent.mkdir()
+    other = tmp_path / "other.nii.gz"
+    datalist.write_text(json.dumps([{"image": os.path.relpath(near_duplicate, datalist.parent)},
+                                    {"image": str(other)}]))
+    found = pretraining_overlap({"train": {"datalist": str(datalist)}}, held)
+    assert found["checked"] and found["held_out_in_datalist"] == [str(near_duplicate)]
+    datalist.write_text(json.dumps([{"image": str(other)}]))
+    clean = pretraining_overlap({"train": {"datalist": str(datalist)}}, held)
+    assert clean["checked"] and clean["held_out_in_datalist"] == []
+    gone = pretraining_overlap({"train": {"datalist": str(tmp_path / "missing.json")}}, held)
+    assert not gone["checked"] and "not on this machine" in gone["note"]
+    assert not pretraining_overlap(None, held)["checked"]
+
+
+# ------------------------------------------------------------------------------ dense split and labels
+def test_dense_windows_respect_hemispheres_and_the_validation_band(volumes):
+    shape, affine = volumes.lobes.shape, volumes.affine
+    windows = plan_dense_windows(shape, affine, 32, shifts=(0, 4))
+    band = dense_band_rows(band_rows(affine, PATCH_PARAMS.val_band_mm), 32)
+    patch_band = band_rows(affine, PATCH_PARAMS.val_band_mm)
+    assert band[0] <= patch_band[0] and patch_band[1] <= band[1] and band[1] - band[0] == 32
+    midline = int(round(-affine[0, 3] / affine[0, 0]))
+    assert {w.split for w in windows} == {"training", "validation", "test"}
+    for w in windows:
+        (x0, x1), _, _ = w.atlas_box
+        world_x = affine[0, 0] * np.arange(x0, x1) + affine[0, 3]
+        assert not x0 <= midline < x1, w  # the midline column belongs to no window
+        assert (world_x < 0).all() if w.split == "test" else (world_x > 0).all(), w
+        z0, z1 = w.origin[2], w.origin[2] + 32  # the whole window, padding included
+        if w.split == "training":
+            assert z1 <= band[0] or z0 >= band[1], w
+        elif w.split == "validation":
+            assert band[0] <= z0 and z1 <= band[1], w
+
+
+def test_dense_task_inputs_come_from_the_right_place(volumes):
+    """Templates that encode the atlas column and row: every split's voxels must come from its region."""
+    columns, rows = np.indices(volumes.lobes.shape, dtype=np.float32)[[0, 2]]
+    names = list(TEMPLATES)
+    coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, {names[0]: columns, names[1]: rows})
+    task = build_dense_task(coded, 32, PATCH)
+    band = task.info["validation_band_rows"]
+    midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
+    for split_name, split in task.splits.items():
+        half = split.inputs.shape[0] // 2  # windows of the first template, then of the second
+        col, row = split.inputs[:half], split.inputs[half:]
+        col, row = col[col >= 0], row[row >= 0]  # -1 is padding
+        assert ((col > midline) if split_name == "test" else (col < midline)).all(), split_name
+        if split_name == "training":
+            assert ((row < band[0]) | (row >= band[1])).all()
+        elif split_name == "validation":
+            assert ((row >= band[0]) & (row < band[1])).all()
+
+
+def test_token_labels_match_the_atlas_on_a_hand_checked_window(volumes):
+    frame = hemisphere_frames(volumes.affine, volumes.lobes.shape)["left"]  # mirrored: the tricky one
+    origin = (13, 54, 28)  # a test window in the middle of the left hemisphere
+    labels = token_labels(cut_window(frame.cut(volumes.lobes), origin, 32, -1), PATCH)
+    lo, hi = frame.columns
+    checked = 0
+    for a in range(4):
+        for b in range(4):
+            for c in range(4):
+                # frame index u shows atlas column hi - 1 - u: the token's 8 frame columns, mirrored back
+                u0 = origin[0] + 8 * a
+                xs = slice(hi - (u0 + 8), hi - u0)
+                ys = slice(origin[1] + 8 * b, origin[1] + 8 * b + 8)
+                zs = slice(origin[2] + 8 * c, origin[2] + 8 * c + 8)
+                cube = volumes.lobes[xs, ys, zs]
+                assert cube.size == 512
+                counts = np.bincount(cube[cube >= 0], minlength=5)
+                expected = int(counts.argmax()) if counts.sum() >= 128 else -1
+                assert labels[(a * 4 + b) * 4 + c] == expected, (a, b, c)  # d fastest
+                checked += expected >= 0
+    assert checked >= 10
+
+
+def test_token_order_is_the_backbones():
+    """Token cubes are flattened as the patch embedding flattens its Conv3d output."""
+    model = build_model("vit_tiny_3d", patch_size=4, img_size=16)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()
+        model.patch_embed.proj.weight[0].fill_(1 / 64)  # channel 0: the cube's mean
+        model.patch_embed.proj.bias.zero_()
+        x = torch.randn(2, 1, 8, 12, 16)
+        embedded = model.patch_embed(x)[..., 0]
+    cubes = to_token_cubes(x[:, 0], (4, 4, 4))
+    torch.testing.assert_close(embedded, cubes.mean(-1), rtol=1e-5, atol=1e-6)
+    tokens = torch.tensor([[1, 5], [0, 23]])
+    picked = token_cubes(x, tokens, (4, 4, 4))
+    torch.testing.assert_close(picked.flatten(1).mean(1), embedded[tokens[:, 0], tokens[:, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_patch_task_is_classification_samples_sites_with_the_left_side_mirrored(volumes):
+    as_image = {name: volumes.lobes.astype(np.float32) for name in TEMPLATES}
+    task = build_patch_task(EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, as_image))
+    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
+    for split_name, split in task.splits.items():
+        n = sum(s.split == split_name for s in sites)
+        assert split.inputs.shape == (2 * n, 1, 16, 16, 16)
+        # The labelled atlas voxel is the centre, index 8; a mirrored patch shows it at 15 - 8 = 7.
+        x = 7 if split_name == "test" else 8
+        assert torch.equal(split.inputs[:, 0, x, 8, 8].long(), split.labels), split_name
+
+
+# ------------------------------------------------------------------------------ probe and baseline
+def _blobs(n: int, generator: torch.Generator, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(n) % 5
+    centres = torch.eye(5, 12) * 6
+    return centres[labels] + spread * torch.randn(n, 12, generator=generator), labels
+
+
+def test_probe_separates_separable_data_and_stays_at_chance_on_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    (tx, ty), (vx, vy), (sx, sy) = (_blobs(n, g, 1.0) for n in (300, 100, 1000))
+    probe, validation = fit_probe(tx, ty, vx, vy, 5)
+    assert validation > 0.95 and balanced_accuracy(probe.predict(sx), sy) > 0.95
+    again, _ = fit_probe(tx, ty, vx, vy, 5)
+    assert torch.equal(again.weight, probe.weight) and again.l2 == probe.l2  # deterministic
+    # Shuffled labels carry no information about the features: the probe cannot beat chance.
+    shuffle = lambda y: y[torch.randperm(y.numel(), generator=g)]  # noqa: E731
+    noise, _ = fit_probe(tx, shuffle(ty), vx, shuffle(vy), 5)
+    assert abs(balanced_accuracy(noise.predict(sx), shuffle(sy)) - 0.2) < 0.06
+
+
+def test_balanced_accuracy_weighs_every_class_the_same():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    assert balanced_accuracy(torch.zeros(100, dtype=torch.long), labels) == pytest.approx(0.5)
+
+
+def test_raw_baseline_chooses_its_pooling_on_validation():
+    """Labels in which octant is bright: invisible to one mean (g=1), plain at g=2 (and at g=4)."""
+    g = torch.Generator().manual_seed(1)
+
+    def split(n: int) -> TaskSplit:
+        labels = torch.arange(n) % 5
+        x = 0.3 * torch.randn(n, 1, 16, 16, 16, generator=g)
+        for i, c in enumerate(labels.tolist()):
+            a, b, d = (c >> 2) & 1, (c >> 1) & 1, c & 1
+            x[i, 0, 8 * a:8 * a + 8, 8 * b:8 * b + 8, 8 * d:8 * d + 8] += 1.0
+        return TaskSplit(x, labels)
+
+    task = TaskData("patch", {"training": split(100), "validation": split(50), "test": split(50)})
+    raw = raw_scores(task, PATCH)
+    assert raw["pooling"] == 2 and raw["features"] == 8
+    assert raw["validation_by_pooling"]["1"] < 0.5 < raw["validation_by_pooling"]["2"]
+    assert raw["test_balanced_accuracy"] > 0.9
+
+
+def test_random_inits_share_the_teachers_architecture_and_differ_by_seed():
+    teacher = build_model("vit_tiny_3d", patch_size=8, img_size=32)
+    a, b, a_again = (random_backbone(TINY_SPEC, s) for s in (0, 1, 0))
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in teacher.state_dict().items()}
+    assert torch.equal(a.pos_embed, a_again.pos_embed) and not torch.equal(a.pos_embed, b.pos_embed)
+
+
+# ------------------------------------------------------------------------------ command line
+def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_path, capsys):
+    datalist = tmp_path / "pretrain.json"
+    datalist.write_text(json.dumps([{"image": str(held_out_files()[0])}]))
+    teacher = tiny_teacher(tmp_path / "run" / "teacher_checkpoint.pth", datalist=str(datalist))
+    assert main(["--teacher", str(teacher), "--random-seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("WARNING:") and "not evidence" in line for line in out.splitlines())
+    evidence = json.loads((tmp_path / "run" / "evidence" / "evidence.json").read_text())
+    assert evidence["evaluation_data_in_pretraining"] is True
+    assert evidence["pretraining_overlap"][0]["held_out_in_datalist"] == [str(held_out_files()[0])]
+    markdown = (tmp_path / "run" / "evidence" / "evidence.md").read_text()
+    assert markdown.startswith("| task |") and "WARNING:" in markdown
+    for name in ("patch", "dense"):
+        task = evidence["tasks"][name]
+        seeds = [r["test_balanced_accuracy"] for r in task["random_init"]["per_seed"]]
+        assert [r["seed"] for r in task["random_init"]["per_seed"]] == [0, 1]
+        assert task["random_init"]["std"] > 0 and max(seeds) > min(seeds)
+        assert task["chance"] == pytest.approx(0.2)
+        assert 0.2 < task["teacher"]["mean"] <= 1 and task["raw"]["pooling"] in (1, 2, 4)
+        assert task["margins"]["teacher_minus_raw"] == pytest.approx(
+            task["teacher"]["mean"] - task["raw"]["test_balanced_accuracy"])
+        assert f"{name}  teacher - random" in out
+
+
+def tiny_segmentation_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    kwargs = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 16}
+    model = build_segmentation_model(build_model("vit_tiny_3d", **kwargs), "UNETR", 1, 2, {"feature_size": 4})
+    preset = DatasetPreset.from_config(dict(load_preset("brain_tissue")))
+    return save_finetuned(path, model, {"arch": "vit_tiny_3d", "kwargs": kwargs}, {"model": {}}, preset, 1,
+                          {"name": "dice", "value": 0.5})
+
+
+@pytest.mark.parametrize("case", ["missing", "segmentation", "window"])
+def test_cli_user_errors_are_one_error_line(case, tmp_path, capsys):
+    if case == "missing":
+        path, extra, says = tmp_path / "nope.pth", [], "not found"
+    elif case == "segmentation":
+        path, extra, says = tiny_segmentation_model(tmp_path / "best_model.pth"), [], "finetuned segmentation"
+    else:
+        path, extra, says = tiny_teacher(tmp_path / "t.pth"), ["--dense-window", "20"], "multiple of 8"
+    assert main(["--teacher", str(path), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and str(path) in err[0] and says in err[0], err
+
+
+def test_cli_process_refuses_a_garbage_file_without_traceback(tmp_path):
+    garbage = tmp_path / "teacher_checkpoint.pth"
+    garbage.write_text("not a checkpoint\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dinov2.eval.evidence", "--teacher", str(garbage)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and errors[0].startswith("ERROR:") and str(garbage) in errors[0], done.stderr
+    assert "not a PyTorch checkpoint" in errors[0] and "--pretrained-weights" not in errors[0]
