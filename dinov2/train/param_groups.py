@@ -15,9 +15,10 @@ parameter (``dino_head.*``, ``ibot_head.*``)
 LR multiplier = ``lr_decay_rate ** (num_layers + 1 - layer_id)`` (1 for the heads), times
 ``patch_embed_lr_mult`` for the patch embedding. Weight decay is switched off
 (``wd_multiplier = 0``) for biases, every 1-D parameter (norm weights, LayerScale ``gamma``)
-and the learned tokens / position embedding: these are offsets and tables rather than weights,
-and a decay that grows to 0.4 would pull the position table towards zero (timm and iBOT exclude
-them for the same reason). ``last_layer`` parameters (the prototypes) are flagged so the trainer
+and, unless ``decay_tokens`` is set, the learned tokens / position embedding: these are offsets
+and tables rather than weights, and a decay that grows to 0.4 pulls the position table towards
+zero (timm and iBOT exclude them). The published 3DINO recipe decays them, so the packaged
+ViT-L recipe does too (``optim.token_weight_decay``). ``last_layer`` parameters (the prototypes) are flagged so the trainer
 can hold their LR at 0 during the first epoch.
 """
 
@@ -70,10 +71,10 @@ def layer_id(name: str, num_layers: int, prefixed_model: bool = True) -> int:
     return num_layers + 1
 
 
-def _skips_weight_decay(name: str, ndim: int, relative: str | None) -> bool:
+def _skips_weight_decay(name: str, ndim: int, relative: str | None, decay_tokens: bool) -> bool:
     last = name.split(".")[-1]
     is_token = relative is not None and relative.split(".")[0] in TOKEN_NAMES
-    return last == "bias" or ndim <= 1 or last == "gamma" or is_token
+    return last == "bias" or ndim <= 1 or last == "gamma" or (is_token and not decay_tokens)
 
 
 def get_param_groups(
@@ -81,6 +82,7 @@ def get_param_groups(
     lr_decay_rate: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
     num_layers: int | None = None,
+    decay_tokens: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups with LR / weight-decay multipliers.
 
@@ -93,6 +95,8 @@ def get_param_groups(
         lr_decay_rate: layer-wise decay in (0, 1]; 1 disables it.
         patch_embed_lr_mult: extra LR factor for ``patch_embed.*``.
         num_layers: number of blocks; inferred as (largest block index + 1) when None.
+        decay_tokens: apply weight decay to ``cls_token``, ``pos_embed``, ``mask_token`` and
+            ``register_tokens`` too, as the published 3DINO recipe does (``optim.token_weight_decay``).
 
     Returns:
         A list of dicts with keys ``params`` (list of tensors), ``names`` (their names),
@@ -136,7 +140,7 @@ def get_param_groups(
         lr_mult = lr_decay_rate ** (num_layers + 1 - layer_id(name, num_layers, prefixed_model))
         if relative is not None and relative.startswith("patch_embed."):
             lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if _skips_weight_decay(name, param.ndim, relative) else 1.0
+        wd_mult = 0.0 if _skips_weight_decay(name, param.ndim, relative, decay_tokens) else 1.0
         is_last_layer = "last_layer" in name
         key = (lr_mult, wd_mult, is_last_layer)
         group = groups.setdefault(

@@ -74,6 +74,7 @@ def _head(cfg_section: Mapping[str, Any], in_dim: int) -> DINOHead:
         hidden_dim=int(cfg_section["head_hidden_dim"]),
         bottleneck_dim=int(cfg_section["head_bottleneck_dim"]),
         nlayers=int(cfg_section["head_nlayers"]),
+        norm_last_layer=not bool(cfg_section["head_train_prototype_norm"]),
     )
 
 
@@ -322,7 +323,8 @@ class SSLMetaArch(nn.Module):
         """AdamW over the student's parameter groups (layer-wise LR decay, no WD on norms/biases)."""
         o = self.cfg["optim"]
         groups = get_param_groups(self.student, lr_decay_rate=float(o["layerwise_decay"]),
-                                  patch_embed_lr_mult=float(o["patch_embed_lr_mult"]))
+                                  patch_embed_lr_mult=float(o["patch_embed_lr_mult"]),
+                                  decay_tokens=bool(o["token_weight_decay"]))
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=0.0, betas=(float(o["adamw_beta1"]), float(o["adamw_beta2"])),
                                  fused=fused or None)
@@ -455,15 +457,25 @@ class SSLMetaArch(nn.Module):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> Tensor:
         """Clip the student's gradients at ``optim.clip_grad`` and step; zero the gradients.
 
+        With ``optim.clip_grad_per_module`` (the published recipe) the backbone, the DINO head
+        and the iBOT head are each clipped to that norm on their own, so a large head gradient
+        does not shrink the backbone's step; otherwise one global norm is clipped.
+
         Returns:
-            The gradient norm before clipping (float32 scalar; inf/NaN if the grads were).
+            The global gradient norm before clipping (float32 scalar; inf/NaN if the grads were).
         """
         if scaler is not None:
             scaler.unscale_(optimizer)
         clip = float(self.cfg["optim"]["clip_grad"])
-        params = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = clip if clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        modules = ((self.student.backbone, self.student.dino_head, self.student.ibot_head)
+                   if self.cfg["optim"]["clip_grad_per_module"] else (self.student,))
+        norms = []
+        for module in modules:
+            params = [p for p in module.parameters() if p.grad is not None]
+            if params:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).float())
+        grad_norm = torch.stack(norms).pow(2).sum().sqrt() if norms else torch.zeros(())
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -140,3 +140,14 @@ def test_apply_optim_scheduler():
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(KeyError, match="get_param_groups"):
         apply_optim_scheduler(plain, lr=0.1, wd=0.04, last_layer_lr=0.1)
+
+
+def test_published_recipe_decays_tokens_and_a_trained_prototype_norm():
+    """optim.token_weight_decay / head_train_prototype_norm: tokens take weight decay, weight_g is a
+    last-layer parameter (frozen with the prototypes at first) that takes weight decay."""
+    model = fake_model({**{f"backbone.{k}": v for k, v in BACKBONE.items()}, **HEADS})
+    got = multipliers_by_name(get_param_groups(model, lr_decay_rate=RATE, patch_embed_lr_mult=0.2, decay_tokens=True))
+    for token in ("cls_token", "pos_embed", "mask_token", "register_tokens"):
+        assert got[f"backbone.{token}"] == (pytest.approx(0.0625), 1.0, False)
+    assert got["dino_head.last_layer.weight_g"] == (pytest.approx(1.0), 1.0, True)
+    assert got["backbone.norm.weight"] == EXPECTED["norm.weight"]  # norms and biases still exempt

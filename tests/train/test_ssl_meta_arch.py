@@ -187,3 +187,46 @@ def test_emulated_bf16_is_announced(caplog):
     assert emulated == (not native_bf16_support("cpu"))
     if emulated:
         assert "compute_precision.dtype=fp32" in caplog.text
+
+
+def _grad_norms_at_step(arch, opt):
+    """Run optimizer_step and return each module's gradient norm as the optimizer saw it."""
+    seen = {}
+    step = opt.step
+
+    def recording_step(*args, **kwargs):
+        for name in ("backbone", "dino_head", "ibot_head"):
+            grads = [p.grad for p in getattr(arch.student, name).parameters() if p.grad is not None]
+            seen[name] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    arch.optimizer_step(opt)
+    return seen
+
+
+@pytest.mark.parametrize("per_module", [True, False])
+def test_gradient_clipping_per_module_or_global(per_module):
+    torch.manual_seed(0)
+    cfg = tiny_cfg("optim.clip_grad=0.01", f"optim.clip_grad_per_module={str(per_module).lower()}")
+    arch = SSLMetaArch(cfg)
+    opt = arch.build_optimizer()
+    apply_optim_scheduler(opt, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
+    arch.forward_backward(make_batch(cfg), teacher_temp=0.04)
+    norms = _grad_norms_at_step(arch, opt)
+    if per_module:  # each part clipped to the limit on its own
+        assert all(n == pytest.approx(0.01, rel=1e-3) for n in norms.values()), norms
+    else:  # one global norm: the parts share the limit
+        assert sum(n ** 2 for n in norms.values()) ** 0.5 == pytest.approx(0.01, rel=1e-3)
+        assert min(norms.values()) < 0.01 * 0.9
+
+
+@pytest.mark.parametrize("train_norm", [True, False])
+def test_prototype_norm_is_trained_only_when_asked(train_norm):
+    cfg = tiny_cfg(f"dino.head_train_prototype_norm={str(train_norm).lower()}",
+                   f"ibot.head_train_prototype_norm={str(train_norm).lower()}")
+    arch = SSLMetaArch(cfg)
+    for head in (arch.student.dino_head, arch.student.ibot_head):
+        assert head.last_layer.weight_g.requires_grad is train_norm
+    names = {n for g in arch.build_optimizer().param_groups for n in g["names"]}
+    assert ("dino_head.last_layer.weight_g" in names) is train_norm
