@@ -132,14 +132,19 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
 
 
 # --------------------------------------------------------------------------------- run
-def _setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
+def _setup_logging(output_dir: Path, is_main: bool) -> tuple[list[logging.Handler], tuple[int, bool]]:
     """Log ``dinov2.*`` to stderr (rank 0: INFO, others: WARNING) and to ``log.txt`` on rank 0.
 
+    Records do not also propagate to the root logger meanwhile: a program that configured root
+    logging (the demo, a notebook) would otherwise print every line twice.
+
     Returns:
-        The handlers added, for :func:`_teardown_logging`.
+        The handlers added and the logger's previous ``(level, propagate)``, for :func:`_teardown_logging`.
     """
     root = logging.getLogger("dinov2")
+    previous = (root.level, root.propagate)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
@@ -147,11 +152,13 @@ def _setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
-    return handlers
+    return handlers, previous
 
 
-def _teardown_logging(handlers: list[logging.Handler]) -> None:
+def _teardown_logging(handlers: list[logging.Handler], previous: tuple[int, bool]) -> None:
     root = logging.getLogger("dinov2")
+    root.setLevel(previous[0])
+    root.propagate = previous[1]
     for handler in handlers:
         root.removeHandler(handler)
         handler.close()
@@ -446,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if ctx.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    handlers = _setup_logging(output_dir, ctx.is_main_process)
+    handlers, previous_logging = _setup_logging(output_dir, ctx.is_main_process)
     tune_cpu_allocator()
     memory_advice = ("Lower train.batch_size_per_gpu, crops.global_crops_size / crops.local_crops_size or "
                      "crops.local_crops_number, or use a smaller student.arch; on GPU, bf16 "
@@ -469,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s", exc)
         return 1
     finally:
-        _teardown_logging(handlers)
+        _teardown_logging(handlers, previous_logging)
         distributed.shutdown_distributed()
     return 0
 
