@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from dinov2.eval.evidence.dense_task import (
     to_token_cubes,
     token_labels,
 )
-from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task
+from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task, site_centre
 from dinov2.eval.evidence.probe import balanced_accuracy, fit_probe
 from dinov2.eval.evidence.run import raw_scores
 from dinov2.eval.evidence.tasks import TaskData, TaskSplit
@@ -167,16 +168,65 @@ def test_token_order_is_the_backbones():
     torch.testing.assert_close(picked.flatten(1).mean(1), embedded[tokens[:, 0], tokens[:, 1]], rtol=1e-5, atol=1e-6)
 
 
-def test_patch_task_is_classification_samples_sites_with_the_left_side_mirrored(volumes):
-    as_image = {name: volumes.lobes.astype(np.float32) for name in TEMPLATES}
-    task = build_patch_task(EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, as_image))
+ONE_TEMPLATE = dataclasses.replace(PATCH_PARAMS, templates=(next(iter(TEMPLATES)),))  # half the cubes: faster
+
+
+def test_patch_size_16_gives_classification_samples_own_patches(volumes):
+    """The default cube is the site's patch, cut and mirrored exactly as before the option existed."""
+    task = build_patch_task(volumes, patch_size=16)
     sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
     for split_name, split in task.splits.items():
-        n = sum(s.split == split_name for s in sites)
-        assert split.inputs.shape == (2 * n, 1, 16, 16, 16)
-        # The labelled atlas voxel is the centre, index 8; a mirrored patch shows it at 15 - 8 = 7.
-        x = 7 if split_name == "test" else 8
-        assert torch.equal(split.inputs[:, 0, x, 8, 8].long(), split.labels), split_name
+        patches = []
+        for name in PATCH_PARAMS.templates:
+            for site in (s for s in sites if s.split == split_name):
+                i, j, k = site.origin
+                patch = volumes.templates[name][i:i + 16, j:j + 16, k:k + 16]
+                patches.append(patch[::-1] if site.hemisphere == "left" else patch)
+        expected = torch.from_numpy(np.ascontiguousarray(np.stack(patches))).unsqueeze(1)
+        assert torch.equal(split.inputs, expected), split_name
+    assert task.info["input_voxels"] == 16 and task.info["input_mm"] == 32
+
+
+@pytest.mark.parametrize("size", [16, 24, 32])
+def test_cubes_are_centred_on_the_labelled_voxel_with_the_left_side_mirrored(volumes, size):
+    as_image = {name: volumes.lobes.astype(np.float32) for name in TEMPLATES}
+    coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, as_image)
+    task = build_patch_task(coded, ONE_TEMPLATE, patch_size=size)
+    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
+    c = size // 2
+    for split_name, split in task.splits.items():
+        assert split.inputs.shape == (sum(s.split == split_name for s in sites), 1, size, size, size)
+        # The labelled atlas voxel sits at index N//2; mirroring moves it to N - 1 - N//2 along x.
+        x = size - 1 - c if split_name == "test" else c
+        assert torch.equal(split.inputs[:, 0, x, c, c].long(), split.labels), split_name
+
+
+def test_wide_cubes_never_show_the_other_hemisphere(volumes):
+    """N=32 cubes equal the template with the other hemisphere (and the midline) blanked, padded with air."""
+    size, name = 32, ONE_TEMPLATE.templates[0]
+    task = build_patch_task(volumes, ONE_TEMPLATE, patch_size=size)
+    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, ONE_TEMPLATE)
+    midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
+    world_x = volumes.affine[0, 0] * np.arange(volumes.lobes.shape[0]) + volumes.affine[0, 3]
+    template = volumes.templates[name]
+    blanked = {}
+    for hemisphere, own in (("right", world_x > 0), ("left", world_x < 0)):
+        other = template.copy()
+        other[~own] = -1.0  # the other hemisphere and the midline column (world x = 0)
+        blanked[hemisphere] = np.pad(other, size, constant_values=-1.0)
+    padded = np.pad(template, size, constant_values=-1.0)
+    reached_across = 0
+    for split_name, split in task.splits.items():
+        for cube, site in zip(split.inputs[:, 0].numpy(), (s for s in sites if s.split == split_name)):
+            lo = [v - size // 2 + size for v in site_centre(site)]  # + size: the padding
+            box = tuple(slice(a, a + size) for a in lo)
+            expected, unblanked = blanked[site.hemisphere][box], padded[box]
+            if site.hemisphere == "left":
+                expected, unblanked = expected[::-1], unblanked[::-1]
+            assert np.array_equal(cube, expected), (split_name, site)
+            reached_across += not np.array_equal(expected, unblanked)
+    assert abs(world_x[midline]) < 1e-6
+    assert reached_across > 100  # near-midline cubes do reach across: the blanking was exercised
 
 
 # ------------------------------------------------------------------------------ probe and baseline
@@ -223,6 +273,24 @@ def test_raw_baseline_chooses_its_pooling_on_validation():
     assert raw["test_balanced_accuracy"] > 0.9
 
 
+def test_raw_baseline_pools_the_whole_wide_cube():
+    """N=32 cubes whose label shows only outside the central 16^3: the baseline must see it."""
+    g = torch.Generator().manual_seed(2)
+
+    def split(n: int) -> TaskSplit:
+        labels = torch.arange(n) % 5
+        x = 0.3 * torch.randn(n, 1, 32, 32, 32, generator=g)
+        for i, c in enumerate(labels.tolist()):
+            a, b, d = (c >> 2) & 1, (c >> 1) & 1, c & 1
+            x[i, 0, 16 * a:16 * a + 16, 16 * b:16 * b + 16, 16 * d:16 * d + 16] += 1.0
+        x[:, :, 8:24, 8:24, 8:24] = 0.3 * torch.randn(n, 1, 16, 16, 16, generator=g)  # centre: noise only
+        return TaskSplit(x, labels)
+
+    task = TaskData("patch", {"training": split(100), "validation": split(50), "test": split(50)})
+    raw = raw_scores(task, PATCH)
+    assert raw["pooling"] in (2, 4) and raw["test_balanced_accuracy"] > 0.9
+
+
 def test_random_inits_share_the_teachers_architecture_and_differ_by_seed():
     teacher = build_model("vit_tiny_3d", patch_size=8, img_size=32)
     a, b, a_again = (random_backbone(TINY_SPEC, s) for s in (0, 1, 0))
@@ -235,14 +303,17 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     datalist = tmp_path / "pretrain.json"
     datalist.write_text(json.dumps([{"image": str(held_out_files()[0])}]))
     teacher = tiny_teacher(tmp_path / "run" / "teacher_checkpoint.pth", datalist=str(datalist))
-    assert main(["--teacher", str(teacher), "--random-seeds", "2"]) == 0
+    assert main(["--teacher", str(teacher), "--random-seeds", "2", "--patch-size", "24"]) == 0
     out = capsys.readouterr().out
+    assert "patch_size 24: patch: 48 mm cube (24^3 voxels)" in out
     assert any(line.startswith("WARNING:") and "not evidence" in line for line in out.splitlines())
     evidence = json.loads((tmp_path / "run" / "evidence" / "evidence.json").read_text())
     assert evidence["evaluation_data_in_pretraining"] is True
+    assert evidence["patch_size"] == 24 and evidence["tasks"]["patch"]["description"]["input_voxels"] == 24
     assert evidence["pretraining_overlap"][0]["held_out_in_datalist"] == [str(held_out_files()[0])]
     markdown = (tmp_path / "run" / "evidence" / "evidence.md").read_text()
     assert markdown.startswith("| task |") and "WARNING:" in markdown
+    assert "| patch: 48 mm cube (24^3 voxels)" in markdown and "patch_size 24" in markdown
     for name in ("patch", "dense"):
         task = evidence["tasks"][name]
         seeds = [r["test_balanced_accuracy"] for r in task["random_init"]["per_seed"]]
@@ -264,14 +335,18 @@ def tiny_segmentation_model(path: Path) -> Path:
                           {"name": "dice", "value": 0.5})
 
 
-@pytest.mark.parametrize("case", ["missing", "segmentation", "window"])
+@pytest.mark.parametrize("case", ["missing", "segmentation", "window", "patch_not_multiple", "patch_too_small"])
 def test_cli_user_errors_are_one_error_line(case, tmp_path, capsys):
     if case == "missing":
         path, extra, says = tmp_path / "nope.pth", [], "not found"
     elif case == "segmentation":
         path, extra, says = tiny_segmentation_model(tmp_path / "best_model.pth"), [], "finetuned segmentation"
-    else:
+    elif case == "window":
         path, extra, says = tiny_teacher(tmp_path / "t.pth"), ["--dense-window", "20"], "multiple of 8"
+    elif case == "patch_not_multiple":
+        path, extra, says = tiny_teacher(tmp_path / "t.pth"), ["--patch-size", "20"], "e.g. --patch-size 24"
+    else:
+        path, extra, says = tiny_teacher(tmp_path / "t.pth"), ["--patch-size", "8"], "e.g. --patch-size 16"
     assert main(["--teacher", str(path), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR:") and str(path) in err[0] and says in err[0], err

@@ -5,24 +5,27 @@ On data never used for pretraining (the FSL MNI152 T1 templates of
 linear probe (:mod:`.probe`) is trained on the right hemisphere and tested on the left one, for
 two tasks:
 
-* **patch** (:mod:`.patch_task`): a 32 mm patch -> the lobe at its centre; features = the last
-  block's normalised CLS token and mean patch token, concatenated;
+* **patch** (:mod:`.patch_task`): the ``N^3``-voxel cube centred on each classification_sample
+  site (``--patch-size N``, default 16 = its 32 mm patches; larger cubes add context, with the
+  other hemisphere blanked to air) -> the lobe at its centre; features = the last block's
+  normalised CLS token and mean patch token, concatenated;
 * **dense** (:mod:`.dense_task`): every token of a window -> the majority lobe of the cortex in
   its cube; features = the token's normalised patch feature.
 
 Representations: every teacher given, random-init backbones of the same architecture (several
-seeds), and the raw intensities average-pooled to ``g^3`` values (:mod:`.baselines`). The
+seeds), and the raw intensities of the same input average-pooled to ``g^3`` values (:mod:`.baselines`). The
 pretraining datalist named in each teacher's config is checked for the evaluation files and
 their near-duplicates (:mod:`.held_out`); if it lists one, the result is marked as no evidence.
 
 Command line::
 
     python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth
+    python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth --patch-size 32
 
 From Python::
 
     from dinov2.eval.evidence import run_evidence
-    evidence = run_evidence(["teacher_checkpoint.pth"], random_seeds=3)
+    evidence = run_evidence(["teacher_checkpoint.pth"], random_seeds=3, patch_size=32)
     evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]
 """
 

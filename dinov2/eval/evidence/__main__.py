@@ -12,7 +12,7 @@ from dinov2.utils.entry_point import start_entry_point
 from . import __doc__ as PACKAGE_DOC
 from .errors import EvidenceError
 from .report import format_table
-from .run import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_WINDOW, run_evidence
+from .run import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-seeds", type=int, default=3, help="random-init backbones compared (seeds 0..n-1)")
     parser.add_argument("--dense-window", type=int, default=DEFAULT_DENSE_WINDOW,
                         help="dense-task window side in voxels; a multiple of the backbone's patch size")
+    parser.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE,
+                        help="patch-task input cube side in voxels, centred on each site (16 = the sites' own "
+                             "32 mm patches; larger adds context, other hemisphere blanked); a multiple of the "
+                             "backbone's patch size, at least 16")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     return parser
@@ -36,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point()
     try:
         evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
-                                args.batch_size)
+                                args.batch_size, patch_size=args.patch_size)
     except (EvidenceError, SampleDataError) as exc:
         print("ERROR: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1

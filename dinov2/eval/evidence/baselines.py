@@ -1,8 +1,9 @@
 """Raw-intensity baseline: the input region's intensities average-pooled to ``g^3`` values.
 
 What a linear probe can read from the intensities alone, without any network: for the patch
-task the whole patch, for the dense task the token's own cube, average-pooled to a ``g x g x g``
-grid; ``g`` is one of :data:`POOLING_GRIDS`, chosen on validation like the probe's penalty.
+task the whole ``N^3`` input cube (the very input the network gets), for the dense task the
+token's own cube, average-pooled to a ``g x g x g`` grid; ``g`` is one of :data:`POOLING_GRIDS`,
+chosen on validation like the probe's penalty.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def raw_features(split: TaskSplit, grid: int, patch: Sequence[int]) -> torch.Ten
     """Raw-intensity features of every labelled item of a split: ``(T, grid^3)``.
 
     Args:
-        split: patch-task split (items are the patches) or dense-task split (items are tokens).
+        split: patch-task split (items are the input cubes) or dense-task split (items are tokens).
         grid: pooling grid side ``g``.
         patch: the backbone's token cube (used by the dense task only).
     """

@@ -33,7 +33,7 @@ from dinov2.data.classification_sample import PatchTaskParams
 from .errors import EvidenceError
 from .patch_task import PATCH_PARAMS
 from .tasks import NUM_CLASSES, SPLITS, TaskData, TaskSplit
-from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, hemisphere_frames
+from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, cut_window, hemisphere_frames
 
 MIN_CORTICAL_FRACTION = 0.25
 
@@ -121,19 +121,6 @@ def plan_dense_windows(shape: Sequence[int], affine: np.ndarray, window: int, sh
     order = {s: i for i, s in enumerate(SPLITS)}
     windows.sort(key=lambda w: (order[w.split], w.hemisphere, w.origin))
     return windows
-
-
-def cut_window(frame_array: np.ndarray, origin: Sequence[int], window: int, fill: float) -> np.ndarray:
-    """The ``(window,) * 3`` cube at ``origin`` of a frame array, ``fill`` where it reaches past it."""
-    out = np.full((window,) * 3, fill, dtype=frame_array.dtype)
-    src, dst = [], []
-    for start, size in zip(origin, frame_array.shape):
-        lo, hi = max(start, 0), min(start + window, size)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    if all(s.stop > s.start for s in src):
-        out[tuple(dst)] = frame_array[tuple(src)]
-    return out
 
 
 def to_token_cubes(cube: np.ndarray | torch.Tensor, patch: Sequence[int]):

@@ -13,9 +13,18 @@ from .tasks import TaskData
 JSON_NAME = "evidence.json"
 MARKDOWN_NAME = "evidence.md"
 TASK_TITLES = {
-    "patch": "patch: 32 mm patch -> lobe at its centre",
+    "patch": "patch: {input_mm:g} mm cube ({input_voxels}^3 voxels) -> lobe at its centre",
     "dense": "dense: token -> majority lobe of its cube",
 }
+
+
+def task_title(name: str, task: dict) -> str:
+    """One task's title, filled in from its evidence.json description (the patch task's cube size)."""
+    title = TASK_TITLES.get(name, name)
+    try:
+        return title.format(**task.get("description", {}))
+    except (KeyError, IndexError):  # an older evidence.json without the fields: the bare name
+        return name
 
 
 def seed_statistics(values: list[float]) -> dict:
@@ -91,6 +100,9 @@ def format_table(evidence: dict) -> str:
     body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     head = ["Test balanced accuracy on the left hemisphere (probes trained on the right hemisphere); "
             "n = seeds, std over seeds."]
+    if "patch" in evidence["tasks"]:
+        head.append(f"patch_size {evidence.get('patch_size')}: {task_title('patch', evidence['tasks']['patch'])}; "
+                    "voxels of the other hemisphere, where reached, are air.")
     return "\n".join(head + _warning_lines(evidence) + body)
 
 
@@ -110,12 +122,15 @@ def format_markdown(evidence: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, task in evidence["tasks"].items():
         raw = task["raw"]
-        lines.append(f"| {TASK_TITLES.get(name, name)} | {_cell(task['teacher'])} | {_cell(task['random_init'])} | "
+        lines.append(f"| {task_title(name, task)} | {_cell(task['teacher'])} | {_cell(task['random_init'])} | "
                      f"{_number(raw['test_balanced_accuracy'])} (pool {raw['pooling']}³) | "
                      f"{_number(task['margins']['teacher_minus_random'], True)} | "
                      f"{_number(task['margins']['teacher_minus_raw'], True)} | {_number(task['chance'])} |")
     lines += ["", "Balanced accuracy on the left hemisphere of the FSL MNI152 templates (linear probes trained on "
               "the right hemisphere, penalty chosen on a validation band); mean ± std (min–max) over seeds. "
+              f"Patch task: patch_size {evidence.get('patch_size')}, the {evidence.get('patch_size')}^3-voxel cube "
+              "centred on each classification_sample site, voxels of the other hemisphere (where reached) "
+              "set to air. "
               "Made by `python -m dinov2.eval.evidence`."]
     warnings = _warning_lines(evidence)
     return "\n".join(lines + ([""] + warnings if warnings else [])) + "\n"

@@ -28,6 +28,7 @@ logger = logging.getLogger("dinov2.eval.evidence")
 
 DEFAULT_DENSE_WINDOW = 32
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_PATCH_SIZE = PATCH_PARAMS.patch_size
 
 
 def probe_scores(features: dict[str, torch.Tensor], task: TaskData) -> dict:
@@ -64,7 +65,8 @@ def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
         :func:`probe_scores` of the chosen grid plus ``pooling`` (g), ``features`` (g^3) and
         ``validation_by_pooling`` (g -> validation balanced accuracy).
     """
-    side = min(patch) if task.name == "dense" else PATCH_PARAMS.patch_size
+    # Pool what the network is fed: the token's cube (dense) or the whole N^3 input cube (patch).
+    side = min(patch) if task.name == "dense" else int(task.splits["training"].inputs.shape[-1])
     tried = {}
     for grid in (g for g in POOLING_GRIDS if g <= side):
         features = {s: raw_features(task.splits[s], grid, patch) for s in SPLITS}
@@ -81,18 +83,35 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def check_sizes(teacher: Teacher, dense_window: int) -> tuple[int, int, int]:
-    """The backbone's patch size, after checking that the patch task and the dense windows fit it.
+def _check_patch_size(teacher: Teacher, patch_size: int, step: int) -> None:
+    """Refuse a patch-task cube that is not a multiple of the token cube or is smaller than the sites' patches."""
+    least = PATCH_PARAMS.patch_size
+    if patch_size >= least and patch_size % step == 0:
+        return
+    suggestion = step * math.ceil(max(patch_size, least) / step)
+    raise EvidenceError(f"--patch-size {patch_size} must be a multiple of the backbone's patch size {step} "
+                        f"({teacher.path}) and at least the classification_sample patch size {least}: "
+                        f"pass e.g. --patch-size {suggestion}.")
+
+
+def check_sizes(teacher: Teacher, dense_window: int, patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[int, int, int]:
+    """The backbone's patch size, after checking that the patch-task cubes and the dense windows fit it.
+
+    Args:
+        teacher: the first teacher (all share one architecture).
+        dense_window: dense-task window side in voxels.
+        patch_size: patch-task cube side ``N`` in voxels.
+
+    Returns:
+        The backbone's token cube ``(ph, pw, pd)``.
 
     Raises:
-        EvidenceError: a patch-task patch or ``dense_window`` is not a multiple of the patch size.
+        EvidenceError: ``patch_size`` or ``dense_window`` is not a multiple of the patch size,
+            or ``patch_size`` is below the classification_sample patch size.
     """
     patch = tuple(int(p) for p in teacher.model.patch_embed.patch_size)
-    side = PATCH_PARAMS.patch_size
-    if any(side % p for p in patch):
-        raise EvidenceError(f"{teacher.path}: the backbone's patch size {list(patch)} does not divide the patch "
-                            f"task's {side}-voxel patches; the evidence needs a patch size of 2, 4, 8 or 16.")
     step = math.lcm(*patch)
+    _check_patch_size(teacher, patch_size, step)
     if dense_window < step or dense_window % step:
         suggestion = max(step, round(DEFAULT_DENSE_WINDOW / step) * step)
         raise EvidenceError(f"--dense-window {dense_window} is not a multiple of the backbone's patch size "
@@ -147,7 +166,8 @@ def _evaluate_all(teachers: list[Teacher], spec: dict, seeds: range, tasks: list
 
 def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
                  output_dir: str | os.PathLike | None = None, device: str = "cpu",
-                 dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+                 dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE,
+                 patch_size: int = DEFAULT_PATCH_SIZE) -> dict:
     """Measure whether pretrained teachers' frozen features beat random inits and raw intensities.
 
     Args:
@@ -157,6 +177,9 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         device: ``cpu`` or ``cuda[:i]``; features are computed there in float32.
         dense_window: window side of the dense task in voxels (a multiple of the patch size).
         batch_size: patches per forward pass (dense windows: a quarter of it).
+        patch_size: side ``N`` of the patch task's input cubes, centred on classification_sample's
+            sites (16 = its own patches); a multiple of the backbone's patch size, at least 16.
+            Larger cubes add context, never the other hemisphere (see :mod:`.patch_task`).
 
     Returns:
         What evidence.json holds (``tasks.<patch|dense>`` with per-seed values, statistics,
@@ -174,18 +197,19 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     device = _device(device)
     loaded = [load_teacher(p) for p in teachers]
     spec = same_architecture(loaded)
-    patch = check_sizes(loaded[0], dense_window)
+    patch = check_sizes(loaded[0], dense_window, patch_size)
     output_dir = Path(output_dir) if output_dir is not None else loaded[0].path.parent / "evidence"
     overlap = _check_overlap(loaded)
     logger.info("Building the evaluation tasks from the FSL MNI152 templates and the Harvard-Oxford atlas.")
     volumes = load_evidence_volumes()
-    tasks = [build_patch_task(volumes), build_dense_task(volumes, dense_window, patch)]
+    tasks = [build_patch_task(volumes, patch_size=patch_size), build_dense_task(volumes, dense_window, patch)]
     results = _evaluate_all(loaded, spec, range(random_seeds), tasks, patch, batch_size, device)
     evidence = {
         "teachers": [str(t.path) for t in loaded],
         "random_seeds": list(range(random_seeds)),
         "backbone": spec,
         "device": str(device),
+        "patch_size": patch_size,
         "evaluation_files": [str(p) for p in held_out_files(include_near_duplicates=False)],
         "evaluation_file_names": [f"{pkg}/{rel}" for pkg, rel in EVALUATION_FILES],
         "held_out_files": [str(p) for p in held_out_files()],

@@ -89,10 +89,39 @@ class HemisphereFrame:
         lo, hi = self.columns
         return (hi - u1, hi - u0) if self.mirrored else (lo + u0, lo + u1)
 
+    def frame_index(self, column: int) -> int:
+        """Frame index ``u`` of atlas column ``column`` (negative or >= size outside the frame)."""
+        lo, hi = self.columns
+        return hi - 1 - column if self.mirrored else column - lo
+
     def cut(self, array: np.ndarray) -> np.ndarray:
         """``(X, Y, Z)`` atlas-grid array -> ``(size, Y, Z)`` view in frame order."""
         part = array[self.columns[0]:self.columns[1]]
         return part[::-1] if self.mirrored else part
+
+
+def cut_window(frame_array: np.ndarray, origin: Sequence[int], window: int, fill: float) -> np.ndarray:
+    """The cube of side ``window`` at ``origin`` of an array, ``fill`` where it reaches past it.
+
+    Args:
+        frame_array: ``(A, B, C)`` array (usually a hemisphere frame, so that what lies past it
+            -- the midline and the other hemisphere -- comes out as ``fill``).
+        origin: corner ``(a, b, c)``; may be negative or reach past the array.
+        window: cube side ``W`` in voxels.
+        fill: value of the voxels outside the array.
+
+    Returns:
+        ``(W, W, W)`` array of ``frame_array``'s dtype.
+    """
+    out = np.full((window,) * 3, fill, dtype=frame_array.dtype)
+    src, dst = [], []
+    for start, size in zip(origin, frame_array.shape):
+        lo, hi = max(start, 0), min(start + window, size)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    if all(s.stop > s.start for s in src):
+        out[tuple(dst)] = frame_array[tuple(src)]
+    return out
 
 
 def hemisphere_frames(affine: np.ndarray, shape: Sequence[int]) -> dict[str, HemisphereFrame]:
