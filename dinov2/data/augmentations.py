@@ -313,7 +313,7 @@ class DataAugmentationDINO3d:
         rotate90_prob: float = 0.3,
         intensity_prob: float = 0.8,
         contrast_gamma: Sequence[float] = (0.5, 2.0),
-        noise_std: float = 0.1,
+        noise_std: float = 0.002,
         histogram_shift_points: int = 10,
         global1_blur_prob: float = 1.0,
         global2_blur_prob: float = 0.1,

@@ -229,3 +229,13 @@ def test_stop_run_stops_every_rank_together(tmp_path, tiny_argv):
     assert result.stderr.count("ERROR dinov2.train: Collapse [teacher_uniform] after 3 iterations") == 1
     assert [it for it, _ in TrainingCheckpointer(tmp_path).list()] == [2, 3]
     assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("layerscale, named", [(1e-05, True), (None, False)])
+def test_near_identity_layerscale_is_named_as_a_cause(tiny_cfg, layerscale, named):
+    """The small-scale finding: LayerScale 1e-5 makes the CLS token input-independent at the start."""
+    watch = _watch(tiny_cfg, patience_periods=1)
+    watch.facts["student.layerscale"] = layerscale
+    raised = watch.update({"iteration": 0, **HEALTHY, **COLLAPSED["teacher_uniform"]})
+    assert [w.condition for w in raised] == ["teacher_uniform"]
+    assert ("student.layerscale=null" in raised[0].message) is named
