@@ -1,5 +1,6 @@
 """Tests for dinov2.data.collate: crop order, dtype, iBOT mask bookkeeping and the DataLoader hook."""
 
+import math
 import pickle
 
 import numpy as np
@@ -210,3 +211,14 @@ def test_tensor_subclasses_are_collated_as_plain_tensors():
     out = _collate([{"global_crops": [crop, crop], "local_crops": [crop]}] * 2)
     assert type(out["collated_global_crops"]) is torch.Tensor
     assert type(out["collated_local_crops"]) is torch.Tensor
+
+
+def test_block_mask_settings_are_config_keys_with_packaged_defaults():
+    """ibot.mask_block_* can be tuned from YAML / key=value (the strict check used to reject them)."""
+    from dinov2.train.train3d import build_config
+
+    cfg = build_config(None, ["train.datalist=x.json", "ibot.mask_mode=block", "ibot.mask_block_min_tokens=8",
+                              "ibot.mask_block_max_tokens=20", "ibot.mask_block_min_aspect=0.5"])
+    generator = make_collate_fn(cfg.ibot, 16, 96).mask_generator
+    assert (generator.mode, generator.min_num_patches, generator.max_num_patches) == ("block", 8, 20)
+    assert generator.log_aspect_range[0] == pytest.approx(math.log(0.5))
