@@ -1,4 +1,4 @@
-"""The evidence command: clean splits, labels that match the atlas, a sound probe, and the CLI end to end."""
+"""The evidence command: clean splits and folds, labels that match the atlas, a sound probe, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch
 from dinov2.data.classification_sample import TEMPLATES, plan_patch_sites
 from dinov2.data.sample_data import package_dir
 from dinov2.eval.evidence import NEAR_DUPLICATE_FILES, held_out_files, pretraining_overlap
+from dinov2.eval.evidence import probe as probe_module
+from dinov2.eval.evidence import run as run_module
 from dinov2.eval.evidence.__main__ import main
 from dinov2.eval.evidence.backbones import random_backbone
 from dinov2.eval.evidence.baselines import token_cubes
@@ -27,11 +29,14 @@ from dinov2.eval.evidence.dense_task import (
     plan_dense_windows,
     to_token_cubes,
     token_labels,
+    z_anchor_row,
 )
-from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task, site_centre
-from dinov2.eval.evidence.probe import balanced_accuracy, fit_probe
-from dinov2.eval.evidence.run import raw_scores
-from dinov2.eval.evidence.tasks import TaskData, TaskSplit
+from dinov2.eval.evidence.errors import EvidenceError
+from dinov2.eval.evidence.folds import attach_folds, z_slab_folds
+from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task, plan_evidence_sites, site_centre
+from dinov2.eval.evidence.probe import L2_GRID, balanced_accuracy, choose_l2, cross_validate, fit_probe
+from dinov2.eval.evidence.run import probe_scores, raw_scores
+from dinov2.eval.evidence.tasks import SPLITS, TaskData, TaskSplit
 from dinov2.eval.evidence.volumes import EvidenceVolumes, hemisphere_frames, load_evidence_volumes
 from dinov2.eval.segmentation.checkpoint import save_finetuned
 from dinov2.eval.segmentation.model import build_segmentation_model
@@ -90,43 +95,50 @@ def test_overlap_check_resolves_datalist_paths_relative_to_the_datalist(tmp_path
 
 
 # ------------------------------------------------------------------------------ dense split and labels
-def test_dense_windows_respect_hemispheres_and_the_validation_band(volumes):
+def test_dense_windows_respect_hemispheres_and_tile_the_whole_training_hemisphere(volumes):
     shape, affine = volumes.lobes.shape, volumes.affine
     windows = plan_dense_windows(shape, affine, 32, shifts=(0, 4))
-    band = dense_band_rows(band_rows(affine, PATCH_PARAMS.val_band_mm), 32)
+    anchor = z_anchor_row(affine, 32)
     patch_band = band_rows(affine, PATCH_PARAMS.val_band_mm)
-    assert band[0] <= patch_band[0] and patch_band[1] <= band[1] and band[1] - band[0] == 32
+    band = dense_band_rows(patch_band, 32)
+    # The z tiling keeps its anchor (the former validation band's lower edge): the test windows did not move.
+    assert anchor == band[0] and band[0] <= patch_band[0] and patch_band[1] <= band[1] and band[1] - band[0] == 32
     midline = int(round(-affine[0, 3] / affine[0, 0]))
-    assert {w.split for w in windows} == {"training", "validation", "test"}
+    assert {w.split for w in windows} == {"training", "test"}
+    covered = {"training": np.zeros(shape, bool), "test": np.zeros(shape, bool)}
     for w in windows:
-        (x0, x1), _, _ = w.atlas_box
+        (x0, x1), (y0, y1), (z0, z1) = w.atlas_box
         world_x = affine[0, 0] * np.arange(x0, x1) + affine[0, 3]
         assert not x0 <= midline < x1, w  # the midline column belongs to no window
         assert (world_x < 0).all() if w.split == "test" else (world_x > 0).all(), w
-        z0, z1 = w.origin[2], w.origin[2] + 32  # the whole window, padding included
-        if w.split == "training":
-            assert z1 <= band[0] or z0 >= band[1], w
-        elif w.split == "validation":
-            assert band[0] <= z0 and z1 <= band[1], w
+        assert (w.origin[2] - anchor) % 32 == 0, w
+        covered[w.split][x0:x1, y0:y1, z0:z1] = True
+    # Every voxel of each hemisphere lies in a window of its split: nothing is held back in training.
+    world_x = affine[0, 0] * np.arange(shape[0]) + affine[0, 3]
+    assert covered["training"][world_x > 0].all() and not covered["training"][world_x <= 0].any()
+    assert covered["test"][world_x < 0].all() and not covered["test"][world_x >= 0].any()
 
 
 def test_dense_task_inputs_come_from_the_right_place(volumes):
-    """Templates that encode the atlas column and row: every split's voxels must come from its region."""
+    """Templates that encode the atlas column and row: voxels from the right hemisphere, z where the task says."""
     columns, rows = np.indices(volumes.lobes.shape, dtype=np.float32)[[0, 2]]
     names = list(TEMPLATES)
     coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, {names[0]: columns, names[1]: rows})
     task = build_dense_task(coded, 32, PATCH)
-    band = task.info["validation_band_rows"]
     midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
+    assert set(task.splits) == set(SPLITS) == {"training", "test"}
     for split_name, split in task.splits.items():
         half = split.inputs.shape[0] // 2  # windows of the first template, then of the second
-        col, row = split.inputs[:half], split.inputs[half:]
-        col, row = col[col >= 0], row[row >= 0]  # -1 is padding
+        col = split.inputs[:half]
+        col = col[col >= 0]  # -1 is padding
         assert ((col > midline) if split_name == "test" else (col < midline)).all(), split_name
-        if split_name == "training":
-            assert ((row < band[0]) | (row >= band[1])).all()
-        elif split_name == "validation":
-            assert ((row >= band[0]) & (row < band[1])).all()
+        # Token z: the middle row of the token's cube, read back from the row-coded template.
+        second = split.tokens[:, 0] >= half
+        cubes = token_cubes(split.inputs, split.tokens[second], PATCH).flatten(1)
+        inside = (cubes >= 0).all(dim=1)  # tokens wholly on the grid: their mean row is their middle
+        expected = volumes.affine[2, 2] * cubes[inside].double().mean(dim=1) + volumes.affine[2, 3]
+        torch.testing.assert_close(split.z_mm[second][inside], expected)
+        assert inside.sum() > 500, split_name
 
 
 def test_token_labels_match_the_atlas_on_a_hand_checked_window(volumes):
@@ -171,10 +183,29 @@ def test_token_order_is_the_backbones():
 ONE_TEMPLATE = dataclasses.replace(PATCH_PARAMS, templates=(next(iter(TEMPLATES)),))  # half the cubes: faster
 
 
+def test_patch_training_split_is_the_whole_training_hemisphere_and_test_is_unchanged(volumes):
+    own = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
+    sites = plan_evidence_sites(volumes)
+    assert [s for s in sites if s.split == "test"] == [s for s in own if s.split == "test"]
+    training = {s.origin: s for s in sites if s.split == "training"}
+    assert {s.hemisphere for s in training.values()} == {PATCH_PARAMS.train_hemisphere}
+    held_back = {s.origin for s in own if s.split in ("training", "validation")}
+    assert held_back < set(training)  # classification_sample's training and validation sites, and more:
+    band = band_rows(volumes.affine, PATCH_PARAMS.val_band_mm)
+    for origin in set(training) - held_back:  # only those it dropped for touching its validation band
+        k, p = origin[2], PATCH_PARAMS.patch_size
+        assert k < band[1] and k + p > band[0] and not (band[0] <= k and k + p <= band[1]), origin
+    # Same lattice as the test sites (the x/y offsets and the z phase), and as many as in the test hemisphere.
+    stride = PATCH_PARAMS.stride
+    phase = lambda o: (o[0] % stride, o[1] % stride, o[2] % stride)  # noqa: E731
+    assert {phase(o) for o in training} == {phase(s.origin) for s in own}
+    assert 0.9 < len(training) / sum(s.split == "test" for s in own) < 1.1
+
+
 def test_patch_size_16_gives_classification_samples_own_patches(volumes):
     """The default cube is the site's patch, cut and mirrored exactly as before the option existed."""
     task = build_patch_task(volumes, patch_size=16)
-    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
+    sites = plan_evidence_sites(volumes)
     for split_name, split in task.splits.items():
         patches = []
         for name in PATCH_PARAMS.templates:
@@ -192,20 +223,22 @@ def test_cubes_are_centred_on_the_labelled_voxel_with_the_left_side_mirrored(vol
     as_image = {name: volumes.lobes.astype(np.float32) for name in TEMPLATES}
     coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, as_image)
     task = build_patch_task(coded, ONE_TEMPLATE, patch_size=size)
-    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, PATCH_PARAMS)
+    sites = plan_evidence_sites(volumes)
     c = size // 2
     for split_name, split in task.splits.items():
         assert split.inputs.shape == (sum(s.split == split_name for s in sites), 1, size, size, size)
         # The labelled atlas voxel sits at index N//2; mirroring moves it to N - 1 - N//2 along x.
         x = size - 1 - c if split_name == "test" else c
         assert torch.equal(split.inputs[:, 0, x, c, c].long(), split.labels), split_name
+        centre_rows = torch.tensor([site_centre(s)[2] for s in sites if s.split == split_name], dtype=torch.float64)
+        torch.testing.assert_close(split.z_mm, volumes.affine[2, 2] * centre_rows + volumes.affine[2, 3])
 
 
 def test_wide_cubes_never_show_the_other_hemisphere(volumes):
     """N=32 cubes equal the template with the other hemisphere (and the midline) blanked, padded with air."""
     size, name = 32, ONE_TEMPLATE.templates[0]
     task = build_patch_task(volumes, ONE_TEMPLATE, patch_size=size)
-    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, ONE_TEMPLATE)
+    sites = plan_evidence_sites(volumes, ONE_TEMPLATE)
     midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
     world_x = volumes.affine[0, 0] * np.arange(volumes.lobes.shape[0]) + volumes.affine[0, 3]
     template = volumes.templates[name]
@@ -229,6 +262,55 @@ def test_wide_cubes_never_show_the_other_hemisphere(volumes):
     assert reached_across > 100  # near-midline cubes do reach across: the blanking was exercised
 
 
+# ------------------------------------------------------------------------------ cross-validation folds
+def test_z_slab_folds_cut_rows_into_contiguous_slabs_of_about_equal_size():
+    z = torch.tensor([0.0] * 30 + [2.0] * 10 + [4.0] * 25 + [6.0] * 5 + [8.0] * 30)[torch.randperm(100)]
+    folds = z_slab_folds(z, 4)
+    assert torch.equal(torch.sort(torch.cat(folds)).values, torch.arange(100))  # disjoint, covering
+    for lower, upper in zip(folds, folds[1:]):
+        assert z[lower].max() < z[upper].min()
+    # Items below each row boundary: 30, 40, 65, 70; the cuts are those nearest 25, 50, 75 items.
+    assert [f.numel() for f in folds] == [30, 10, 30, 30]
+    with pytest.raises(EvidenceError, match="--cv-folds"):
+        z_slab_folds(z, 6)  # 5 rows
+    with pytest.raises(EvidenceError, match="--cv-folds"):
+        z_slab_folds(z, 1)
+
+
+def _task_with_coded_columns(volumes: EvidenceVolumes, name: str) -> TaskData:
+    """A task whose first template holds every voxel's atlas column (to tell the hemispheres apart)."""
+    columns = np.indices(volumes.lobes.shape, dtype=np.float32)[0]
+    coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, {n: columns for n in TEMPLATES})
+    return build_patch_task(coded, folds=4) if name == "patch" else build_dense_task(coded, 32, PATCH, folds=4)
+
+
+@pytest.mark.parametrize("name", ["patch", "dense"])
+def test_task_folds_are_disjoint_contiguous_z_slabs_of_training_items_only(volumes, name):
+    task = _task_with_coded_columns(volumes, name)
+    training = task.splits["training"]
+    n = training.labels.numel()
+    assert len(task.folds) == 4 and all(f.numel() > 0.1 * n for f in task.folds)
+    assert torch.equal(torch.sort(torch.cat(task.folds)).values, torch.arange(n))  # disjoint and covering
+    for lower, upper in zip(task.folds, task.folds[1:]):  # each fold one slab, bottom first
+        assert training.z_mm[lower].max() < training.z_mm[upper].min()
+    # No test item in any fold: every input a fold holds shows only training-hemisphere columns.
+    midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
+    for fold in task.folds:
+        windows = fold if training.tokens is None else training.tokens[fold, 0].unique()
+        shown = training.inputs[windows]
+        assert (shown[shown >= 0] < midline).all()
+    if name == "dense":  # tokens lie on one z lattice: a token cube never spans two folds
+        fold_of = torch.empty(n, dtype=torch.long)
+        for f, idx in enumerate(task.folds):
+            fold_of[idx] = f
+        half = PATCH[2] * abs(volumes.affine[2, 2]) / 2
+        for f, idx in enumerate(task.folds[:-1]):
+            assert training.z_mm[idx].max() + half <= training.z_mm[task.folds[f + 1]].min() - half
+    info = task.info["cv"]
+    assert info["folds"] == 4 and sum(sl["examples"] for sl in info["slabs"]) == n
+    assert [sum(c) for c in zip(*(sl["class_counts"] for sl in info["slabs"]))] == training.class_counts()
+
+
 # ------------------------------------------------------------------------------ probe and baseline
 def _blobs(n: int, generator: torch.Generator, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(n) % 5
@@ -236,17 +318,74 @@ def _blobs(n: int, generator: torch.Generator, spread: float) -> tuple[torch.Ten
     return centres[labels] + spread * torch.randn(n, 12, generator=generator), labels
 
 
+def _folds(n: int, k: int = 4) -> list[torch.Tensor]:
+    """Folds of ``n`` items on ``n // 5`` z rows (five consecutive items, all classes, per row)."""
+    return z_slab_folds(2.0 * (torch.arange(n) // 5).double(), k)
+
+
 def test_probe_separates_separable_data_and_stays_at_chance_on_shuffled_labels():
     g = torch.Generator().manual_seed(0)
-    (tx, ty), (vx, vy), (sx, sy) = (_blobs(n, g, 1.0) for n in (300, 100, 1000))
-    probe, validation = fit_probe(tx, ty, vx, vy, 5)
-    assert validation > 0.95 and balanced_accuracy(probe.predict(sx), sy) > 0.95
-    again, _ = fit_probe(tx, ty, vx, vy, 5)
+    (tx, ty), (sx, sy) = (_blobs(n, g, 1.0) for n in (400, 1000))
+    folds = _folds(400)
+    cv = cross_validate(tx, ty, folds, 5)
+    probe = fit_probe(tx, ty, 5, cv["l2"])
+    assert cv["cv_balanced_accuracy"] > 0.95 and balanced_accuracy(probe.predict(sx), sy) > 0.95
+    again = fit_probe(tx, ty, 5, cross_validate(tx, ty, folds, 5)["l2"])
     assert torch.equal(again.weight, probe.weight) and again.l2 == probe.l2  # deterministic
     # Shuffled labels carry no information about the features: the probe cannot beat chance.
     shuffle = lambda y: y[torch.randperm(y.numel(), generator=g)]  # noqa: E731
-    noise, _ = fit_probe(tx, shuffle(ty), vx, shuffle(vy), 5)
+    noisy = shuffle(ty)
+    noise = fit_probe(tx, noisy, 5, cross_validate(tx, noisy, folds, 5)["l2"])
     assert abs(balanced_accuracy(noise.predict(sx), shuffle(sy)) - 0.2) < 0.06
+
+
+def test_cross_validation_never_fits_on_the_held_out_fold_and_chooses_the_best_mean(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x, y = _blobs(300, g, 2.5)  # overlapping blobs: the penalties score differently
+    folds = _folds(300)
+    fits = []
+    real_fit = probe_module.fit_probe
+
+    def spy(features, labels, *args, **kwargs):
+        fits.append(features)
+        return real_fit(features, labels, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "fit_probe", spy)
+    cv = cross_validate(x, y, folds, 5)
+    assert len(fits) == len(folds) * len(L2_GRID)
+    for i, features in enumerate(fits):  # fold by fold, every penalty: fitted on the other folds only
+        keep = torch.ones(300, dtype=torch.bool)
+        keep[folds[i // len(L2_GRID)]] = False
+        assert torch.equal(features, x[keep])
+    means = {float(k): v for k, v in cv["cv_by_l2"].items()}
+    assert set(means) == set(L2_GRID)
+    for k, scores in cv["cv_by_l2_per_fold"].items():
+        assert len(scores) == len(folds) and means[float(k)] == pytest.approx(sum(scores) / len(scores))
+    assert cv["l2"] == choose_l2(means) and cv["cv_balanced_accuracy"] == max(means.values())
+    assert all(means[cv["l2"]] > v or l2 <= cv["l2"] for l2, v in means.items())  # ties: the stronger penalty
+    assert choose_l2({0.1: 0.5, 1.0: 0.5, 10.0: 0.4}) == 1.0
+
+
+def test_final_probe_is_fitted_on_all_training_items_and_test_chooses_nothing(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    (tx, ty), (sx, sy) = (_blobs(n, g, 2.0) for n in (200, 100))
+    task = TaskData("patch", {"training": TaskSplit(tx, ty), "test": TaskSplit(sx, sy)}, folds=_folds(200))
+    final = []
+    real_fit = run_module.fit_probe
+
+    def spy(features, labels, num_classes, l2, *args, **kwargs):
+        final.append((features, labels, l2))
+        return real_fit(features, labels, num_classes, l2, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "fit_probe", spy)
+    scores = probe_scores({"training": tx, "test": sx}, task)
+    assert len(final) == 1 and torch.equal(final[0][0], tx) and torch.equal(final[0][1], ty)
+    assert final[0][2] == scores["l2"] and scores["training_examples"] == 200 and scores["test_examples"] == 100
+    # Other test features and labels change the test score only, never the choice.
+    task.splits["test"] = TaskSplit(sx.flip(0), sy.flip(0))
+    other = probe_scores({"training": tx, "test": -sx}, task)
+    assert {k: v for k, v in other.items() if k != "test_balanced_accuracy"} == \
+        {k: v for k, v in scores.items() if k != "test_balanced_accuracy"}
 
 
 def test_balanced_accuracy_weighs_every_class_the_same():
@@ -254,7 +393,14 @@ def test_balanced_accuracy_weighs_every_class_the_same():
     assert balanced_accuracy(torch.zeros(100, dtype=torch.long), labels) == pytest.approx(0.5)
 
 
-def test_raw_baseline_chooses_its_pooling_on_validation():
+def _raw_task(split) -> TaskData:
+    """A patch-like task of 200 training items (on z rows of 5) and 50 test items, with its CV folds."""
+    training, test = split(200), split(50)
+    training.z_mm = 2.0 * (torch.arange(200) // 5).double()
+    return attach_folds(TaskData("patch", {"training": training, "test": test}), 4)
+
+
+def test_raw_baseline_chooses_its_pooling_by_cross_validation():
     """Labels in which octant is bright: invisible to one mean (g=1), plain at g=2 (and at g=4)."""
     g = torch.Generator().manual_seed(1)
 
@@ -266,11 +412,12 @@ def test_raw_baseline_chooses_its_pooling_on_validation():
             x[i, 0, 8 * a:8 * a + 8, 8 * b:8 * b + 8, 8 * d:8 * d + 8] += 1.0
         return TaskSplit(x, labels)
 
-    task = TaskData("patch", {"training": split(100), "validation": split(50), "test": split(50)})
+    task = _raw_task(split)
     raw = raw_scores(task, PATCH)
     assert raw["pooling"] == 2 and raw["features"] == 8
-    assert raw["validation_by_pooling"]["1"] < 0.5 < raw["validation_by_pooling"]["2"]
-    assert raw["test_balanced_accuracy"] > 0.9
+    assert raw["cv_by_pooling"]["1"] < 0.5 < raw["cv_by_pooling"]["2"]
+    assert raw["cv_balanced_accuracy"] == max(raw["cv_by_pooling"].values()) == max(raw["cv_by_l2"].values())
+    assert raw["test_balanced_accuracy"] > 0.9 and raw["training_examples"] == 200
 
 
 def test_raw_baseline_pools_the_whole_wide_cube():
@@ -286,8 +433,7 @@ def test_raw_baseline_pools_the_whole_wide_cube():
         x[:, :, 8:24, 8:24, 8:24] = 0.3 * torch.randn(n, 1, 16, 16, 16, generator=g)  # centre: noise only
         return TaskSplit(x, labels)
 
-    task = TaskData("patch", {"training": split(100), "validation": split(50), "test": split(50)})
-    raw = raw_scores(task, PATCH)
+    raw = raw_scores(_raw_task(split), PATCH)
     assert raw["pooling"] in (2, 4) and raw["test_balanced_accuracy"] > 0.9
 
 
@@ -306,6 +452,7 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     assert main(["--teacher", str(teacher), "--random-seeds", "2", "--patch-size", "24"]) == 0
     out = capsys.readouterr().out
     assert "patch_size 24: patch: 48 mm cube (24^3 voxels)" in out
+    assert "trained on all of the right hemisphere, L2 chosen by 4-fold cross-validation over z slabs" in out
     assert any(line.startswith("WARNING:") and "not evidence" in line for line in out.splitlines())
     evidence = json.loads((tmp_path / "run" / "evidence" / "evidence.json").read_text())
     assert evidence["evaluation_data_in_pretraining"] is True
@@ -314,6 +461,8 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     markdown = (tmp_path / "run" / "evidence" / "evidence.md").read_text()
     assert markdown.startswith("| task |") and "WARNING:" in markdown
     assert "| patch: 48 mm cube (24^3 voxels)" in markdown and "patch_size 24" in markdown
+    assert "4-fold cross-validation" in markdown and "validation band" not in markdown
+    assert evidence["cv_folds"] == 4
     for name in ("patch", "dense"):
         task = evidence["tasks"][name]
         seeds = [r["test_balanced_accuracy"] for r in task["random_init"]["per_seed"]]
@@ -324,6 +473,20 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
         assert task["margins"]["teacher_minus_raw"] == pytest.approx(
             task["teacher"]["mean"] - task["raw"]["test_balanced_accuracy"])
         assert f"{name}  teacher - random" in out
+        description = task["description"]
+        assert len(description["cv"]["slabs"]) == 4 and set(description["class_counts"]) == {"training", "test"}
+        for result in [*task["teacher"]["per_seed"], *task["random_init"]["per_seed"], task["raw"]]:
+            means = result["cv_by_l2"]
+            assert len(means) == 5 and means[f"{result['l2']:g}"] == max(means.values())
+            assert result["training_examples"] == description["examples"]["training"] == \
+                sum(description["class_counts"]["training"])
+            assert result["test_examples"] == description["examples"]["test"]
+
+
+def test_cli_refuses_fewer_than_two_folds(tmp_path, capsys):
+    assert main(["--teacher", str(tmp_path / "t.pth"), "--cv-folds", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and "--cv-folds" in err[0], err
 
 
 def tiny_segmentation_model(path: Path) -> Path:

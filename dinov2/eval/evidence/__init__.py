@@ -2,8 +2,12 @@
 
 On data never used for pretraining (the FSL MNI152 T1 templates of
 :data:`dinov2.data.classification_sample.TEMPLATES`, labelled by the Harvard-Oxford atlas), a
-linear probe (:mod:`.probe`) is trained on the right hemisphere and tested on the left one, for
-two tasks:
+linear probe (:mod:`.probe`) is trained on all labelled examples of the right hemisphere and
+tested on the left one. Its L2 penalty (and the raw baseline's pooling) is chosen by grouped
+K-fold cross-validation inside the right hemisphere (``--cv-folds``, default 4), whose folds are
+contiguous slabs along world z (:mod:`.folds`), so neighbouring, overlapping inputs mostly fall in
+one fold; the chosen penalty is refitted on all right-hemisphere examples. The left hemisphere
+is used for nothing but the final score. Two tasks:
 
 * **patch** (:mod:`.patch_task`): the ``N^3``-voxel cube centred on each classification_sample
   site (``--patch-size N``, default 16 = its 32 mm patches; larger cubes add context, with the
@@ -27,6 +31,7 @@ From Python::
     from dinov2.eval.evidence import run_evidence
     evidence = run_evidence(["teacher_checkpoint.pth"], random_seeds=3, patch_size=32)
     evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]
+    evidence["tasks"]["dense"]["teacher"]["per_seed"][0]["cv_by_l2"]  # mean CV score per L2
 """
 
 from .errors import EvidenceError

@@ -11,6 +11,7 @@ from dinov2.utils.entry_point import start_entry_point
 
 from . import __doc__ as PACKAGE_DOC
 from .errors import EvidenceError
+from .folds import DEFAULT_FOLDS
 from .report import format_table
 from .run import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
 
@@ -29,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="patch-task input cube side in voxels, centred on each site (16 = the sites' own "
                              "32 mm patches; larger adds context, other hemisphere blanked); a multiple of the "
                              "backbone's patch size, at least 16")
+    parser.add_argument("--cv-folds", type=int, default=DEFAULT_FOLDS,
+                        help="cross-validation folds (contiguous z slabs of the training hemisphere) that choose "
+                             "each probe's L2 penalty and the raw baseline's pooling")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     return parser
@@ -40,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point()
     try:
         evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
-                                args.batch_size, patch_size=args.patch_size)
+                                args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds)
     except (EvidenceError, SampleDataError) as exc:
         print("ERROR: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1

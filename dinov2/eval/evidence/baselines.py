@@ -3,7 +3,8 @@
 What a linear probe can read from the intensities alone, without any network: for the patch
 task the whole ``N^3`` input cube (the very input the network gets), for the dense task the
 token's own cube, average-pooled to a ``g x g x g`` grid; ``g`` is one of :data:`POOLING_GRIDS`,
-chosen on validation like the probe's penalty.
+chosen by the same cross-validation as the probe's penalty (the best CV score over grids and
+penalties; ties: the coarser grid).
 """
 
 from __future__ import annotations

@@ -3,16 +3,17 @@
 Windows (cubes of ``window`` voxels on the 2 mm grid) tile each hemisphere frame (see
 :class:`~dinov2.eval.evidence.volumes.HemisphereFrame`) without overlap; windows reaching past
 the grid are filled with air (-1). The tiling is laid four times, shifted by 0 or half a token
-along x (laterally) and y, so the probe sees four different lattices of token cubes (the
-training hemisphere alone would give it little more than a hundred tokens). Splits follow the
-patch task's rules with windows instead of patches: a window lies wholly in one hemisphere; the
-test hemisphere's windows are the test split; in the training hemisphere, windows wholly inside
-the validation band are validation and windows not touching it are training.
+along x (laterally) and y, so the probe sees four different lattices of token cubes. A window
+lies wholly in one hemisphere: the test hemisphere's windows are the test split, and every
+window of the training hemisphere is training (nothing is held back there: the probe's L2
+penalty is chosen by cross-validation over z slabs of the training tokens, :mod:`.folds`).
 
-The band: the patch task's band (world z in [0, 32) mm, 16 rows) cannot hold a 32-voxel window,
-so the dense band is that band grown, about its centre, to a whole number of windows (32 rows:
-z in [-16, 48) mm), and the z tiling starts at its lower edge; the layers below and above it
-are training.
+The z tiling starts where it always has, at the lower edge of the patch task's validation band
+(world z in [0, 32) mm) grown about its centre to a whole number of windows (32-voxel windows:
+row 28, z = -16 mm), so the test windows are exactly those of earlier versions. Tokens lie on
+one z lattice in every shifted tiling, so two tokens either share all their z rows or none, and
+a z-slab fold never splits a token cube (a window's tokens may fall in two folds: the
+backbone's attention lets them share context, which can only make the L2 choice optimistic).
 
 A token is labelled when at least :data:`MIN_CORTICAL_FRACTION` of its cube is cortex (atlas >
 0), by the lobe with most voxels there (ties: the lower lobe index); other tokens are left out.
@@ -31,9 +32,10 @@ import torch
 from dinov2.data.classification_sample import PatchTaskParams
 
 from .errors import EvidenceError
+from .folds import DEFAULT_FOLDS, attach_folds
 from .patch_task import PATCH_PARAMS
 from .tasks import NUM_CLASSES, SPLITS, TaskData, TaskSplit
-from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, cut_window, hemisphere_frames
+from .volumes import BACKGROUND, EvidenceVolumes, band_rows, cut_window, hemisphere_frames
 
 MIN_CORTICAL_FRACTION = 0.25
 
@@ -44,7 +46,7 @@ class DenseWindow:
 
     Attributes:
         hemisphere: ``right`` or ``left``.
-        split: ``training``, ``validation`` or ``test``.
+        split: ``training`` (training hemisphere) or ``test``.
         origin: corner ``(u, j, k)`` in the hemisphere frame (may be negative: padding).
         atlas_box: atlas voxel ranges ``((x0, x1), (y0, y1), (z0, z1))`` of the real (unpadded)
             voxels the window shows.
@@ -56,17 +58,16 @@ class DenseWindow:
     atlas_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
-def band_rows(affine: np.ndarray, band_mm: Sequence[float]) -> tuple[int, int]:
-    """Voxel rows ``[lo, hi)`` along z whose world z lies in ``[band_mm[0], band_mm[1])``."""
-    rows = sorted((float(v) - affine[2, 3]) / affine[2, 2] for v in band_mm)
-    return math.ceil(rows[0] - 1e-6), math.floor(rows[1] - 1e-6) + 1
-
-
 def dense_band_rows(patch_band: tuple[int, int], window: int) -> tuple[int, int]:
     """The patch band grown about its centre to a whole number of windows: rows ``[lo, hi)``."""
     height = window * math.ceil((patch_band[1] - patch_band[0]) / window)
     lo = (patch_band[0] + patch_band[1] - height) // 2
     return lo, lo + height
+
+
+def z_anchor_row(affine: np.ndarray, window: int, params: PatchTaskParams = PATCH_PARAMS) -> int:
+    """Row where a window of the z tiling starts: the lower edge of the grown validation band."""
+    return dense_band_rows(band_rows(affine, params.val_band_mm), window)[0]
 
 
 def tile_starts(size: int, window: int, anchor: int) -> list[int]:
@@ -75,16 +76,6 @@ def tile_starts(size: int, window: int, anchor: int) -> list[int]:
     if first > 0:
         first -= window
     return list(range(first, size, window))
-
-
-def _split_of(frame: HemisphereFrame, z: tuple[int, int], band: tuple[int, int], train_hemisphere: str) -> str | None:
-    if frame.hemisphere != train_hemisphere:
-        return "test"
-    if band[0] <= z[0] and z[1] <= band[1]:
-        return "validation"
-    if z[1] <= band[0] or z[0] >= band[1]:
-        return "training"
-    return None  # training hemisphere, touching the band
 
 
 def plan_dense_windows(shape: Sequence[int], affine: np.ndarray, window: int, shifts: Sequence[int] = (0,),
@@ -96,28 +87,23 @@ def plan_dense_windows(shape: Sequence[int], affine: np.ndarray, window: int, sh
         affine: its ``(4, 4)`` affine.
         window: window side in voxels.
         shifts: voxel shifts of the tiling along x (laterally) and y; every pair is laid.
-        params: the patch task's recipe (training hemisphere, validation band).
+        params: the patch task's recipe (training hemisphere; its band anchors the z tiling).
 
     Returns:
         Windows sorted by split, hemisphere and origin.
     """
-    band = dense_band_rows(band_rows(affine, params.val_band_mm), window)
+    zs = tile_starts(shape[2], window, z_anchor_row(affine, window, params))
     windows = []
     for frame, sx, sy in product(hemisphere_frames(affine, shape).values(), shifts, shifts):
+        split = "training" if frame.hemisphere == params.train_hemisphere else "test"
         # Unshifted x tiles end at the midline; a shift moves them laterally, never across it.
         medial = frame.size - sx if frame.medial_at_end else sx
         xs = tile_starts(frame.size, window, medial)
         ys = tile_starts(shape[1], window, (shape[1] - window * math.ceil(shape[1] / window)) // 2 + sy)
-        zs = tile_starts(shape[2], window, band[0])
-        for u in xs:
-            x_box = frame.atlas_columns(max(u, 0), min(u + window, frame.size))
-            for j in ys:
-                for k in zs:
-                    z_box = (max(k, 0), min(k + window, shape[2]))
-                    split = _split_of(frame, (k, k + window), band, params.train_hemisphere)
-                    if split is not None:
-                        box = (x_box, (max(j, 0), min(j + window, shape[1])), z_box)
-                        windows.append(DenseWindow(frame.hemisphere, split, (u, j, k), box))
+        for u, j, k in product(xs, ys, zs):
+            box = (frame.atlas_columns(max(u, 0), min(u + window, frame.size)),
+                   (max(j, 0), min(j + window, shape[1])), (max(k, 0), min(k + window, shape[2])))
+            windows.append(DenseWindow(frame.hemisphere, split, (u, j, k), box))
     order = {s: i for i, s in enumerate(SPLITS)}
     windows.sort(key=lambda w: (order[w.split], w.hemisphere, w.origin))
     return windows
@@ -152,58 +138,87 @@ def token_labels(lobe_window: np.ndarray, patch: Sequence[int]) -> np.ndarray:
 
 
 def _require_lobes(split: str, labels: list[int], window: int) -> None:
-    """Every lobe in training and test (so chance is 1/5), two in validation (to choose anything)."""
+    """Every lobe in training and test, so that chance is 1/5 and the probe can name every lobe."""
     present = len(set(labels))
-    if present < (2 if split == "validation" else NUM_CLASSES):
+    if present < NUM_CLASSES:
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=NUM_CLASSES).tolist()
         raise EvidenceError(f"--dense-window {window} leaves the dense task's {split} split with tokens of "
-                            f"{present} lobe(s) (tokens per lobe {counts}): the validation band grows to a whole "
-                            "window, and little brain is left outside it. Use a smaller --dense-window, e.g. 32.")
+                            f"{present} lobe(s) (tokens per lobe {counts}). Use a smaller --dense-window, e.g. 32.")
+
+
+def _token_z_mm(windows: list[DenseWindow], tokens: np.ndarray, window: int, patch: Sequence[int],
+                affine: np.ndarray) -> torch.Tensor:
+    """float64 ``(T,)`` world z of the middle of every token cube.
+
+    Args:
+        windows: the split's kept windows, in input order.
+        tokens: int ``(T, 2)`` ``(window index, token index)``; ``d`` (z) is the fastest token axis.
+        window: window side in voxels.
+        patch: token cube ``(ph, pw, pd)``.
+        affine: the grid's ``(4, 4)`` affine.
+    """
+    pd = patch[2]
+    first_row = np.array([w.origin[2] for w in windows], dtype=np.float64)[tokens[:, 0]]
+    rows = first_row + pd * (tokens[:, 1] % (window // pd)) + (pd - 1) / 2
+    return torch.from_numpy(affine[2, 2] * rows + affine[2, 3])
+
+
+def _cut_split(volumes: EvidenceVolumes, planned: list[DenseWindow], window: int, patch: Sequence[int],
+               params: PatchTaskParams) -> TaskSplit:
+    """Windows with a labelled token, from every template in turn, with their token labels and z."""
+    frames = hemisphere_frames(volumes.affine, volumes.lobes.shape)
+    lobe_frames = {h: f.cut(volumes.lobes) for h, f in frames.items()}
+    labelled = []  # (window, kept token indices, their labels), the same for every template
+    for w in planned:
+        labels_w = token_labels(cut_window(lobe_frames[w.hemisphere], w.origin, window, -1), patch)
+        kept = np.flatnonzero(labels_w >= 0)
+        if kept.size:  # a window without a labelled token need not go through the network
+            labelled.append((w, kept, labels_w[kept]))
+    cubes, tokens, labels = [], [], []
+    for name in params.templates:
+        image_frames = {h: f.cut(volumes.templates[name]) for h, f in frames.items()}
+        for w, kept, labels_w in labelled:
+            tokens.append(np.stack([np.full_like(kept, len(cubes)), kept], axis=1))
+            labels.append(labels_w)
+            cubes.append(cut_window(image_frames[w.hemisphere], w.origin, window, BACKGROUND))
+    tokens_np = np.concatenate(tokens).astype(np.int64)
+    windows = [w for _ in params.templates for w, _, _ in labelled]
+    return TaskSplit(torch.from_numpy(np.stack(cubes)).unsqueeze(1).float(),
+                     torch.from_numpy(np.concatenate(labels).astype(np.int64)), torch.from_numpy(tokens_np),
+                     _token_z_mm(windows, tokens_np, window, patch, volumes.affine))
 
 
 def build_dense_task(volumes: EvidenceVolumes, window: int, patch: Sequence[int],
-                     params: PatchTaskParams = PATCH_PARAMS) -> TaskData:
-    """Windows and token labels of every split, from every template.
+                     params: PatchTaskParams = PATCH_PARAMS, folds: int = DEFAULT_FOLDS) -> TaskData:
+    """Windows and token labels of both splits, from every template.
 
     Args:
         volumes: atlas and templates on one grid.
         window: window side in voxels (a multiple of every side of ``patch``).
         patch: the backbone's patch ``(ph, pw, pd)`` (= the labelled token cube).
-        params: the patch task's recipe (training hemisphere, validation band, templates).
+        params: the patch task's recipe (training hemisphere, z anchor, templates).
+        folds: cross-validation folds (z slabs) of the training tokens.
 
     Returns:
         :class:`TaskData` whose splits hold ``(M, 1, W, W, W)`` windows (only those with a
-        labelled token), ``(T, 2)`` token indices and ``(T,)`` labels.
+        labelled token), ``(T, 2)`` token indices, ``(T,)`` labels and token z; ``folds`` set.
 
     Raises:
-        EvidenceError: the window is so large that a split lacks lobes.
+        EvidenceError: the window is so large that a split lacks lobes, or ``folds`` does not fit.
     """
-    frames = hemisphere_frames(volumes.affine, volumes.lobes.shape)
     shifts = sorted({0, min(patch[:2]) // 2})
     planned = plan_dense_windows(volumes.lobes.shape, volumes.affine, window, shifts, params)
-    lobe_frames = {h: f.cut(volumes.lobes) for h, f in frames.items()}
     splits = {}
     for split in SPLITS:
-        cubes, tokens, labels = [], [], []
-        for name in params.templates:
-            image_frames = {h: f.cut(volumes.templates[name]) for h, f in frames.items()}
-            for w in (w for w in planned if w.split == split):
-                labels_w = token_labels(cut_window(lobe_frames[w.hemisphere], w.origin, window, -1), patch)
-                kept = np.flatnonzero(labels_w >= 0)
-                if kept.size == 0:
-                    continue  # no labelled token: no need to run the network on it
-                tokens.extend((len(cubes), int(t)) for t in kept)
-                labels.extend(labels_w[kept].tolist())
-                cubes.append(cut_window(image_frames[w.hemisphere], w.origin, window, BACKGROUND))
-        _require_lobes(split, labels, window)
-        inputs = torch.from_numpy(np.stack(cubes)).unsqueeze(1).float()
-        splits[split] = TaskSplit(inputs, torch.tensor(labels, dtype=torch.int64),
-                                  torch.tensor(tokens, dtype=torch.int64).reshape(-1, 2))
-    band = dense_band_rows(band_rows(volumes.affine, params.val_band_mm), window)
-    band_mm = [float(volumes.affine[2, 2] * r + volumes.affine[2, 3]) for r in band]
+        splits[split] = _cut_split(volumes, [w for w in planned if w.split == split], window, patch, params)
+        _require_lobes(split, splits[split].labels.tolist(), window)
+    anchor = z_anchor_row(volumes.affine, window, params)
     info = {"window_voxels": window, "token_voxels": list(patch), "tiling_shifts_voxels": shifts,
-            "validation_band_rows": list(band),
-            "validation_band_mm": band_mm, "min_cortical_fraction": MIN_CORTICAL_FRACTION,
+            "splits": "training: every window of the training hemisphere; test: every window of the other one",
+            "z_tiling_anchor_row": anchor,
+            "z_tiling_anchor_mm": float(volumes.affine[2, 2] * anchor + volumes.affine[2, 3]),
+            "min_cortical_fraction": MIN_CORTICAL_FRACTION,
             "windows": {s: int(splits[s].inputs.shape[0]) for s in SPLITS},
+            "examples": {s: int(splits[s].labels.numel()) for s in SPLITS},
             "class_counts": {s: splits[s].class_counts() for s in SPLITS}}
-    return TaskData("dense", splits, info)
+    return attach_folds(TaskData("dense", splits, info), folds)

@@ -1,10 +1,11 @@
 """Patch task: the ``N^3``-voxel cube around each classification_sample site -> the lobe at its centre.
 
-Sites, labels and splits are those of :mod:`dinov2.data.classification_sample` (16^3-voxel =
-32 mm patches on the 2 mm atlas grid, labelled by the lobe at the patch centre). The network is
-fed the cube of ``patch_size`` (``N``) voxels centred on the same labelled voxel, so ``N = 16``
-gives exactly classification_sample's patches and a larger ``N`` adds context around the same
-label (with only 32 mm, a linear probe on anything saturates near the same accuracy):
+Sites and labels are those of :mod:`dinov2.data.classification_sample` (16^3-voxel = 32 mm
+patches at a 4-voxel stride on the 2 mm atlas grid, labelled by the lobe at the patch centre).
+The network is fed the cube of ``patch_size`` (``N``) voxels centred on the same labelled voxel,
+so ``N = 16`` gives exactly classification_sample's patches and a larger ``N`` adds context
+around the same label (with only 32 mm, a linear probe on anything saturates near the same
+accuracy):
 
 * along each atlas axis the cube spans ``[c - N//2, c - N//2 + N)`` around the centre voxel
   ``c`` (the 16-voxel patch sits in its middle); left-hemisphere cubes are then mirrored along x,
@@ -15,15 +16,20 @@ label (with only 32 mm, a linear probe on anything saturates near the same accur
   hemisphere stays unseen in training whatever ``N`` (the midline column stays out of every
   input, as classification_sample keeps it out of every patch).
 
-For ``N > 16`` the splits are no longer disjoint in voxels within the training hemisphere:
-classification_sample keeps training patches off the validation band, but a training cube
-reaches ``(N - 16) / 2`` voxels further and may overlap voxels that validation cubes show. Only
-the probe's choice of L2 penalty looks at validation, so this can only make that choice a
-little optimistic; the test hemisphere is never reached.
+Splits: the test split is classification_sample's test split (every site of the left
+hemisphere), unchanged. The training split is every site of the right hemisphere on the same
+lattice: classification_sample's training and validation sites plus those it drops for touching
+its validation band, since the evidence holds nothing back there (the probe's L2 penalty is
+chosen by cross-validation over z slabs of the training hemisphere, :mod:`.folds`). Cubes
+overlap their neighbours, so the cubes next to a slab boundary share voxels with the held-out
+slab (more of them for ``N > 16``); this can only make the choice of L2 a little optimistic.
+The test hemisphere is never reached.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -32,8 +38,9 @@ import torch
 from dinov2.data.classification_sample import LOBES, PatchSite, PatchTaskParams, plan_patch_sites
 
 from .errors import EvidenceError
+from .folds import DEFAULT_FOLDS, attach_folds
 from .tasks import SPLITS, TaskData, TaskSplit
-from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, cut_window, hemisphere_frames
+from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, band_rows, cut_window, hemisphere_frames
 
 # classification_sample's defaults: the very sites of its brain-lobe dataset.
 PATCH_PARAMS = PatchTaskParams()
@@ -62,6 +69,36 @@ def cube_origin(frame: HemisphereFrame, centre: Sequence[int], size: int) -> tup
     return u0, int(centre[1]) - before, int(centre[2]) - before
 
 
+def _band_off_grid(params: PatchTaskParams, affine: np.ndarray, depth: int) -> PatchTaskParams:
+    """``params`` with the validation band moved above the grid by a whole number of strides.
+
+    classification_sample aligns the z lattice of its sites to the band's lowest row, so moving
+    the band by whole strides keeps every site where it was, and past the grid no site touches it.
+    """
+    low_row = band_rows(affine, params.val_band_mm)[0]
+    strides = max(0, math.ceil((depth - low_row) / params.stride))
+    step_mm = strides * params.stride * float(affine[2, 2])
+    return replace(params, val_band_mm=tuple(float(v) + step_mm for v in params.val_band_mm))
+
+
+def plan_evidence_sites(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_PARAMS) -> list[PatchSite]:
+    """classification_sample's test sites, and every site of the training hemisphere on the same lattice.
+
+    Args:
+        volumes: atlas on its grid.
+        params: site recipe.
+
+    Returns:
+        Sites with split ``training`` (training hemisphere, all of it) or ``test`` (the other
+        hemisphere: exactly classification_sample's test sites), training first, each sorted by origin.
+    """
+    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, params)
+    whole = _band_off_grid(params, volumes.affine, volumes.lobes.shape[2])
+    training = [s for s in plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, whole)
+                if s.hemisphere == params.train_hemisphere]
+    return training + [s for s in sites if s.split == "test"]
+
+
 def _split_inputs(image_frames: dict[str, np.ndarray], frames: dict[str, HemisphereFrame],
                   sites: list[PatchSite], size: int, params: PatchTaskParams) -> list[np.ndarray]:
     """``(size, size, size)`` cube of every site, cut from its hemisphere's frame (air elsewhere)."""
@@ -69,28 +106,35 @@ def _split_inputs(image_frames: dict[str, np.ndarray], frames: dict[str, Hemisph
                        size, BACKGROUND) for s in sites]
 
 
+def _z_mm(sites: list[PatchSite], affine: np.ndarray, params: PatchTaskParams) -> torch.Tensor:
+    """float64 ``(S,)`` world z of every site's labelled voxel."""
+    rows = torch.tensor([site_centre(s, params)[2] for s in sites], dtype=torch.float64)
+    return float(affine[2, 2]) * rows + float(affine[2, 3])
+
+
 def build_patch_task(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_PARAMS,
-                     patch_size: int | None = None) -> TaskData:
+                     patch_size: int | None = None, folds: int = DEFAULT_FOLDS) -> TaskData:
     """Cut every site's cube out of every template (left-hemisphere cubes mirrored).
 
     Args:
         volumes: atlas and templates on one grid.
-        params: site recipe; training on ``params.train_hemisphere`` outside the validation
-            band, validation inside it, test on the other hemisphere.
+        params: site recipe; training on all of ``params.train_hemisphere``, test on the other
+            hemisphere (see :func:`plan_evidence_sites`).
         patch_size: cube side ``N`` fed to the network (default ``params.patch_size``; not smaller).
+        folds: cross-validation folds (z slabs) of the training split.
 
     Returns:
-        :class:`TaskData` whose splits hold ``(S, 1, N, N, N)`` cubes and ``(S,)`` labels, all
-        sites of the first template, then all of the second.
+        :class:`TaskData` whose splits hold ``(S, 1, N, N, N)`` cubes, ``(S,)`` labels and site
+        z, all sites of the first template, then all of the second; ``folds`` set.
 
     Raises:
-        EvidenceError: ``patch_size`` is smaller than the sites' patches.
+        EvidenceError: ``patch_size`` is smaller than the sites' patches, or ``folds`` does not fit.
     """
     size = params.patch_size if patch_size is None else int(patch_size)
     if size < params.patch_size:
         raise EvidenceError(f"--patch-size {size} is smaller than the classification_sample patches "
                             f"({params.patch_size} voxels): pass at least --patch-size {params.patch_size}.")
-    sites = plan_patch_sites(volumes.lobes, volumes.regions, volumes.affine, params)
+    sites = plan_evidence_sites(volumes, params)
     frames = hemisphere_frames(volumes.affine, volumes.lobes.shape)
     splits = {}
     for split in SPLITS:
@@ -99,10 +143,11 @@ def build_patch_task(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_P
         for name in params.templates:
             image_frames = {h: f.cut(volumes.templates[name]) for h, f in frames.items()}
             cubes += _split_inputs(image_frames, frames, chosen, size, params)
-        labels = [LOBES.index(s.lobe) for s in chosen] * len(params.templates)
-        inputs = torch.from_numpy(np.stack(cubes)).unsqueeze(1)
-        splits[split] = TaskSplit(inputs.float(), torch.tensor(labels, dtype=torch.int64))
-    return TaskData("patch", splits, _task_info(volumes, params, size, splits))
+        labels = torch.tensor([LOBES.index(s.lobe) for s in chosen] * len(params.templates), dtype=torch.int64)
+        inputs = torch.from_numpy(np.stack(cubes)).unsqueeze(1).float()
+        z_mm = _z_mm(chosen, volumes.affine, params).repeat(len(params.templates))
+        splits[split] = TaskSplit(inputs, labels, z_mm=z_mm)
+    return attach_folds(TaskData("patch", splits, _task_info(volumes, params, size, splits)), folds)
 
 
 def _task_info(volumes: EvidenceVolumes, params: PatchTaskParams, size: int, splits: dict[str, TaskSplit]) -> dict:
@@ -111,5 +156,8 @@ def _task_info(volumes: EvidenceVolumes, params: PatchTaskParams, size: int, spl
             "cube": f"{size}^3 voxels centred on the site centre; beyond the grid, on the midline and in the "
                     "other hemisphere: air (-1); left hemisphere mirrored",
             "recipe": params.as_dict(),
+            "splits": "training: every site of the training hemisphere (classification_sample's validation band "
+                      "not held back); test: classification_sample's test sites",
             "label": "Harvard-Oxford lobe at the patch centre (dinov2.data.classification_sample sites)",
+            "examples": {s: int(splits[s].labels.numel()) for s in SPLITS},
             "class_counts": {s: splits[s].class_counts() for s in SPLITS}}

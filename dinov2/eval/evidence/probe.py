@@ -2,15 +2,20 @@
 
 Recipe (the usual one for frozen-feature evidence, without scikit-learn):
 
-* features standardised with the training split's mean and standard deviation;
-* cross-entropy weighted by the inverse class frequency of the training split, so every class
+* features standardised with the mean and standard deviation of the examples it is fitted on;
+* cross-entropy weighted by the inverse class frequency of those examples, so every class
   weighs the same (the reported metric is balanced accuracy);
 * L2 penalty ``l2 / 2 * ||W||^2`` on the weights (not the bias), strength chosen from
-  :data:`L2_GRID` by validation balanced accuracy (ties: the stronger penalty);
-* float64 full-batch L-BFGS with a strong-Wolfe line search from zero weights: the problem is
-  strictly convex, so the solution does not depend on any random state.
+  :data:`L2_GRID` by grouped K-fold cross-validation on the training examples
+  (:func:`cross_validate`; the folds are z slabs, :mod:`.folds`): the CV score is the mean
+  balanced accuracy over the held-out folds, ties go to the stronger penalty;
+* the chosen strength is then refitted on all training examples (:func:`fit_probe`);
+* float64 full-batch L-BFGS with a strong-Wolfe line search: the problem is strictly convex, so
+  the solution does not depend on any random state. The final fit starts from zero weights;
+  within a fold the penalties are fitted strongest first, each from the previous solution
+  (close to the next one), with at most :data:`CV_MAX_ITERATIONS` steps, to keep CV cheap.
 
-The probe is fitted on the training split only; the validation split only chooses ``l2``.
+The test examples are never seen by either step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MAX_ITERATIONS = 300
+CV_MAX_ITERATIONS = 100
 
 
 @dataclass
@@ -68,7 +74,8 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
-                            weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            weights: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            max_iterations: int = MAX_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise the class-weighted cross-entropy plus ``l2 / 2 * ||W||^2`` by L-BFGS.
 
     Args:
@@ -77,13 +84,16 @@ def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, num_classes: 
         num_classes: ``K``.
         l2: penalty strength.
         weights: ``(K,)`` class weights (see :func:`class_weights`).
+        start: ``(weight (D, K), bias (K,))`` to start from (default zeros).
+        max_iterations: L-BFGS iterations at most.
 
     Returns:
         ``(weight (D, K), bias (K,))``, float64, detached.
     """
-    weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=MAX_ITERATIONS, history_size=20,
+    if start is None:
+        start = (x.new_zeros(x.shape[1], num_classes), x.new_zeros(num_classes))
+    weight, bias = (t.detach().clone().requires_grad_(True) for t in start)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iterations, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -103,28 +113,77 @@ def _standardisation(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
-def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-              num_classes: int, l2_grid: tuple[float, ...] = L2_GRID) -> tuple[LinearProbe, float]:
-    """Fit one probe per ``l2`` on the training split, keep the best on validation.
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
+              start: LinearProbe | None = None, max_iterations: int = MAX_ITERATIONS) -> LinearProbe:
+    """Standardise, weigh the classes and fit one probe on every example given.
 
     Args:
-        train_x: ``(N, D)`` training features; train_y: ``(N,)`` labels.
-        val_x: ``(M, D)`` validation features; val_y: ``(M,)`` labels.
+        features: ``(N, D)`` features; labels: ``(N,)`` class indices.
+        num_classes: ``K``.
+        l2: penalty strength.
+        start: a probe fitted on the same examples (same standardisation) to start from.
+        max_iterations: L-BFGS iterations at most.
+
+    Returns:
+        The fitted :class:`LinearProbe`.
+    """
+    x = features.double()
+    mean, std = _standardisation(x)
+    init = None if start is None else (start.weight, start.bias)
+    weight, bias = fit_logistic_regression((x - mean) / std, labels, num_classes, l2,
+                                           class_weights(labels, num_classes), init, max_iterations)
+    return LinearProbe(mean, std, weight, bias, float(l2))
+
+
+def fold_scores(features: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor, num_classes: int,
+                l2_grid: tuple[float, ...] = L2_GRID) -> dict[float, float]:
+    """Balanced accuracy on one held-out fold of probes fitted on the other folds, per penalty.
+
+    Args:
+        features: ``(N, D)`` training features; labels: ``(N,)``.
+        held_out: int64 indices of the fold left out.
         num_classes: ``K``.
         l2_grid: penalties tried.
 
     Returns:
-        ``(probe, its validation balanced accuracy)``.
+        ``{l2: balanced accuracy on the held-out fold}``.
     """
-    train_x, val_x = train_x.double(), val_x.double()
-    mean, std = _standardisation(train_x)
-    x = (train_x - mean) / std
-    weights = class_weights(train_y, num_classes)
-    best: tuple[LinearProbe, float] | None = None
-    for l2 in sorted(l2_grid, reverse=True):  # strongest first: a tie keeps the simpler probe
-        weight, bias = fit_logistic_regression(x, train_y, num_classes, l2, weights)
-        probe = LinearProbe(mean, std, weight, bias, float(l2))
-        score = balanced_accuracy(probe.predict(val_x), val_y)
-        if best is None or score > best[1]:
-            best = (probe, score)
-    return best
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[held_out] = False
+    scores, probe = {}, None
+    for l2 in sorted(l2_grid, reverse=True):  # strongest first: each solution starts the next, weaker fit
+        probe = fit_probe(features[keep], labels[keep], num_classes, l2, probe, CV_MAX_ITERATIONS)
+        scores[float(l2)] = balanced_accuracy(probe.predict(features[held_out]), labels[held_out])
+    return scores
+
+
+def choose_l2(cv_by_l2: dict[float, float]) -> float:
+    """The penalty of the highest CV score; ties: the stronger penalty (the simpler probe)."""
+    return max(cv_by_l2, key=lambda l2: (cv_by_l2[l2], l2))
+
+
+def cross_validate(features: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor], num_classes: int,
+                   l2_grid: tuple[float, ...] = L2_GRID) -> dict:
+    """Choose the penalty by K-fold cross-validation over the given folds.
+
+    Args:
+        features: ``(N, D)`` training features; labels: ``(N,)``.
+        folds: int64 index tensors into the ``N`` examples, disjoint (see :mod:`.folds`).
+        num_classes: ``K``.
+        l2_grid: penalties tried.
+
+    Returns:
+        ``{"l2": chosen, "cv_balanced_accuracy": its CV score, "cv_by_l2": {str(l2): mean over
+        folds}, "cv_by_l2_per_fold": {str(l2): [score of fold f]}}``.
+
+    Raises:
+        ValueError: no fold given (a task built without :func:`~.folds.attach_folds`).
+    """
+    if not folds:
+        raise ValueError("cross_validate needs at least one fold: build the task with its folds attached.")
+    per_fold = [fold_scores(features, labels, held_out, num_classes, l2_grid) for held_out in folds]
+    means = {l2: sum(f[l2] for f in per_fold) / len(per_fold) for l2 in per_fold[0]}
+    l2 = choose_l2(means)
+    return {"l2": l2, "cv_balanced_accuracy": means[l2],
+            "cv_by_l2": {f"{k:g}": v for k, v in sorted(means.items())},
+            "cv_by_l2_per_fold": {f"{k:g}": [f[k] for f in per_fold] for k in sorted(means)}}

@@ -84,6 +84,11 @@ def _warning_lines(evidence: dict) -> list[str]:
     return lines
 
 
+def _folds(evidence: dict) -> str:
+    """How the penalty was chosen, for the headers (after "the right hemisphere")."""
+    return f"{evidence.get('cv_folds', '?')}-fold cross-validation over z slabs of it"
+
+
 def format_table(evidence: dict) -> str:
     """Plain-text table of every task and representation (what the command prints)."""
     rows = [("task", "representation", "n", "mean", "std", "min", "max")]
@@ -98,8 +103,8 @@ def format_table(evidence: dict) -> str:
         rows.append((name, "chance", "", _number(task["chance"]), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    head = ["Test balanced accuracy on the left hemisphere (probes trained on the right hemisphere); "
-            "n = seeds, std over seeds."]
+    head = [f"Test balanced accuracy on the left hemisphere (probes trained on all of the right hemisphere, "
+            f"L2 chosen by {_folds(evidence)}); n = seeds, std over seeds."]
     if "patch" in evidence["tasks"]:
         head.append(f"patch_size {evidence.get('patch_size')}: {task_title('patch', evidence['tasks']['patch'])}; "
                     "voxels of the other hemisphere, where reached, are air.")
@@ -127,7 +132,8 @@ def format_markdown(evidence: dict) -> str:
                      f"{_number(task['margins']['teacher_minus_random'], True)} | "
                      f"{_number(task['margins']['teacher_minus_raw'], True)} | {_number(task['chance'])} |")
     lines += ["", "Balanced accuracy on the left hemisphere of the FSL MNI152 templates (linear probes trained on "
-              "the right hemisphere, penalty chosen on a validation band); mean ± std (min–max) over seeds. "
+              f"all of the right hemisphere, penalty chosen by {_folds(evidence)}, as is the raw baseline's "
+              "pooling); mean ± std (min–max) over seeds. "
               f"Patch task: patch_size {evidence.get('patch_size')}, the {evidence.get('patch_size')}^3-voxel cube "
               "centred on each classification_sample site, voxels of the other hemisphere (where reached) "
               "set to air. "

@@ -17,9 +17,10 @@ from .baselines import POOLING_GRIDS, raw_features
 from .dense_task import build_dense_task
 from .errors import EvidenceError
 from .features import network_features
+from .folds import DEFAULT_FOLDS
 from .held_out import EVALUATION_FILES, held_out_files, pretraining_overlap
 from .patch_task import PATCH_PARAMS, build_patch_task
-from .probe import balanced_accuracy, fit_probe
+from .probe import balanced_accuracy, cross_validate, fit_probe
 from .report import JSON_NAME, MARKDOWN_NAME, summarise_task, write_outputs
 from .tasks import NUM_CLASSES, SPLITS, TaskData
 from .volumes import load_evidence_volumes
@@ -31,21 +32,23 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_PATCH_SIZE = PATCH_PARAMS.patch_size
 
 
-def probe_scores(features: dict[str, torch.Tensor], task: TaskData) -> dict:
-    """Fit the probe on training, choose its penalty on validation, score it on test.
+def probe_scores(features: dict[str, torch.Tensor], task: TaskData, cv: dict | None = None) -> dict:
+    """Choose the probe's penalty by CV on training, refit it on all of training, score it on test.
 
     Args:
         features: split name -> ``(T, D)`` features of the split's labelled items.
-        task: the task (for its labels).
+        task: the task (for its labels and folds).
+        cv: :func:`~.probe.cross_validate` of ``features["training"]`` if already run.
 
     Returns:
-        ``{"test_balanced_accuracy", "validation_balanced_accuracy", "l2"}``.
+        ``{"test_balanced_accuracy", "l2", "cv_balanced_accuracy", "cv_by_l2", "cv_by_l2_per_fold",
+        "training_examples", "test_examples"}``.
     """
-    labels = {s: task.splits[s].labels for s in SPLITS}
-    probe, validation = fit_probe(features["training"], labels["training"], features["validation"],
-                                  labels["validation"], NUM_CLASSES)
-    test = balanced_accuracy(probe.predict(features["test"]), labels["test"])
-    return {"test_balanced_accuracy": test, "validation_balanced_accuracy": validation, "l2": probe.l2}
+    train, test = task.splits["training"], task.splits["test"]
+    cv = cv or cross_validate(features["training"], train.labels, task.folds, NUM_CLASSES)
+    probe = fit_probe(features["training"], train.labels, NUM_CLASSES, cv["l2"])
+    return {"test_balanced_accuracy": balanced_accuracy(probe.predict(features["test"]), test.labels), **cv,
+            "training_examples": int(train.labels.numel()), "test_examples": int(test.labels.numel())}
 
 
 def network_scores(model: nn.Module, task: TaskData, batch_size: int, device: torch.device) -> dict:
@@ -59,21 +62,23 @@ def network_scores(model: nn.Module, task: TaskData, batch_size: int, device: to
 
 
 def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
-    """The raw-intensity baseline with the pooling grid chosen on validation (ties: the coarser grid).
+    """The raw-intensity baseline with the pooling grid chosen by the same CV (ties: the coarser grid).
 
     Returns:
         :func:`probe_scores` of the chosen grid plus ``pooling`` (g), ``features`` (g^3) and
-        ``validation_by_pooling`` (g -> validation balanced accuracy).
+        ``cv_by_pooling`` (g -> CV balanced accuracy at that grid's chosen penalty).
     """
     # Pool what the network is fed: the token's cube (dense) or the whole N^3 input cube (patch).
     side = min(patch) if task.name == "dense" else int(task.splits["training"].inputs.shape[-1])
+    labels = task.splits["training"].labels
     tried = {}
     for grid in (g for g in POOLING_GRIDS if g <= side):
-        features = {s: raw_features(task.splits[s], grid, patch) for s in SPLITS}
-        tried[grid] = probe_scores(features, task)
-    best = max(tried, key=lambda g: (tried[g]["validation_balanced_accuracy"], -g))
-    return {**tried[best], "pooling": best, "features": best ** 3,
-            "validation_by_pooling": {str(g): r["validation_balanced_accuracy"] for g, r in tried.items()}}
+        training = raw_features(task.splits["training"], grid, patch)
+        tried[grid] = cross_validate(training, labels, task.folds, NUM_CLASSES)
+    best = max(tried, key=lambda g: (tried[g]["cv_balanced_accuracy"], -g))
+    features = {s: raw_features(task.splits[s], best, patch) for s in SPLITS}
+    return {**probe_scores(features, task, tried[best]), "pooling": best, "features": best ** 3,
+            "cv_by_pooling": {str(g): r["cv_balanced_accuracy"] for g, r in tried.items()}}
 
 
 def _device(name: str) -> torch.device:
@@ -140,8 +145,8 @@ def _score_backbone(model: nn.Module, label: str, tasks: list[TaskData], batch_s
     scores = {}
     for task in tasks:
         scores[task.name] = found = network_scores(model, task, batch_size, device)
-        logger.info("%s task, %s: test balanced accuracy %.3f (validation %.3f, l2 %g)", task.name, label,
-                    found["test_balanced_accuracy"], found["validation_balanced_accuracy"], found["l2"])
+        logger.info("%s task, %s: test balanced accuracy %.3f (CV %.3f, l2 %g)", task.name, label,
+                    found["test_balanced_accuracy"], found["cv_balanced_accuracy"], found["l2"])
     return scores
 
 
@@ -159,15 +164,15 @@ def _evaluate_all(teachers: list[Teacher], spec: dict, seeds: range, tasks: list
             results[name]["random_init"].append({"seed": seed, **scores})
     for task in tasks:
         results[task.name]["raw"] = raw = raw_scores(task, patch)
-        logger.info("%s task, raw intensities pooled to %d^3: test balanced accuracy %.3f (validation %.3f)",
-                    task.name, raw["pooling"], raw["test_balanced_accuracy"], raw["validation_balanced_accuracy"])
+        logger.info("%s task, raw intensities pooled to %d^3: test balanced accuracy %.3f (CV %.3f, l2 %g)",
+                    task.name, raw["pooling"], raw["test_balanced_accuracy"], raw["cv_balanced_accuracy"], raw["l2"])
     return results
 
 
 def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
                  output_dir: str | os.PathLike | None = None, device: str = "cpu",
                  dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE,
-                 patch_size: int = DEFAULT_PATCH_SIZE) -> dict:
+                 patch_size: int = DEFAULT_PATCH_SIZE, cv_folds: int = DEFAULT_FOLDS) -> dict:
     """Measure whether pretrained teachers' frozen features beat random inits and raw intensities.
 
     Args:
@@ -180,6 +185,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         patch_size: side ``N`` of the patch task's input cubes, centred on classification_sample's
             sites (16 = its own patches); a multiple of the backbone's patch size, at least 16.
             Larger cubes add context, never the other hemisphere (see :mod:`.patch_task`).
+        cv_folds: folds (z slabs of the training hemisphere) of the cross-validation that
+            chooses every probe's penalty and the raw baseline's pooling (see :mod:`.folds`).
 
     Returns:
         What evidence.json holds (``tasks.<patch|dense>`` with per-seed values, statistics,
@@ -192,8 +199,9 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     started = time.perf_counter()
     if not teachers:
         raise EvidenceError("No teacher checkpoint given: pass at least one --teacher teacher_checkpoint.pth.")
-    if random_seeds < 0 or batch_size < 1:
-        raise EvidenceError(f"--random-seeds must be >= 0 and --batch-size >= 1, got {random_seeds} and {batch_size}.")
+    if random_seeds < 0 or batch_size < 1 or cv_folds < 2:
+        raise EvidenceError(f"--random-seeds must be >= 0, --batch-size >= 1 and --cv-folds >= 2, got {random_seeds}, "
+                            f"{batch_size} and {cv_folds}.")
     device = _device(device)
     loaded = [load_teacher(p) for p in teachers]
     spec = same_architecture(loaded)
@@ -202,7 +210,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     overlap = _check_overlap(loaded)
     logger.info("Building the evaluation tasks from the FSL MNI152 templates and the Harvard-Oxford atlas.")
     volumes = load_evidence_volumes()
-    tasks = [build_patch_task(volumes, patch_size=patch_size), build_dense_task(volumes, dense_window, patch)]
+    tasks = [build_patch_task(volumes, patch_size=patch_size, folds=cv_folds),
+             build_dense_task(volumes, dense_window, patch, folds=cv_folds)]
     results = _evaluate_all(loaded, spec, range(random_seeds), tasks, patch, batch_size, device)
     evidence = {
         "teachers": [str(t.path) for t in loaded],
@@ -210,6 +219,7 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         "backbone": spec,
         "device": str(device),
         "patch_size": patch_size,
+        "cv_folds": cv_folds,
         "evaluation_files": [str(p) for p in held_out_files(include_near_duplicates=False)],
         "evaluation_file_names": [f"{pkg}/{rel}" for pkg, rel in EVALUATION_FILES],
         "held_out_files": [str(p) for p in held_out_files()],

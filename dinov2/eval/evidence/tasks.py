@@ -1,4 +1,4 @@
-"""The labelled inputs of one evaluation task, split into training, validation and test."""
+"""The labelled inputs of one evaluation task: the training hemisphere, its CV folds, the test hemisphere."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from dinov2.data.classification_sample import LOBES
 
-SPLITS = ("training", "validation", "test")
+SPLITS = ("training", "test")
 NUM_CLASSES = len(LOBES)
 
 
@@ -23,11 +23,14 @@ class TaskSplit:
         tokens: int64 ``(T, 2)`` ``(window index, token index)`` of every label in the dense task
             (token index in the backbone's order: ``(h, w, d)`` flattened with ``d`` fastest);
             None in the patch task, where ``T == N`` and item ``i`` is input ``i``.
+        z_mm: float64 ``(T,)`` world z (mm) of every item's centre (the site's labelled voxel or
+            the token cube's middle): what the cross-validation folds are cut along.
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor | None = None
+    z_mm: torch.Tensor | None = None
 
     def class_counts(self) -> list[int]:
         """Labels per lobe, in :data:`LOBES` order."""
@@ -36,14 +39,17 @@ class TaskSplit:
 
 @dataclass
 class TaskData:
-    """One task: its splits and a JSON-ready description.
+    """One task: its splits, its cross-validation folds and a JSON-ready description.
 
     Attributes:
         name: ``patch`` or ``dense``.
-        splits: split name -> :class:`TaskSplit`.
-        info: what the task is (geometry, counts), copied into evidence.json.
+        splits: split name (:data:`SPLITS`) -> :class:`TaskSplit`.
+        info: what the task is (geometry, counts, folds), copied into evidence.json.
+        folds: int64 index tensors into the training items, one per fold (see
+            :func:`~dinov2.eval.evidence.folds.z_slab_folds`); never an index of the test split.
     """
 
     name: str
     splits: dict[str, TaskSplit]
     info: dict = field(default_factory=dict)
+    folds: list[torch.Tensor] = field(default_factory=list)

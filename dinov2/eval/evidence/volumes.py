@@ -8,6 +8,7 @@ hemisphere is mirrored so both show the midline on the same side).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,6 +99,12 @@ class HemisphereFrame:
         """``(X, Y, Z)`` atlas-grid array -> ``(size, Y, Z)`` view in frame order."""
         part = array[self.columns[0]:self.columns[1]]
         return part[::-1] if self.mirrored else part
+
+
+def band_rows(affine: np.ndarray, band_mm: Sequence[float]) -> tuple[int, int]:
+    """Voxel rows ``[lo, hi)`` along z whose world z lies in ``[band_mm[0], band_mm[1])``."""
+    rows = sorted((float(v) - affine[2, 3]) / affine[2, 2] for v in band_mm)
+    return math.ceil(rows[0] - 1e-6), math.floor(rows[1] - 1e-6) + 1
 
 
 def cut_window(frame_array: np.ndarray, origin: Sequence[int], window: int, fill: float) -> np.ndarray:
