@@ -29,8 +29,15 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         summary = results["test"]["summary"]
         assert 0.0 <= summary["mean_dice"] <= 1.0
         assert set(summary["dice"]) == {"background", "ventricles", "grey matter", "other brain"}
-    probe = json.loads((out / "linear_probe" / "results.json").read_text())
-    assert 0.0 <= probe["test"]["balanced_accuracy"] <= 1.0
+    evidence = json.loads((out / "evidence" / "evidence.json").read_text())
+    for task in ("patch", "dense"):
+        assert 0.0 <= evidence["tasks"][task]["teacher"]["mean"] <= 1.0
+        assert evidence["tasks"][task]["random_init"]["n"] >= 1
+    # the demo pretrains on a datalist without the evaluation templates, and the evidence checked it
+    overlap = evidence["pretraining_overlap"][0]
+    assert overlap["checked"] and not overlap["held_out_in_datalist"] and not evidence["evaluation_data_in_pretraining"]
+    assert (out / "pretrain" / "learning_curves.svg").read_text().startswith("<svg")
+    assert "uniform" in proc.stdout[:proc.stdout.index("6/6  Results")]  # the learning table was shown
 
     test_image = nib.load(sorted((out / "data" / "brain_tissue").rglob("*.nii.gz"))[0])
     for vis in ("pca", "mhsa"):
@@ -39,6 +46,6 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         assert nib.load(niftis[0]).shape[:3] == test_image.shape[:3]
 
     # The report names every result so a user can find it.
-    for needle in ("mean fg Dice", "random init", "Linear probe", "teacher checkpoint", "pca maps", "mhsa maps",
-                   "dinov2.eval.predict"):
+    for needle in ("mean fg Dice", "random init", "Evidence", "teacher - random", "show no learning",
+                   "teacher checkpoint", "pca maps", "mhsa maps", "dinov2.eval.predict"):
         assert needle in report
