@@ -166,14 +166,22 @@ def _image_problem(path: Path) -> tuple[str | None, str]:
     return None, digest
 
 
-def fsl_mni152_volumes() -> list[Path]:
-    """Resolved paths of :data:`FSL_MNI152_FILES` that exist in the installed packages."""
+def installed_files(files: Sequence[tuple[str, str]]) -> list[Path]:
+    """Resolved paths of ``(package, path inside it)`` files that exist in the installed packages.
+
+    Files of packages that are not installed are left out, in the given order otherwise.
+    """
     found = []
-    for package, relative in FSL_MNI152_FILES:
+    for package, relative in files:
         root = package_dir(package)
         if root is not None and (root / relative).is_file():
             found.append((root / relative).resolve())
     return found
+
+
+def fsl_mni152_volumes() -> list[Path]:
+    """Resolved paths of :data:`FSL_MNI152_FILES` that exist in the installed packages."""
+    return installed_files(FSL_MNI152_FILES)
 
 
 def find_pretraining_volumes(hold_out_evaluation: bool = False) -> list[Path]:

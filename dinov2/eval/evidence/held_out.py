@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dinov2.data.classification_sample import TEMPLATES
-from dinov2.data.sample_data import FSL_MNI152_FILES, package_dir
+from dinov2.data.sample_data import FSL_MNI152_FILES, installed_files
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,7 @@ def held_out_files(include_near_duplicates: bool = True) -> list[Path]:
     Returns:
         Resolved paths, evaluation files first; files of packages not installed are left out.
     """
-    wanted = EVALUATION_FILES + (NEAR_DUPLICATE_FILES if include_near_duplicates else ())
-    found = []
-    for package, relative in wanted:
-        root = package_dir(package)
-        if root is not None and (root / relative).is_file():
-            found.append((root / relative).resolve())
-    return found
+    return installed_files(EVALUATION_FILES + (NEAR_DUPLICATE_FILES if include_near_duplicates else ()))
 
 
 def _datalist_images(path: Path) -> list[Path]:
