@@ -106,8 +106,10 @@ def learning_svg(records: Sequence[dict], title: str = "", window: int = 5, widt
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(1):.1f}" y2="{sy(1):.1f}" stroke="#d62728" '
                  f'stroke-dasharray="6 4"/><text x="{width - right}" y="{sy(1) - 4:.1f}" text-anchor="end" '
                  f'fill="#d62728">uniform (collapsed)</text>')
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">iteration '
-                 f'(0 .. {x_max})</text>')
+    for i in range(5):
+        it = round(x_max * i / 4)
+        parts.append(f'<text x="{sx(it):.1f}" y="{height - bottom + 16}" text-anchor="middle">{it}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">iteration</text>')
     for i, (label, points) in enumerate(series.items()):
         path = " ".join(f"{sx(it):.1f},{sy(v):.1f}" for it, v in points)
         parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="2" points="{path}"/>'
