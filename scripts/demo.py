@@ -237,7 +237,9 @@ def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_
     lines += ["", "What the pictures show:",
               "  pca maps:  the first 3 principal components of the teacher's patch tokens, fitted on the brain's "
               "(foreground) tokens only, shown as RGB over axial / coronal / sagittal slices; tokens of the same "
-              "colour have similar features",
+              "colour have similar features. At the demo's scale (16 mm tokens, about 8 x 10 x 8 of them over the "
+              "brain) the map is coarse and shows no parcellation you could read off: the evidence table above, "
+              "not this picture, is what shows that the features learned",
               "  mhsa maps: how much the CLS token attends to each patch in the last block, one panel per head",
               "", "Where everything is:",
               f"  pretraining run       {teacher.parents[2]}  (training_metrics.json, log.txt, learning_curves.svg)",
