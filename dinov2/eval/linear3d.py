@@ -16,6 +16,10 @@ Example on the packaged brain-lobe task (CPU, a minute)::
 Any config key can be set as ``key=value`` after the flags (e.g. ``optim.momentum=0.8``); the
 defaults are in ``dinov2/configs/eval/linear_default.yaml`` and the dataset presets in
 ``dinov2/configs/datasets/``.
+
+``--pretrained-weights none`` probes a randomly initialised backbone instead (the baseline a
+pretrained one must beat); its architecture comes from ``--arch`` (``model.arch``) and
+``model.backbone_kwargs.<key>=value``, as in segmentation3d, and is seeded by ``seed``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dinov2.eval.linear.classifiers import ProbeGrid, best_head_logits, setup_gr
 from dinov2.eval.linear.features import FeatureSet, load_or_extract_features
 from dinov2.eval.linear.metrics import classification_metrics
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
-from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
+from dinov2.models.checkpoint import CheckpointError, build_random_backbone, is_random_init, load_pretrained_backbone
 from dinov2.eval.segmentation.preset import load_preset
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
 from dinov2.utils.entry_point import start_entry_point
@@ -51,8 +55,10 @@ FLAG_KEYS = {
     "dataset_percent": "dataset.percent", "dataset_seed": "dataset.seed", "image_size": "dataset.image_size",
     "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "batch_size": "optim.batch_size",
     "learning_rates": "optim.learning_rates", "eval_period_iterations": "evaluation.eval_period_iterations",
-    "num_workers": "features.num_workers",
+    "num_workers": "features.num_workers", "arch": "model.arch",
 }
+# Keys of the random-init baseline, named as in segmentation3d (linear_default.yaml predates them).
+MODEL_DEFAULTS = {"model": {"arch": None, "backbone_kwargs": {}}}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,7 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
-    parser.add_argument("--pretrained-weights", default=None, help="backbone checkpoint (teacher_checkpoint.pth)")
+    parser.add_argument("--pretrained-weights", default=None, help="backbone checkpoint (teacher_checkpoint.pth), or 'none' for a random-init "
+                        "baseline of --arch")
+    parser.add_argument("--arch", default=None, help="registry name of the random-init backbone (with "
+                        "--pretrained-weights none), e.g. vit_large_3d; overrides with model.backbone_kwargs.<key>=value")
     parser.add_argument("--output-dir", default=None, help="where results.json and the feature cache go")
     parser.add_argument("--dataset-name", default=None,
                         help="preset in dinov2/configs/datasets (e.g. brain_lobes) or a preset YAML")
@@ -102,7 +111,7 @@ def build_config(args: argparse.Namespace) -> DictConfig:
         cfg = OmegaConf.merge(cfg, _flag_config(args))
         return merge_configs(cfg, None, args.opts)
 
-    default = load_yaml(packaged_config_path(DEFAULT_CONFIG))
+    default = OmegaConf.merge(load_yaml(packaged_config_path(DEFAULT_CONFIG)), MODEL_DEFAULTS)
     name = merged(default).dataset.name
     if name:
         default.dataset = OmegaConf.merge(default.dataset, load_dataset_preset(str(name)))
@@ -191,12 +200,12 @@ def run(cfg: DictConfig) -> dict:
                          "classifier. Add a validation split to the datalist.")
     num_classes, class_names = _class_info(cfg, splits)
 
-    model, report = load_pretrained_backbone(weights, map_location="cpu")
+    size = cfg.dataset.image_size
+    image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
+    model, backbone_info = _backbone(cfg, weights, image_size)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    size = cfg.dataset.image_size
-    image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
     try:
         grid = model.patch_embed.grid_size(image_size)
     except PatchGridError as exc:
@@ -219,7 +228,7 @@ def run(cfg: DictConfig) -> dict:
     for split, entries in splits.items():
         if entries:
             features[split] = load_or_extract_features(
-                model, entries, split=split, checkpoint=weights, cache_dir=cache_dir, preprocessing=preprocessing,
+                model, entries, split=split, checkpoint=None if backbone_info["random_init"] else weights, cache_dir=cache_dir, preprocessing=preprocessing,
                 image_size=image_size, n_last_blocks=n_blocks[-1], batch_size=int(cfg.features.batch_size),
                 num_workers=int(cfg.features.num_workers), device=device)
 
@@ -264,8 +273,8 @@ def run(cfg: DictConfig) -> dict:
         "dataset": {"datalist": str(datalist_path), "num_classes": num_classes, "class_names": class_names,
                     "sizes": {split: len(entries) for split, entries in splits.items()},
                     "percent": float(cfg.dataset.percent), "seed": int(cfg.dataset.seed)},
-        "backbone": {"path": weights, "source_format": report.source_format, "iteration": report.iteration,
-                     "embed_dim": model.embed_dim, "depth": model.depth, "image_size": list(image_size)},
+        "backbone": {**backbone_info, "embed_dim": model.embed_dim, "depth": model.depth,
+                     "image_size": list(image_size)},
     }
     with open(output_dir / "results.json", "w", encoding="utf-8") as fh:
         json.dump(_json_safe(results), fh, indent=2)
@@ -274,6 +283,24 @@ def run(cfg: DictConfig) -> dict:
                 "Results in %s", best.setup.name, best.val_accuracy, "Test" if test_metrics else "Validation",
                 summary["accuracy"], summary["balanced_accuracy"], summary["auroc_macro"], output_dir / "results.json")
     return results
+
+
+def _backbone(cfg: DictConfig, weights: str, image_size: tuple[int, int, int]) -> tuple[torch.nn.Module, dict]:
+    """The backbone to probe and what results.json records of it (``random_init`` says which kind)."""
+    if not is_random_init(weights):
+        model, report = load_pretrained_backbone(weights, map_location="cpu")
+        return model, {"path": weights, "random_init": False, "source_format": report.source_format,
+                       "iteration": report.iteration}
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    with torch.random.fork_rng():  # the same seed gives the same random backbone, run after run
+        torch.manual_seed(int(cfg.seed))
+        # Built at the probe's input size, so the position embedding is used at its native grid.
+        model, kwargs = build_random_backbone(model_cfg.get("arch"), model_cfg.get("backbone_kwargs"), image_size,
+                                              flag="--arch (model.arch)")
+    return model, {"path": "none", "random_init": True, "source_format": "random_init", "iteration": None,
+                   "arch": kwargs.pop("arch"), "kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in kwargs.items()},
+                   "seed": int(cfg.seed)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

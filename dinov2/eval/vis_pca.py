@@ -21,6 +21,10 @@ Example::
 
     python -m dinov2.eval.vis_pca --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
         --image-path brain.nii.gz --output-dir out/vis --vis-type pca --input-type full_image
+
+``--pretrained-weights none --arch vit_large_3d`` shows a randomly initialised backbone instead
+(seeded by ``--seed``; ``--backbone-kwarg patch_size=8`` sets constructor arguments): the
+baseline that tells what pretraining added.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 
 from dinov2.eval.visualisation.attention import display_scale
 from dinov2.eval.visualisation.inputs import VisVolume, load_vis_volume, to_tensor
 from dinov2.eval.visualisation.montage import attention_montage, pca_montage
 from dinov2.eval.visualisation.pca import fit_pca, scale_scores
 from dinov2.eval.visualisation.tokens import INPUT_TYPES, TokenMaps, compute_token_maps, to_voxels, token_fraction
-from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
+from dinov2.models.checkpoint import CheckpointError, build_random_backbone, is_random_init, load_pretrained_backbone
 from dinov2.utils.entry_point import start_entry_point
 
 logger = logging.getLogger("dinov2.eval.vis_pca")
@@ -153,7 +158,13 @@ def run_mhsa(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path,
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dinov2.eval.vis_pca", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained-weights", required=True, help="backbone checkpoint (teacher_checkpoint.pth)")
+    parser.add_argument("--pretrained-weights", required=True,
+                        help="backbone checkpoint (teacher_checkpoint.pth), or 'none' for a random-init baseline of --arch")
+    parser.add_argument("--arch", default=None, help="registry name of the random-init backbone (with "
+                        "--pretrained-weights none), e.g. vit_large_3d")
+    parser.add_argument("--backbone-kwarg", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="constructor argument of the random-init backbone, e.g. patch_size=8")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
     parser.add_argument("--image-path", required=True, nargs="+", help="NIfTI volume(s); PCA is fitted on all jointly")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--vis-type", choices=VIS_TYPES, default="pca")
@@ -171,6 +182,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _backbone_kwargs(items: Sequence[str]) -> dict:
+    """``["patch_size=8", "ffn_layer=swiglu"]`` -> constructor kwargs (values read as YAML scalars)."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--backbone-kwarg '{item}' is not KEY=VALUE (e.g. patch_size=8).")
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+def _backbone(args: argparse.Namespace, image_size) -> torch.nn.Module:
+    """The checkpoint's backbone, or the seeded random-init baseline for ``--pretrained-weights none``."""
+    if not is_random_init(args.pretrained_weights):
+        model, _ = load_pretrained_backbone(args.pretrained_weights, map_location=args.device)
+        return model
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        model, _ = build_random_backbone(args.arch, _backbone_kwargs(args.backbone_kwarg), image_size, flag="--arch")
+    return model.to(args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit code."""
     args = get_args_parser().parse_args(argv)
@@ -183,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(args.image_size) not in (1, 3):
                 raise ValueError(f"--image-size takes 1 or 3 ints, got {args.image_size}")
             image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-        model, _ = load_pretrained_backbone(args.pretrained_weights, map_location=args.device)
-        model.eval()
+        model = _backbone(args, image_size).eval()
         masks = args.mask_path or [None] * len(args.image_path)
         volumes = [load_vis_volume(p, frame=args.frame, mask_path=m) for p, m in zip(args.image_path, masks)]
         for v in volumes:
@@ -201,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 1
     summary["pretrained_weights"] = os.fspath(args.pretrained_weights)
+    summary["random_init"] = is_random_init(args.pretrained_weights)
     with open(Path(args.output_dir) / "summary.json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     logger.info("Wrote %s outputs for %d image(s) to %s.", args.vis_type, len(summary["images"]), args.output_dir)

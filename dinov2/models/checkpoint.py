@@ -82,6 +82,11 @@ _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Legacy (non-zip) torch.save files start with pickle protocol 2 and torch's magic number.
 _LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0a" + bytes.fromhex("6cfc9c46f9206aa85019")
 _HINT = "Check the path given with --pretrained-weights (or the `pretrained_weights` config key)."
+# Marker of best_model.pth (dinov2.eval.segmentation.checkpoint.FORMAT; repeated here because models
+# must not import eval). last_checkpoint.pth instead carries the resume-only key "frozen_from".
+FINETUNED_SEGMENTATION_FORMAT = "dinov2_3d_segmentation"
+# --pretrained-weights values that ask for a random-init backbone (compared case-insensitively).
+RANDOM_INIT_NAMES = ("none",)
 
 
 class CheckpointError(RuntimeError):
@@ -240,6 +245,50 @@ def _load_file(path: str | os.PathLike, map_location, weights_only: bool) -> tup
     return path, obj
 
 
+def is_random_init(weights: str | os.PathLike | None) -> bool:
+    """Whether a ``--pretrained-weights`` value asks for the random-init baseline (``none``, any case).
+
+    Args:
+        weights: the value given, or None.
+
+    Returns:
+        True for ``none`` / ``None`` / ``NONE``...; False for anything else, None included (an
+        absent value is the caller's error to report, not a silent baseline).
+    """
+    return weights is not None and str(weights).strip().lower() in RANDOM_INIT_NAMES
+
+
+def _finetuned_segmentation_error(path: Path, obj: Mapping) -> CheckpointError | None:
+    """The error for a segmentation3d output given where a backbone is expected, else None."""
+    if obj.get("format") == FINETUNED_SEGMENTATION_FORMAT:
+        kind = "a finetuned segmentation model (best_model.pth of python -m dinov2.eval.segmentation3d)"
+        config = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+        source = config.get("pretrained_weights")
+        model_cfg = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+        trained = bool(model_cfg.get("train_backbone"))
+    elif "frozen_from" in obj and isinstance(obj.get("model"), Mapping):
+        kind = "the resumable state of a segmentation finetuning run (last_checkpoint.pth)"
+        source, trained = obj.get("frozen_from"), False
+    else:
+        return None
+    parts = [f"{path} is {kind}, not a backbone/teacher checkpoint."]
+    if is_random_init(source):
+        parts.append("Its backbone was randomly initialised (--pretrained-weights none): no teacher checkpoint "
+                     "lies behind it. Pass a teacher_checkpoint.pth, or --pretrained-weights none for the "
+                     "random-init baseline.")
+    elif source:
+        parts.append(f"Its backbone was finetuned from {source}: pass that file with --pretrained-weights"
+                     + (" (the finetuned run also trained the backbone, so its weights differ)." if trained else "."))
+    else:
+        parts.append("Pass the teacher_checkpoint.pth it was finetuned from with --pretrained-weights.")
+    # last_checkpoint.pth may lack a frozen backbone; best_model.pth beside it always holds it all.
+    best = path if obj.get("format") == FINETUNED_SEGMENTATION_FORMAT else path.with_name("best_model.pth")
+    parts.append(f"To use the finetuned backbone itself (the 'backbone.' keys of {best}), in Python: "
+                 "from dinov2.eval.segmentation.checkpoint import load_finetuned; "
+                 f"backbone = load_finetuned('{best}')[0].backbone")
+    return CheckpointError(" ".join(parts))
+
+
 # ----------------------------------------------------------------------------- key normalisation
 def normalize_state_dict_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], bool]:
     """Drop wrapper segments and unchunk block names.
@@ -294,11 +343,15 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: b
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointError: not a checkpoint, unreadable, newer format, or no tensors in it.
+        CheckpointError: not a checkpoint, unreadable, newer format, no tensors in it, or a
+            finetuned segmentation model (the message names the teacher it came from).
     """
     path, obj = _load_file(path, map_location, weights_only)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors. {_HINT}")
+    finetuned = _finetuned_segmentation_error(path, obj)
+    if finetuned is not None:  # checked first: its head.* keys would otherwise fail key normalisation obscurely
+        raise finetuned
     top_level = [str(k) for k in obj]
     version = obj.get("format_version")
     if isinstance(version, int) and version > TEACHER_FORMAT_VERSION:
@@ -647,6 +700,37 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
     )
     (logger.warning if missing or unexpected else logger.info)(report.summary())
     return model, report
+
+
+def build_random_backbone(arch: str, backbone_kwargs: Mapping[str, Any] | None = None,
+                          img_size: int | tuple[int, int, int] | None = None, flag: str = "--arch"
+                          ) -> tuple[VisionTransformer3D, dict[str, Any]]:
+    """The explicit random-init baseline of ``--pretrained-weights none``: no file is read.
+
+    Args:
+        arch: registry name (``vit_large_3d``; ``vit_large`` is accepted too).
+        backbone_kwargs: constructor overrides (``patch_size``, ``in_chans``...).
+        img_size: native input size; overrides ``backbone_kwargs["img_size"]``.
+        flag: how the caller's user sets ``arch``, named in the error.
+
+    Returns:
+        ``(backbone in training mode, the kwargs it was built with, arch included)``.
+
+    Raises:
+        ValueError: no or an unknown ``arch``.
+    """
+    if not arch:
+        raise ValueError(f"--pretrained-weights none builds a random-init backbone, but no architecture was "
+                         f"given: set {flag} (a registry name, e.g. vit_large_3d).")
+    name = next((c for c in (str(arch), f"{arch}_3d") if c in MODEL_REGISTRY), None)
+    if name is None:
+        raise ValueError(f"Unknown architecture '{arch}' ({flag}). Available: {', '.join(sorted(MODEL_REGISTRY))}")
+    kwargs = dict(backbone_kwargs or {})
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    logger.info("Backbone %s randomly initialised (--pretrained-weights none): a random-init baseline, "
+                "not a pretrained model.", name)
+    return build_model(name, **kwargs), {"arch": name, **kwargs}
 
 
 def build_model_from_checkpoint(path: str | os.PathLike, img_size: int | tuple[int, int, int] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import nibabel as nib
@@ -217,3 +218,60 @@ def test_image_size_against_the_patch_size(lobe_data, tiny_checkpoint, tmp_path,
     # One token per axis still runs, with a warning that the patch features are a single token.
     assert linear3d.main(base + ["--output-dir", str(tmp_path / "b"), "--image-size", "8"]) == 0
     assert "[1, 1, 1] token grid" in caplog.text and "--image-size 16 or more" in caplog.text
+
+
+# ------------------------------------------------------------------- what --pretrained-weights takes
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_random_init_baseline_runs_end_to_end_and_is_recorded(lobe_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "random"
+    args = ["--pretrained-weights", "NONE", "--arch", "vit_tiny_3d", "--output-dir", str(out),
+            "--dataset-name", "brain_lobes", "--base-data-dir", str(lobe_data.parent), "--image-size", "16", "--epochs", "1",
+            "model.backbone_kwargs.patch_size=8", "--learning-rates", "0.1"]
+    assert linear3d.main(args) == 0
+    assert "randomly initialised (--pretrained-weights none): a random-init baseline" in caplog.text
+    backbone = json.loads((out / "results.json").read_text())["backbone"]
+    assert backbone["random_init"] is True and backbone["source_format"] == "random_init"
+    assert backbone["arch"] == "vit_tiny_3d" and backbone["kwargs"] == {"patch_size": 8, "img_size": [16, 16, 16]}
+    assert backbone["depth"] == 4 and backbone["seed"] == 0
+    # Seeded: a second run reads its features back from the cache (same random backbone).
+    caplog.clear()
+    assert linear3d.main(args) == 0
+    assert caplog.text.count("read from the cache") == 3
+
+
+def test_random_init_without_an_architecture_names_the_flag(lobe_data, tmp_path, caplog):
+    code = linear3d.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "o"),
+                          "--dataset-name", "brain_lobes", "--base-data-dir", str(lobe_data.parent)])
+    assert code == 1
+    assert _errors(caplog) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
+                               "given: set --arch (model.arch) (a registry name, e.g. vit_large_3d)."]
+
+
+def test_finetuned_segmentation_model_is_one_error_line(lobe_data, tmp_path, caplog):
+    best = _best_model(tmp_path / "seg" / "best_model.pth", teacher="out/teacher_checkpoint.pth")
+    code = linear3d.main(["--pretrained-weights", str(best), "--output-dir", str(tmp_path / "o"),
+                          "--dataset-name", "brain_lobes", "--base-data-dir", str(lobe_data.parent)])
+    assert code == 1
+    (error,) = _errors(caplog)
+    assert "\n" not in error and error.startswith(f"{best} is a finetuned segmentation model")
+    assert "finetuned from out/teacher_checkpoint.pth: pass that file with --pretrained-weights" in error
+
+
+def _best_model(path, teacher: str):
+    """A tiny best_model.pth written by segmentation3d's own writer."""
+    from dinov2.eval.segmentation.checkpoint import save_finetuned
+    from dinov2.eval.segmentation.model import build_segmentation_model
+    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
+
+    preset = DatasetPreset.from_config(dict(load_preset("brain_tissue")))
+    kwargs = {"patch_size": 8, "img_size": 16}
+    model = build_segmentation_model(build_model("vit_tiny_3d", **kwargs), "UNETR", 1, preset.out_channels,
+                                     {"feature_size": 4})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_finetuned(path, model, {"arch": "vit_tiny_3d", "kwargs": kwargs},
+                          {"pretrained_weights": teacher, "model": {"unetr": {"feature_size": 4}}}, preset, 1,
+                          {"name": "dice", "value": 0.5})

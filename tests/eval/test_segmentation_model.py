@@ -41,3 +41,15 @@ def test_random_init_is_explicit_and_wrong_paths_fail(tmp_path):
     assert backbone.depth == 4
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_backbone(str(tmp_path / "nope.pth"), "vit_tiny_3d")
+
+
+def test_none_is_case_insensitive_and_agrees_with_the_training_loop():
+    from dinov2.eval.segmentation.model import no_weights
+
+    backbone, spec = build_backbone("NONE", "vit_tiny", TINY, img_size=16)
+    assert spec["arch"] == "vit_tiny_3d" and backbone.depth == 4
+    # resumable_weights() asks no_weights(): it must keep a frozen random backbone for every spelling.
+    assert all(no_weights(v) for v in ("none", "None", "NONE", ""))
+    assert not any(no_weights(v) for v in ("teacher_checkpoint.pth", None))
+    with pytest.raises(ValueError, match=r"set model.arch=<registry name>"):
+        build_backbone("none", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -193,3 +194,40 @@ def test_joint_pca_over_two_images_with_pc0_background(anisotropic, tiny_checkpo
         assert mask.shape == nib.load(source).shape
         values = np.unique(np.asarray(mask.dataobj))
         assert set(values.tolist()) == {0.0, 1.0}
+
+
+# ------------------------------------------------------------------- what --pretrained-weights takes
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_finetuned_segmentation_model_is_one_error_line(tmp_path, caplog):
+    from dinov2.eval.segmentation.checkpoint import save_finetuned
+    from dinov2.eval.segmentation.model import build_segmentation_model
+    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
+
+    preset = DatasetPreset.from_config(dict(load_preset("brain_tissue")))
+    kwargs = {"patch_size": 8, "img_size": 16}
+    model = build_segmentation_model(build_model("vit_tiny_3d", **kwargs), "UNETR", 1, preset.out_channels,
+                                     {"feature_size": 4})
+    best = save_finetuned(tmp_path / "best_model.pth", model, {"arch": "vit_tiny_3d", "kwargs": kwargs},
+                          {"pretrained_weights": "out/teacher_checkpoint.pth"}, preset, 1, {"name": "d", "value": 0.5})
+    assert _run(["--pretrained-weights", best, "--image-path", ANATOMICAL, "--output-dir", tmp_path / "o"]) == 1
+    (error,) = _errors(caplog)
+    assert "\n" not in error and error.startswith(f"{best} is a finetuned segmentation model")
+    assert "finetuned from out/teacher_checkpoint.pth: pass that file with --pretrained-weights" in error
+
+
+def test_random_init_baseline_needs_an_architecture_and_is_recorded(tmp_path, caplog):
+    base = ["--pretrained-weights", "None", "--image-path", ANATOMICAL, "--n-components", "4"]
+    assert _run(base + ["--output-dir", tmp_path / "a"]) == 1
+    assert _errors(caplog) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
+                               "given: set --arch (a registry name, e.g. vit_large_3d)."]
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "b"
+    assert _run(base + ["--output-dir", out, "--arch", "vit_tiny_3d", "--backbone-kwarg", "patch_size=8"]) == 0
+    assert "random-init baseline" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["random_init"] is True and summary["pretrained_weights"] == "None"
+    assert summary["images"][0]["token_grid"] == [5, 6, 4]  # patch 8 on the (33, 41, 25) input, as asked

@@ -390,3 +390,73 @@ def test_newer_format_and_bad_arguments(tmp_path):
         load_pretrained_backbone(path)
     with pytest.raises(ValueError, match="arch and img_size"):
         load_pretrained_backbone(path, model=vit_tiny_3d(img_size=32, depth=1), img_size=32)
+
+
+def _finetune_outputs(out_dir: Path, teacher: Path | str, train_backbone: bool = False) -> tuple[Path, Path]:
+    """best_model.pth and last_checkpoint.pth as segmentation3d writes them (its own writers, tiny model)."""
+    from dinov2.eval.segmentation.checkpoint import save_finetuned
+    from dinov2.eval.segmentation.model import build_segmentation_model
+    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
+    from dinov2.eval.segmentation.train_loop import resumable_weights
+
+    kwargs = {"patch_size": 8, "img_size": 16}
+    preset = DatasetPreset.from_config(dict(load_preset("brain_tissue")))
+    model = build_segmentation_model(vit_tiny_3d(**kwargs), "UNETR", preset.in_channels, preset.out_channels,
+                                     {"feature_size": 4}, train_backbone=train_backbone)
+    config = {"pretrained_weights": str(teacher),
+              "model": {"head": "UNETR", "train_backbone": train_backbone, "unetr": {"feature_size": 4}}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = save_finetuned(out_dir / "best_model.pth", model, {"arch": "vit_tiny_3d", "kwargs": kwargs}, config,
+                          preset, 1, {"name": "dice", "value": 0.5})
+    last = out_dir / "last_checkpoint.pth"
+    torch.save({"model": resumable_weights(model, str(teacher)), "frozen_from": str(teacher), "optimizer": {},
+                "state": {"iteration": 1}}, last)
+    return best, last
+
+
+def test_finetuned_segmentation_model_is_named_with_the_teacher_it_came_from(tmp_path):
+    teacher = tmp_path / "teacher_checkpoint.pth"
+    best, last = _finetune_outputs(tmp_path / "seg", teacher)
+    snippet = ("To use the finetuned backbone itself (the 'backbone.' keys of {best}), in Python: from "
+               "dinov2.eval.segmentation.checkpoint import load_finetuned; backbone = load_finetuned('{best}')[0].backbone")
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_backbone(best)
+    assert str(err.value) == (
+        f"{best} is a finetuned segmentation model (best_model.pth of python -m dinov2.eval.segmentation3d), not a "
+        f"backbone/teacher checkpoint. Its backbone was finetuned from {teacher}: pass that file with "
+        "--pretrained-weights. " + snippet.format(best=best))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_backbone(last)
+    assert str(err.value) == (
+        f"{last} is the resumable state of a segmentation finetuning run (last_checkpoint.pth), not a "
+        f"backbone/teacher checkpoint. Its backbone was finetuned from {teacher}: pass that file with "
+        "--pretrained-weights. " + snippet.format(best=best))
+    # The snippet works: it returns the finetuned backbone.
+    from dinov2.eval.segmentation.checkpoint import load_finetuned
+    assert load_finetuned(best)[0].backbone.depth == 4
+
+
+def test_finetuned_segmentation_model_of_a_trained_or_random_backbone(tmp_path):
+    best, _ = _finetune_outputs(tmp_path / "trained", tmp_path / "t.pth", train_backbone=True)
+    with pytest.raises(CheckpointError, match=re.escape(f"finetuned from {tmp_path / 't.pth'}: pass that file with "
+                                                        "--pretrained-weights (the finetuned run also trained")):
+        load_pretrained_backbone(best)
+    best, last = _finetune_outputs(tmp_path / "random", "none")
+    for path in (best, last):
+        with pytest.raises(CheckpointError, match=re.escape(
+                "Its backbone was randomly initialised (--pretrained-weights none): no teacher checkpoint lies behind "
+                "it. Pass a teacher_checkpoint.pth, or --pretrained-weights none for the random-init baseline.")):
+            load_pretrained_backbone(path)
+
+
+def test_random_init_names_and_builder():
+    from dinov2.models.checkpoint import build_random_backbone, is_random_init
+
+    assert all(is_random_init(v) for v in ("none", "None", "NONE", " none "))
+    assert not any(is_random_init(v) for v in (None, "", "none.pth", "teacher_checkpoint.pth"))
+    model, kwargs = build_random_backbone("vit_tiny", {"patch_size": 8}, img_size=16)
+    assert kwargs == {"arch": "vit_tiny_3d", "patch_size": 8, "img_size": 16} and model.patch_grid == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"no architecture was given: set --arch \(a registry name"):
+        build_random_backbone(None)
+    with pytest.raises(ValueError, match="Unknown architecture 'vit_nope' .*vit_tiny_3d"):
+        build_random_backbone("vit_nope")

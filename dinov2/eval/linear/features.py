@@ -155,13 +155,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_cache_key(checkpoint: str | os.PathLike, model: torch.nn.Module, entries: Sequence[Mapping[str, Any]],
+def _checkpoint_identity(checkpoint: str | os.PathLike | None, model: torch.nn.Module) -> list:
+    if checkpoint is None:
+        return ["random_init", [[k, list(v.shape)] for k, v in model.state_dict().items()]]
+    path = Path(checkpoint).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def feature_cache_key(checkpoint: str | os.PathLike | None, model: torch.nn.Module, entries: Sequence[Mapping[str, Any]],
                       preprocessing: Mapping[str, Any] | None, image_size: int | Sequence[int],
                       n_last_blocks: int) -> str:
     """Hash of everything that changes the features of a split.
 
     Args:
-        checkpoint: backbone file (its resolved path, size and modification time enter the key).
+        checkpoint: backbone file (its resolved path, size and modification time enter the key), or
+            None for a random-init backbone (then every tensor shape enters the key: the fingerprint
+            alone would not tell apart two depths drawn from the same seed).
         model: the loaded backbone (:func:`model_fingerprint` enters the key).
         entries: the split's entries (images and labels, in order).
         preprocessing: the dataset's preprocessing section.
@@ -171,11 +181,9 @@ def feature_cache_key(checkpoint: str | os.PathLike, model: torch.nn.Module, ent
     Returns:
         20 hex characters.
     """
-    path = Path(checkpoint).resolve()
-    stat = path.stat()
     payload = {
         "version": FEATURE_CACHE_VERSION,
-        "checkpoint": [str(path), stat.st_size, stat.st_mtime_ns],
+        "checkpoint": _checkpoint_identity(checkpoint, model),
         "model": model_fingerprint(model),
         "entries": [[e["image"], e["label"]] for e in entries],
         "preprocessing": resolve_preprocessing_config(preprocessing),
@@ -187,7 +195,7 @@ def feature_cache_key(checkpoint: str | os.PathLike, model: torch.nn.Module, ent
 
 
 def load_or_extract_features(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], *, split: str,
-                             checkpoint: str | os.PathLike, cache_dir: str | os.PathLike | None,
+                             checkpoint: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
                              preprocessing: Mapping[str, Any] | None, image_size: int | Sequence[int],
                              n_last_blocks: int, batch_size: int = 8, num_workers: int = 0,
                              device: torch.device | str = "cpu") -> FeatureSet:
@@ -197,7 +205,7 @@ def load_or_extract_features(model: torch.nn.Module, entries: Sequence[Mapping[s
         model: the frozen backbone.
         entries: the split's entries (``image`` absolute, ``label`` int).
         split: name used in the cache file name and in logs.
-        checkpoint: the backbone's file (part of the cache key).
+        checkpoint: the backbone's file (part of the cache key); None for a random-init backbone.
         cache_dir: folder of ``<split>_<key>.pt`` files; None disables caching.
         preprocessing, image_size, n_last_blocks: see :func:`feature_cache_key`.
         batch_size, num_workers: of the extraction loader.

@@ -21,7 +21,7 @@ from torch import nn
 
 from dinov2.layers.patch_embed import PatchGridError
 from dinov2.models import VisionTransformer3D, build_model
-from dinov2.models.checkpoint import load_pretrained_backbone
+from dinov2.models.checkpoint import build_random_backbone, is_random_init, load_pretrained_backbone
 
 from .heads import LinearHead, UNETRHead, ViTAdapterUNETRHead, evenly_spaced_taps, last_taps
 
@@ -29,7 +29,16 @@ logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("UNETR", "ViTAdapterUNETR", "Linear")
 MERGE_MODES = ("concat", "mean")
-NO_WEIGHTS = ("none", "None", "")
+
+
+def no_weights(pretrained_weights: object) -> bool:
+    """Whether ``--pretrained-weights`` asks for a random-init backbone: ``none`` in any case, or empty.
+
+    The training loop asks this to decide what a resumable state must keep, so it must agree with
+    :func:`dinov2.models.checkpoint.is_random_init` (``NONE`` included).
+    """
+    return pretrained_weights is not None and (is_random_init(str(pretrained_weights))
+                                               or str(pretrained_weights).strip() == "")
 
 
 def canonical_head_name(name: str) -> str:
@@ -264,13 +273,9 @@ def build_backbone(pretrained_weights: str | None, arch: str, backbone_kwargs: M
 
 
 def _build_backbone(pretrained_weights, arch, backbone_kwargs, img_size) -> tuple[VisionTransformer3D, dict]:
-    if pretrained_weights is None or str(pretrained_weights) in NO_WEIGHTS:
-        kwargs = dict(backbone_kwargs or {})
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        logger.info("Backbone %s randomly initialised (--pretrained-weights none): a baseline, not a pretrained model.", arch)
-        backbone = build_model(arch, **kwargs)
-        return backbone, {"arch": arch, "kwargs": _plain(kwargs)}
+    if pretrained_weights is None or no_weights(pretrained_weights):
+        backbone, kwargs = build_random_backbone(arch, backbone_kwargs, img_size, flag="model.arch=<registry name>")
+        return backbone, {"arch": kwargs.pop("arch"), "kwargs": _plain(kwargs)}
     backbone, report = load_pretrained_backbone(pretrained_weights, img_size=img_size)
     kwargs = dict(report.model_kwargs)
     arch_name = kwargs.pop("arch", None)
