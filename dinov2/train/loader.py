@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dinov2.data.collate import CollateDataAndCast, collate_data_and_cast
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.data.seeding import WorkerInitFn, WorkerSeeds, apply_seeds, loader_generator
+from dinov2.utils.cpus import cap_workers
 
 # Tags keep the per-sample, per-batch and per-step streams apart although they share the run seed.
 _SAMPLE_TAG = 0x534D504C  # "SMPL"
@@ -130,7 +131,9 @@ def build_train_loader(dataset: Dataset, collate: CollateDataAndCast, *, batch_s
         start_position: samples already consumed by the whole job (all ranks), i.e.
             ``iterations done * global batch`` (``InfiniteSampler.position_for``).
         rank, world_size: this process's place.
-        num_workers: loader worker processes (0 = main process).
+        num_workers: ``train.num_workers``, loader worker processes (0 = main process); capped
+            at the CPUs available minus one (:func:`~dinov2.utils.cpus.cap_workers`). The batches
+            do not depend on it (every draw is seeded by position).
         prefetch_factor: batches each worker prepares ahead.
         pin_memory: page-locked batches for faster host-to-GPU copies.
 
@@ -141,6 +144,7 @@ def build_train_loader(dataset: Dataset, collate: CollateDataAndCast, *, batch_s
         raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {batch_size}.")
     stream = InfiniteSampler(len(dataset), shuffle=True, seed=run_seed, rank=rank, world_size=world_size,
                              start=start_position)
+    num_workers = cap_workers(num_workers, "train.num_workers")
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True,

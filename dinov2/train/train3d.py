@@ -1,17 +1,27 @@
 """Pretraining entry point: DINO + iBOT + KoLeo on 3D volumes.
 
-Launch::
+Launch (details in docs/launching.md)::
 
     # one process (CPU, or one GPU)
     python -m dinov2.train.train3d --config-file configs/tiny_cpu.yaml --output-dir out \\
         train.datalist=pretrain.json
-    # several processes on one node (gloo on CPU, NCCL on GPUs)
-    torchrun --nproc_per_node 2 -m dinov2.train.train3d --config-file F --output-dir out
-    # several nodes: the usual torchrun --nnodes/--node_rank/--master_addr/--master_port flags
+    # torchrun, one node: one process per GPU (gloo on CPU, NCCL on GPUs)
+    torchrun --standalone --nproc_per_node 2 -m dinov2.train.train3d \\
+        --config-file configs/tiny_cpu.yaml --output-dir out train.datalist=pretrain.json
+    # torchrun, several nodes: the same command on every node, R = 0 on HOST, 1 on the next, ...
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port PORT --nproc_per_node G \\
+        -m dinov2.train.train3d --config-file my_run.yaml --output-dir /shared/runs/my_run \\
+        train.datalist=/shared/pretrain.json
+    # SLURM through submitit (requeued on timeout or preemption; --dry-run prints the sbatch script)
+    python -m dinov2.run.submit train3d --nodes 2 --gpus-per-node 8 --partition gpu --timeout 2880 \\
+        --cpus-per-task 10 --output-dir /shared/runs/my_run \\
+        -- --config-file my_run.yaml train.datalist=/shared/pretrain.json
 
-Config: ``dinov2/configs/data_defaults.yaml`` <- ``dinov2/configs/ssl3d_default_config.yaml``
-<- ``--config-file`` (a path, or a packaged name such as ``train/vit3d_highres``) <-
-``key=value`` overrides. The resolved config goes to ``<output-dir>/config.yaml``.
+Config, merged in this order (later wins): packaged ``data_defaults.yaml`` <-
+``ssl3d_default_config.yaml`` <- ``--config-file`` (a path, or a packaged name such as
+``train/vit3d_highres``) <- ``key=value`` overrides. The resolved config goes to
+``<output-dir>/config.yaml``. ``train.num_workers`` is lowered to the CPUs available to the
+process minus one when it asks for more.
 
 Outputs in ``--output-dir``: ``training_metrics.json`` (one JSON line per logging step),
 ``checkpoints/model_<iter>.pth`` (full training state, the last K), ``eval/training_<iter>/
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -431,10 +442,23 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     }
 
 
+def _plain_text(rst: str) -> str:
+    """The module docstring as a terminal shows it: reST markup (``x``, :mod:`x`, ``::``) removed."""
+    text = re.sub(r":\w+:`([^`]+)`", r"\1", rst)
+    return text.replace("``", "").replace("::\n", ":\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows the module docstring (launch examples, config merge order)."""
+    # The docstring is the one description of how to launch and configure a run: --help shows it
+    # rather than a copy that would drift from it. Raw formatting keeps the examples' lines.
+    # (__doc__ is None under python -OO.)
+    summary, _, details = _plain_text(__doc__ or "").partition("\n\n")
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.train.train3d",
-        description="DINO + iBOT + KoLeo self-supervised pretraining of a 3D ViT (see the module docstring).",
+        description=summary,
+        epilog=details,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-file", default=None,
                         help="YAML merged over the packaged defaults (a path or a packaged name like train/vit3d_highres)")

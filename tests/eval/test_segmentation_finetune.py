@@ -11,6 +11,8 @@ import torch
 from dinov2.data.sample_data import write_segmentation_dataset
 from dinov2.eval import segmentation3d
 from dinov2.eval.segmentation.checkpoint import load_finetuned
+from dinov2.eval.segmentation.train_loop import build_train_loader
+from dinov2.utils import cpus
 
 TINY_RUN = [
     "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--segmentation-head", "UNETR",
@@ -126,3 +128,12 @@ def test_flags_land_on_their_config_keys(tmp_path):
     cfg = segmentation3d.build_config(args)
     assert cfg.train.device == "cpu" and cfg.optim.epochs == 3 and cfg.model.head == "Linear"
     assert list(cfg.dataset.roi_size) == [48, 48, 48] and cfg.optim.lr == 0.5
+
+
+def test_finetuning_loader_workers_are_capped_at_the_cpus(monkeypatch, caplog):
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    with caplog.at_level("INFO", logger="dinov2"):
+        loader = build_train_loader(list(range(4)), batch_size=2, num_workers=4)
+    assert loader.num_workers == 1 and loader.persistent_workers
+    assert "--num-workers/train.num_workers=4 lowered to 1: 2 CPUs" in caplog.text
+    assert build_train_loader(list(range(4)), batch_size=2, num_workers=0).num_workers == 0

@@ -11,7 +11,10 @@ from omegaconf import OmegaConf
 from dinov2.models.checkpoint import load_pretrained_backbone
 from dinov2.train import train3d
 from dinov2.train.checkpointer import TrainingCheckpointer
+from dinov2.data.collate import make_collate_fn
+from dinov2.train.loader import build_train_loader
 from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils import cpus
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -105,6 +108,34 @@ def test_config_errors_name_the_key(small_datalist, tiny_config):
     assert cfg.preprocessing.cache.dir == "/c" and cfg.crops.local_crops_number == 8
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
         train3d.build_config("no_such.yaml")
+
+
+def test_help_shows_launch_examples_and_the_config_merge_order(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train3d.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "torchrun --standalone --nproc_per_node" in text and "--nnodes" in text
+    assert "python -m dinov2.run.submit train3d" in text
+    flat = " ".join(text.split())
+    assert ("data_defaults.yaml <- ssl3d_default_config.yaml <- --config-file (a path, or a packaged name such as "
+            "train/vit3d_highres) <- key=value overrides") in flat
+    assert "``" not in text and "see the module docstring" not in text
+
+
+def test_pretraining_loader_workers_are_capped_at_the_cpus(monkeypatch, caplog):
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    cfg = train3d.default_config()
+    collate = make_collate_fn(cfg.ibot, 8, 32)
+
+    def loader(workers):
+        return build_train_loader(list(range(4)), collate, batch_size=2, run_seed=0, start_position=0, rank=0,
+                                  world_size=1, num_workers=workers)
+
+    with caplog.at_level("INFO", logger="dinov2"):
+        assert loader(10).num_workers == 1  # built only: no worker process starts before iteration
+    assert "train.num_workers=10 lowered to 1" in caplog.text
+    assert loader(0).num_workers == 0
 
 
 @pytest.mark.slow

@@ -35,13 +35,14 @@ from dinov2.train.metrics import format_eta
 from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
 from dinov2.train.schedules import CosineScheduler
 from dinov2.utils.config import config_to_dict, save_config
+from dinov2.utils.cpus import cap_workers
 from dinov2.utils.perf import autocast_context, native_bf16_support, recommended_precision
 
 from .checkpoint import load_finetuned, save_finetuned
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
 from .inference import predict_probabilities
 from .metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
-from .model import NO_WEIGHTS, build_backbone, build_segmentation_model, head_options
+from .model import build_backbone, build_segmentation_model, head_options, no_weights
 from .preset import DatasetPreset
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,21 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if native_bf16_support(device) else "fp16"  # V100/T4 only emulate bf16: fp16 there
     return recommended_precision(device)
+
+
+def build_train_loader(dataset: Any, batch_size: int, num_workers: int) -> DataLoader:
+    """The shuffled training loader.
+
+    Args:
+        dataset: the cached training dataset.
+        batch_size: ``train.batch_size``.
+        num_workers: ``train.num_workers`` (``--num-workers``); capped at the CPUs available
+            minus one (:func:`~dinov2.utils.cpus.cap_workers`).
+    """
+    workers = cap_workers(num_workers, "--num-workers/train.num_workers")
+    # A last partial batch is dropped only when there is a full one to train on instead.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                      drop_last=len(dataset) > batch_size, persistent_workers=workers > 0)
 
 
 def build_loss(preset: DatasetPreset) -> torch.nn.Module:
@@ -124,7 +140,7 @@ def resumable_weights(model: torch.nn.Module, pretrained_weights: str) -> dict[s
     nothing else can restore it. ``best_model.pth`` stays complete either way.
     """
     state = model.state_dict()
-    if str(pretrained_weights) in NO_WEIGHTS:
+    if no_weights(pretrained_weights):
         return state
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return {k: v for k, v in state.items() if k not in frozen}
@@ -192,9 +208,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
                             cfg.train.cache_rate)
     val_ds = make_dataset(splits["validation"], eval_transforms(preset), cache_dir and Path(cache_dir) / "eval",
                           cfg.train.cache_rate)
-    loader = DataLoader(train_ds, batch_size=int(cfg.train.batch_size), shuffle=True,
-                        num_workers=int(cfg.train.num_workers), drop_last=len(train_ds) > int(cfg.train.batch_size),
-                        persistent_workers=int(cfg.train.num_workers) > 0)
+    loader = build_train_loader(train_ds, int(cfg.train.batch_size), int(cfg.train.num_workers))
 
     oc = cfg.optim
     total_iters = int(oc.epochs) * int(oc.epoch_length)
