@@ -2,8 +2,8 @@
 
 Launch (details in docs/launching.md)::
 
-    # one process (CPU, or one GPU)
-    python -m dinov2.train.train3d --config-file configs/tiny_cpu.yaml --output-dir out \\
+    # one process (CPU, or one GPU); configs/small_cpu.yaml is a recipe that learns on a CPU
+    python -m dinov2.train.train3d --config-file configs/small_cpu.yaml --output-dir out \\
         train.datalist=pretrain.json
     # torchrun, one node: one process per GPU (gloo on CPU, NCCL on GPUs)
     torchrun --standalone --nproc_per_node 2 -m dinov2.train.train3d \\
