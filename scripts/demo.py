@@ -179,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def random_init_backbone_flags(teacher: Path) -> list[str]:
     """Flags that build the teacher's architecture with random weights (the baseline backbone)."""
-    import torch
+    from dinov2.models.checkpoint import backbone_kwargs_from_config, read_checkpoint
 
-    student = torch.load(teacher, map_location="cpu", weights_only=True)["config"]["student"]
-    flags = [f"model.arch={student['arch']}", f"model.backbone_kwargs.patch_size={student['patch_size']}"]
-    if student.get("layerscale") is None:
-        flags.append("model.backbone_kwargs.init_values=null")
-    return flags
+    arch, kwargs = backbone_kwargs_from_config(read_checkpoint(teacher).config)
+    kwargs.pop("img_size", None)  # segmentation3d sets the input size itself
+
+    def text(value) -> str:  # as a key=value override reads it back
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"model.arch={arch}", *(f"model.backbone_kwargs.{k}={text(v)}" for k, v in kwargs.items())]
 
 
 def show_learning(pretrain_dir: Path) -> dict:

@@ -292,11 +292,9 @@ def _backbone(cfg: DictConfig, weights: str, image_size: tuple[int, int, int]) -
         return model, {"path": weights, "random_init": False, "source_format": report.source_format,
                        "iteration": report.iteration}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    with torch.random.fork_rng():  # the same seed gives the same random backbone, run after run
-        torch.manual_seed(int(cfg.seed))
-        # Built at the probe's input size, so the position embedding is used at its native grid.
-        model, kwargs = build_random_backbone(model_cfg.get("arch"), model_cfg.get("backbone_kwargs"), image_size,
-                                              flag="--arch (model.arch)")
+    # Built at the probe's input size, so the position embedding is used at its native grid.
+    model, kwargs = build_random_backbone(model_cfg.get("arch"), model_cfg.get("backbone_kwargs"), image_size,
+                                          flag="--arch (model.arch)", seed=int(cfg.seed))
     return model, {"path": "none", "random_init": True, "source_format": "random_init", "iteration": None,
                    "arch": kwargs.pop("arch"), "kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                           for k, v in kwargs.items()},

@@ -198,9 +198,8 @@ def _backbone(args: argparse.Namespace, image_size) -> torch.nn.Module:
     if not is_random_init(args.pretrained_weights):
         model, _ = load_pretrained_backbone(args.pretrained_weights, map_location=args.device)
         return model
-    with torch.random.fork_rng():
-        torch.manual_seed(args.seed)
-        model, _ = build_random_backbone(args.arch, _backbone_kwargs(args.backbone_kwarg), image_size, flag="--arch")
+    model, _ = build_random_backbone(args.arch, _backbone_kwargs(args.backbone_kwarg), image_size, flag="--arch",
+                                     seed=args.seed)
     return model.to(args.device)
 
 

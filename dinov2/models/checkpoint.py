@@ -93,6 +93,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used as asked; the message names the file and the fix."""
 
 
+class FinetunedModelError(CheckpointError):
+    """A finetuned segmentation model (or its resumable state) given where a backbone is expected."""
+
+
 @dataclass
 class CheckpointContents:
     """What :func:`read_checkpoint` found in a file, keys already normalised.
@@ -258,7 +262,7 @@ def is_random_init(weights: str | os.PathLike | None) -> bool:
     return weights is not None and str(weights).strip().lower() in RANDOM_INIT_NAMES
 
 
-def _finetuned_segmentation_error(path: Path, obj: Mapping) -> CheckpointError | None:
+def _finetuned_segmentation_error(path: Path, obj: Mapping) -> FinetunedModelError | None:
     """The error for a segmentation3d output given where a backbone is expected, else None."""
     if obj.get("format") == FINETUNED_SEGMENTATION_FORMAT:
         kind = "a finetuned segmentation model (best_model.pth of python -m dinov2.eval.segmentation3d)"
@@ -286,7 +290,7 @@ def _finetuned_segmentation_error(path: Path, obj: Mapping) -> CheckpointError |
     parts.append(f"To use the finetuned backbone itself (the 'backbone.' keys of {best}), in Python: "
                  "from dinov2.eval.segmentation.checkpoint import load_finetuned; "
                  f"backbone = load_finetuned('{best}')[0].backbone")
-    return CheckpointError(" ".join(parts))
+    return FinetunedModelError(" ".join(parts))
 
 
 # ----------------------------------------------------------------------------- key normalisation
@@ -703,8 +707,8 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
 
 
 def build_random_backbone(arch: str, backbone_kwargs: Mapping[str, Any] | None = None,
-                          img_size: int | tuple[int, int, int] | None = None, flag: str = "--arch"
-                          ) -> tuple[VisionTransformer3D, dict[str, Any]]:
+                          img_size: int | tuple[int, int, int] | None = None, flag: str = "--arch",
+                          seed: int | None = None) -> tuple[VisionTransformer3D, dict[str, Any]]:
     """The explicit random-init baseline of ``--pretrained-weights none``: no file is read.
 
     Args:
@@ -712,6 +716,8 @@ def build_random_backbone(arch: str, backbone_kwargs: Mapping[str, Any] | None =
         backbone_kwargs: constructor overrides (``patch_size``, ``in_chans``...).
         img_size: native input size; overrides ``backbone_kwargs["img_size"]``.
         flag: how the caller's user sets ``arch``, named in the error.
+        seed: torch seed of the initialisation (the caller's RNG state is left as it was), so the
+            same seed gives the same baseline run after run; None draws from the current state.
 
     Returns:
         ``(backbone in training mode, the kwargs it was built with, arch included)``.
@@ -730,7 +736,11 @@ def build_random_backbone(arch: str, backbone_kwargs: Mapping[str, Any] | None =
         kwargs["img_size"] = img_size
     logger.info("Backbone %s randomly initialised (--pretrained-weights none): a random-init baseline, "
                 "not a pretrained model.", name)
-    return build_model(name, **kwargs), {"arch": name, **kwargs}
+    if seed is None:
+        return build_model(name, **kwargs), {"arch": name, **kwargs}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model(name, **kwargs), {"arch": name, **kwargs}
 
 
 def build_model_from_checkpoint(path: str | os.PathLike, img_size: int | tuple[int, int, int] | None = None,

@@ -16,13 +16,12 @@ from typing import Any
 import torch
 
 from dinov2.models.checkpoint import _HINT as LOADER_HINT  # noqa: PLC2701 - its "--pretrained-weights" advice
-from dinov2.models.checkpoint import CheckpointError, load_pretrained_backbone
+from dinov2.models.checkpoint import CheckpointError, FinetunedModelError, load_pretrained_backbone
 from dinov2.models.registry import build_model
 from dinov2.models.vision_transformer import VisionTransformer3D
 
 from .errors import EvidenceError
 
-SEGMENTATION_FORMAT = "dinov2_3d_segmentation"
 TEACHER_LAYOUTS = ("dinov2_3d_teacher_v1", "3dino_published", "plain_state_dict")
 FIX = ("Pass the pretraining teacher file, <output>/eval/training_<iter>/teacher_checkpoint.pth "
        "(python -m dinov2.train.train3d writes it).")
@@ -47,15 +46,6 @@ class Teacher:
     source_format: str
 
 
-def _peek_format(path: Path) -> Any:
-    """The ``format`` entry of a torch.save'd dict, read without reading the tensors (None if unknown)."""
-    try:  # mmap reads only the pickled structure; the mapping is dropped before returning
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the full loader below reports what is wrong with the file
-        return None
-    return obj.get("format") if isinstance(obj, dict) else None
-
-
 def _loader_message(exc: Exception) -> str:
     # The loader's advice names --pretrained-weights; this command's flag is --teacher.
     return " ".join(str(exc).replace(LOADER_HINT, "").split())
@@ -77,11 +67,11 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     path = Path(path)
     if not path.is_file():
         raise EvidenceError(f"Teacher checkpoint not found: {path}. {FIX}")
-    if _peek_format(path) == SEGMENTATION_FORMAT:
-        raise EvidenceError(f"{path} is a finetuned segmentation model: its backbone was trained with labels, so "
-                            f"its features say nothing about pretraining. {FIX}")
     try:
         model, report = load_pretrained_backbone(path, map_location="cpu")
+    except FinetunedModelError as exc:
+        raise EvidenceError(f"{path} is a finetuned segmentation model: its backbone was trained with labels, so "
+                            f"its features say nothing about pretraining. {FIX}") from exc
     except (CheckpointError, ValueError) as exc:
         message = _loader_message(exc)
         raise EvidenceError(message if "teacher_checkpoint.pth" in message else f"{message} {FIX}") from exc
