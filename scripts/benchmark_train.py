@@ -84,6 +84,12 @@ def _fill_cache(cfg) -> None:
         dataset.record(index)
 
 
+def _started_workers(configured: int) -> int:
+    from dinov2.utils.cpus import cap_workers
+
+    return cap_workers(configured, "train.num_workers")
+
+
 def run_setting(name: str, datalist: Path, cache_dir: Path, work_dir: Path, iterations: int, warmup: int,
                 threads: int | None, num_workers: int | None, extra: Sequence[str]) -> dict:
     """Train ``warmup + iterations`` iterations of one setting and summarise the timed ones."""
@@ -114,7 +120,9 @@ def run_setting(name: str, datalist: Path, cache_dir: Path, work_dir: Path, iter
     return {
         "setting": name, "arch": str(cfg.student.arch), "batch": int(cfg.train.batch_size_per_gpu),
         "crops": f"2x{cfg.crops.global_crops_size}³ + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}³",
-        "prototypes": int(cfg.dino.head_n_prototypes), "threads": used_threads, "workers": int(cfg.train.num_workers),
+        "prototypes": int(cfg.dino.head_n_prototypes), "threads": used_threads,
+        # what the loader really started: train3d caps the configured count at the CPUs available
+        "workers": _started_workers(int(cfg.train.num_workers)),
         "iterations_per_s": it_per_s, "samples_per_s": it_per_s * int(cfg.train.batch_size_per_gpu),
         "gflop_per_iteration": flops / 1e9, "achieved_gflops": flops * it_per_s / 1e9, "peak_gflops": peak,
         "mfu": flops * it_per_s / 1e9 / peak,
