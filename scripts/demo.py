@@ -213,7 +213,7 @@ def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_
     lines += ["", "Evidence (balanced accuracy on the held-out template's test hemisphere)"]
     for name, task in evidence["tasks"].items():
         margins = task["margins"]
-        lines.append(f"  {name:<6} teacher {fmt(task['teacher']['mean'])}  random init {fmt(task['random_init']['mean'])}"
+        lines.append(f"  {name:<12} teacher {fmt(task['teacher']['mean'])}  random init {fmt(task['random_init']['mean'])}"
                      f" (std {fmt(task['random_init']['std'])})  raw {fmt(task['raw']['test_balanced_accuracy'])}  "
                      f"-> teacher - random {fmt(margins['teacher_minus_random'], '+.3f')}, "
                      f"teacher - raw {fmt(margins['teacher_minus_raw'], '+.3f')}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from dinov2.eval.evidence.dense_task import (
     z_anchor_row,
 )
 from dinov2.eval.evidence.errors import EvidenceError
+from dinov2.eval.evidence.features import last_blocks, network_features
 from dinov2.eval.evidence.folds import attach_folds, z_slab_folds
 from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task, plan_evidence_sites, site_centre
 from dinov2.eval.evidence.probe import L2_GRID, balanced_accuracy, choose_l2, cross_validate, fit_probe
@@ -178,6 +180,37 @@ def test_token_order_is_the_backbones():
     tokens = torch.tensor([[1, 5], [0, 23]])
     picked = token_cubes(x, tokens, (4, 4, 4))
     torch.testing.assert_close(picked.flatten(1).mean(1), embedded[tokens[:, 0], tokens[:, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_block_representations_are_the_normalised_outputs_of_the_last_blocks_earliest_first():
+    """1 block = forward_features' normalised CLS + mean patch; n blocks = each block's, earliest first."""
+    model = random_backbone(TINY_SPEC, 3)
+    x = torch.randn(5, 1, 16, 16, 16)
+    patch_split, depth = TaskSplit(x, torch.zeros(5, dtype=torch.int64)), len(model.blocks)
+    one = network_features(model, patch_split, 2, "cpu", blocks=1)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        blocks = [model.norm(t) for t in _block_outputs(model, x)]
+    torch.testing.assert_close(one, torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)], 1))
+    every = network_features(model, patch_split, 2, "cpu", blocks=depth + 3)  # capped at the depth
+    assert every.shape == (5, 2 * model.embed_dim * depth)
+    expected = torch.cat([torch.cat([b[:, 0], b[:, 1:].mean(1)], 1) for b in blocks], 1)
+    torch.testing.assert_close(every, expected)
+    torch.testing.assert_close(last_blocks(every, depth, 1), one)
+    tokens = torch.tensor([[0, 3], [4, 7]])
+    dense = network_features(model, TaskSplit(x, torch.zeros(2, dtype=torch.int64), tokens=tokens), 8, "cpu", blocks=2)
+    torch.testing.assert_close(dense, torch.cat([blocks[-2][tokens[:, 0], 1 + tokens[:, 1]],
+                                                 blocks[-1][tokens[:, 0], 1 + tokens[:, 1]]], 1))
+
+
+def _block_outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's un-normalised output, run by hand (CLS first, no registers)."""
+    with torch.no_grad():
+        tokens, outputs = model.prepare_tokens_with_masks(x), []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+    return outputs
 
 
 ONE_TEMPLATE = dataclasses.replace(PATCH_PARAMS, templates=(next(iter(TEMPLATES)),))  # half the cubes: faster
@@ -462,8 +495,15 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     assert markdown.startswith("| task |") and "WARNING:" in markdown
     assert "| patch: 48 mm cube (24^3 voxels)" in markdown and "patch_size 24" in markdown
     assert "4-fold cross-validation" in markdown and "validation band" not in markdown
-    assert evidence["cv_folds"] == 4
+    assert evidence["cv_folds"] == 4 and evidence["last_blocks"] == [1, 4]
+    assert list(evidence["tasks"]) == ["patch", "patch_last4", "dense", "dense_last4"]
+    assert "patch_last4: CLS + mean patch token, last 4 blocks concatenated" in out
+    assert "| patch: 48 mm cube (24^3 voxels) -> lobe at its centre [CLS + mean patch token, last 4 blocks" in markdown
     for name in ("patch", "dense"):
+        one, four = evidence["tasks"][name], evidence["tasks"][f"{name}_last4"]
+        assert (one["blocks"], four["blocks"]) == (1, 4) and one["raw"] == four["raw"]
+        assert one["teacher"]["mean"] != four["teacher"]["mean"]
+    for name in ("patch", "dense", "patch_last4", "dense_last4"):
         task = evidence["tasks"][name]
         seeds = [r["test_balanced_accuracy"] for r in task["random_init"]["per_seed"]]
         assert [r["seed"] for r in task["random_init"]["per_seed"]] == [0, 1]
@@ -472,7 +512,7 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
         assert 0.2 < task["teacher"]["mean"] <= 1 and task["raw"]["pooling"] in (1, 2, 4)
         assert task["margins"]["teacher_minus_raw"] == pytest.approx(
             task["teacher"]["mean"] - task["raw"]["test_balanced_accuracy"])
-        assert f"{name}  teacher - random" in out
+        assert re.search(rf"^{name} +teacher - random", out, re.M)
         description = task["description"]
         assert len(description["cv"]["slabs"]) == 4 and set(description["class_counts"]) == {"training", "test"}
         for result in [*task["teacher"]["per_seed"], *task["random_init"]["per_seed"], task["raw"]]:

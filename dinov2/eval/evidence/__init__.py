@@ -11,10 +11,15 @@ is used for nothing but the final score. Two tasks:
 
 * **patch** (:mod:`.patch_task`): the ``N^3``-voxel cube centred on each classification_sample
   site (``--patch-size N``, default 16 = its 32 mm patches; larger cubes add context, with the
-  other hemisphere blanked to air) -> the lobe at its centre; features = the last block's
-  normalised CLS token and mean patch token, concatenated;
+  other hemisphere blanked to air) -> the lobe at its centre; features = the normalised CLS
+  token and mean patch token, concatenated;
 * **dense** (:mod:`.dense_task`): every token of a window -> the majority lobe of the cortex in
   its cube; features = the token's normalised patch feature.
+
+Each task is probed on features read from the last block (rows ``patch``, ``dense``) and from
+the last four blocks concatenated (``patch_last4``, ``dense_last4``: DINOv2's linear evaluation
+of a ViT), for every network alike (``--last-blocks``, :mod:`.features`). The last block is the
+one the DINO head is trained on, and the most specialised to that objective.
 
 Representations: every teacher given, random-init backbones of the same architecture (several
 seeds), and the raw intensities of the same input average-pooled to ``g^3`` values (:mod:`.baselines`). The
@@ -30,7 +35,8 @@ From Python::
 
     from dinov2.eval.evidence import run_evidence
     evidence = run_evidence(["teacher_checkpoint.pth"], random_seeds=3, patch_size=32)
-    evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]
+    evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]        # last block
+    evidence["tasks"]["patch_last4"]["margins"]["teacher_minus_random"]  # last four blocks
     evidence["tasks"]["dense"]["teacher"]["per_seed"][0]["cv_by_l2"]  # mean CV score per L2
 """
 

@@ -13,7 +13,7 @@ from . import __doc__ as PACKAGE_DOC
 from .errors import EvidenceError
 from .folds import DEFAULT_FOLDS
 from .report import format_table
-from .run import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
+from .run import DEFAULT_BATCH_SIZE, DEFAULT_BLOCKS, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cv-folds", type=int, default=DEFAULT_FOLDS,
                         help="cross-validation folds (contiguous z slabs of the training hemisphere) that choose "
                              "each probe's L2 penalty and the raw baseline's pooling")
+    parser.add_argument("--last-blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
+                        help="read each network's features from its last N blocks (concatenated), one row per N "
+                             "(default: 1 and 4, as DINOv2's linear evaluation; capped at the depth)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     return parser
@@ -44,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point()
     try:
         evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
-                                args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds)
+                                args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds,
+                                blocks=args.last_blocks)
     except (EvidenceError, SampleDataError) as exc:
         print("ERROR: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1

@@ -16,15 +16,24 @@ TASK_TITLES = {
     "patch": "patch: {input_mm:g} mm cube ({input_voxels}^3 voxels) -> lobe at its centre",
     "dense": "dense: token -> majority lobe of its cube",
 }
+# What the probe reads from a network, per task; {blocks} is filled in by representation().
+REPRESENTATIONS = {"patch": "CLS + mean patch token", "dense": "patch token"}
+
+
+def representation(task_name: str, blocks: int) -> str:
+    """``"CLS + mean patch token, last block"``, ``"patch token, last 4 blocks concatenated"``, ..."""
+    where = "last block" if blocks == 1 else f"last {blocks} blocks concatenated"
+    return f"{REPRESENTATIONS.get(task_name, 'features')}, {where}"
 
 
 def task_title(name: str, task: dict) -> str:
-    """One task's title, filled in from its evidence.json description (the patch task's cube size)."""
-    title = TASK_TITLES.get(name, name)
+    """One row's title, filled in from its evidence.json entry (the patch cube's size, the blocks read)."""
+    base = task.get("task", name)
     try:
-        return title.format(**task.get("description", {}))
+        title = TASK_TITLES.get(base, base).format(**task.get("description", {}))
     except (KeyError, IndexError):  # an older evidence.json without the fields: the bare name
         return name
+    return f"{title} [{task['representation']}]" if "representation" in task else title
 
 
 def seed_statistics(values: list[float]) -> dict:
@@ -40,22 +49,26 @@ def _difference(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def summarise_task(task: TaskData, result: dict) -> dict:
-    """One task's numbers: per-seed values, statistics, margins and chance.
+def summarise_task(task: TaskData, result: dict, blocks: int = 1) -> dict:
+    """One row's numbers (a task read from the last ``blocks`` blocks): per-seed values, statistics, margins, chance.
 
     Args:
         task: the task (for its description and test labels).
         result: ``{"teacher": [per teacher], "random_init": [per seed], "raw": {...}}``, each
             holding ``test_balanced_accuracy``.
+        blocks: how many of the networks' last blocks the probes read.
 
     Returns:
-        The task's section of evidence.json.
+        The row's section of evidence.json.
     """
     teacher = seed_statistics([r["test_balanced_accuracy"] for r in result["teacher"]])
     random_init = seed_statistics([r["test_balanced_accuracy"] for r in result["random_init"]])
     raw = result["raw"]
     present = int(torch.unique(task.splits["test"].labels).numel())
     return {
+        "task": task.name,
+        "blocks": blocks,
+        "representation": representation(task.name, blocks),
         "description": task.info,
         "chance": 1.0 / present,
         "teacher": {**teacher, "per_seed": result["teacher"]},
@@ -105,9 +118,12 @@ def format_table(evidence: dict) -> str:
     body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     head = [f"Test balanced accuracy on the left hemisphere (probes trained on all of the right hemisphere, "
             f"L2 chosen by {_folds(evidence)}); n = seeds, std over seeds."]
-    if "patch" in evidence["tasks"]:
-        head.append(f"patch_size {evidence.get('patch_size')}: {task_title('patch', evidence['tasks']['patch'])}; "
-                    "voxels of the other hemisphere, where reached, are air.")
+    patch_rows = [name for name, task in evidence["tasks"].items() if task.get("task", name) == "patch"]
+    if patch_rows:
+        cube = TASK_TITLES["patch"].format(**evidence["tasks"][patch_rows[0]]["description"])
+        head.append(f"patch_size {evidence.get('patch_size')}: {cube}; voxels of the other hemisphere, where "
+                    "reached, are air.")
+    head += [f"{name}: {task['representation']}" for name, task in evidence["tasks"].items() if "representation" in task]
     return "\n".join(head + _warning_lines(evidence) + body)
 
 

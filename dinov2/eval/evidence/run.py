@@ -16,7 +16,7 @@ from .backbones import Teacher, load_teacher, random_backbone, same_architecture
 from .baselines import POOLING_GRIDS, raw_features
 from .dense_task import build_dense_task
 from .errors import EvidenceError
-from .features import network_features
+from .features import last_blocks, network_features, usable_blocks
 from .folds import DEFAULT_FOLDS
 from .held_out import EVALUATION_FILES, held_out_files, pretraining_overlap
 from .patch_task import PATCH_PARAMS, build_patch_task
@@ -30,6 +30,13 @@ logger = logging.getLogger("dinov2.eval.evidence")
 DEFAULT_DENSE_WINDOW = 32
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_PATCH_SIZE = PATCH_PARAMS.patch_size
+# The last block alone, and the last four concatenated as DINOv2's linear evaluation reads a ViT.
+DEFAULT_BLOCKS = (1, 4)
+
+
+def row_name(task: str, blocks: int) -> str:
+    """evidence.json key of a task read from the last ``blocks`` blocks: ``patch``, ``patch_last4``, ..."""
+    return task if blocks == 1 else f"{task}_last{blocks}"
 
 
 def probe_scores(features: dict[str, torch.Tensor], task: TaskData, cv: dict | None = None) -> dict:
@@ -51,14 +58,23 @@ def probe_scores(features: dict[str, torch.Tensor], task: TaskData, cv: dict | N
             "training_examples": int(train.labels.numel()), "test_examples": int(test.labels.numel())}
 
 
-def network_scores(model: nn.Module, task: TaskData, batch_size: int, device: torch.device) -> dict:
-    """:func:`probe_scores` of a frozen backbone's features (moved to ``device`` and back)."""
+def network_scores(model: nn.Module, task: TaskData, batch_size: int, device: torch.device,
+                   blocks: Sequence[int] = (1,)) -> dict[int, dict]:
+    """:func:`probe_scores` of a frozen backbone's features read from the last ``n`` blocks, for each ``n``.
+
+    The features of the most blocks are computed once (model moved to ``device`` and back); each
+    ``n`` is capped at the backbone's depth.
+
+    Returns:
+        ``{n: probe_scores}`` for every distinct capped ``n``, ascending.
+    """
+    wanted = sorted({usable_blocks(model, n) for n in blocks})
     model.to(device)
     try:
-        features = {s: network_features(model, task.splits[s], batch_size, device) for s in SPLITS}
+        features = {s: network_features(model, task.splits[s], batch_size, device, wanted[-1]) for s in SPLITS}
     finally:
         model.cpu()
-    return probe_scores(features, task)
+    return {n: probe_scores({s: last_blocks(f, wanted[-1], n) for s, f in features.items()}, task) for n in wanted}
 
 
 def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
@@ -139,40 +155,52 @@ def _check_overlap(teachers: list[Teacher]) -> list[dict]:
     return checks
 
 
-def _score_backbone(model: nn.Module, label: str, tasks: list[TaskData], batch_size: int,
+def _score_backbone(model: nn.Module, label: str, tasks: list[TaskData], blocks: Sequence[int], batch_size: int,
                     device: torch.device) -> dict[str, dict]:
-    """Task name -> :func:`network_scores` of one backbone, each logged as it comes."""
+    """Row name (:func:`row_name`) -> :func:`network_scores` of one backbone, each logged as it comes."""
     scores = {}
     for task in tasks:
-        scores[task.name] = found = network_scores(model, task, batch_size, device)
-        logger.info("%s task, %s: test balanced accuracy %.3f (CV %.3f, l2 %g)", task.name, label,
-                    found["test_balanced_accuracy"], found["cv_balanced_accuracy"], found["l2"])
+        for n, found in network_scores(model, task, batch_size, device, blocks).items():
+            scores[row_name(task.name, n)] = found
+            logger.info("%s task, last %d block(s), %s: test balanced accuracy %.3f (CV %.3f, l2 %g)", task.name, n,
+                        label, found["test_balanced_accuracy"], found["cv_balanced_accuracy"], found["l2"])
     return scores
 
 
-def _evaluate_all(teachers: list[Teacher], spec: dict, seeds: range, tasks: list[TaskData],
+def _evaluate_all(teachers: list[Teacher], spec: dict, seeds: range, tasks: list[TaskData], blocks: Sequence[int],
                   patch: Sequence[int], batch_size: int, device: torch.device) -> dict:
-    """Task name -> ``{"teacher": [...], "random_init": [...], "raw": {...}}`` (see :func:`summarise_task`)."""
-    results = {t.name: {"teacher": [], "random_init": []} for t in tasks}
+    """Row name -> ``{"teacher": [...], "random_init": [...], "raw": {...}}`` (see :func:`summarise_task`).
+
+    The raw baseline does not depend on the blocks: every row of a task shares its task's.
+    """
+    results: dict[str, dict] = {}
+
+    def add(key: str, scores: dict[str, dict], extra: dict) -> None:
+        for row, found in scores.items():
+            results.setdefault(row, {"teacher": [], "random_init": []})[key].append({**extra, **found})
+
     for i, teacher in enumerate(teachers):
         label = f"teacher {i + 1}/{len(teachers)} ({teacher.path})"
-        for name, scores in _score_backbone(teacher.model, label, tasks, batch_size, device).items():
-            results[name]["teacher"].append({"checkpoint": str(teacher.path), **scores})
+        add("teacher", _score_backbone(teacher.model, label, tasks, blocks, batch_size, device),
+            {"checkpoint": str(teacher.path)})
     for seed in seeds:
         model = random_backbone(spec, seed)
-        for name, scores in _score_backbone(model, f"random init seed {seed}", tasks, batch_size, device).items():
-            results[name]["random_init"].append({"seed": seed, **scores})
+        add("random_init", _score_backbone(model, f"random init seed {seed}", tasks, blocks, batch_size, device),
+            {"seed": seed})
     for task in tasks:
-        results[task.name]["raw"] = raw = raw_scores(task, patch)
+        raw = raw_scores(task, patch)
         logger.info("%s task, raw intensities pooled to %d^3: test balanced accuracy %.3f (CV %.3f, l2 %g)",
                     task.name, raw["pooling"], raw["test_balanced_accuracy"], raw["cv_balanced_accuracy"], raw["l2"])
+        for n in blocks:
+            results[row_name(task.name, n)]["raw"] = raw
     return results
 
 
 def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
                  output_dir: str | os.PathLike | None = None, device: str = "cpu",
                  dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE,
-                 patch_size: int = DEFAULT_PATCH_SIZE, cv_folds: int = DEFAULT_FOLDS) -> dict:
+                 patch_size: int = DEFAULT_PATCH_SIZE, cv_folds: int = DEFAULT_FOLDS,
+                 blocks: Sequence[int] = DEFAULT_BLOCKS) -> dict:
     """Measure whether pretrained teachers' frozen features beat random inits and raw intensities.
 
     Args:
@@ -187,6 +215,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
             Larger cubes add context, never the other hemisphere (see :mod:`.patch_task`).
         cv_folds: folds (z slabs of the training hemisphere) of the cross-validation that
             chooses every probe's penalty and the raw baseline's pooling (see :mod:`.folds`).
+        blocks: read each network's features from its last ``n`` blocks, one row per ``n`` (capped
+            at the depth): ``patch``/``dense`` for 1, ``patch_last4``/``dense_last4`` for 4.
 
     Returns:
         What evidence.json holds (``tasks.<patch|dense>`` with per-seed values, statistics,
@@ -202,6 +232,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     if random_seeds < 0 or batch_size < 1 or cv_folds < 2:
         raise EvidenceError(f"--random-seeds must be >= 0, --batch-size >= 1 and --cv-folds >= 2, got {random_seeds}, "
                             f"{batch_size} and {cv_folds}.")
+    if not blocks or min(blocks) < 1:
+        raise EvidenceError(f"--last-blocks takes block counts >= 1 (e.g. --last-blocks 1 4), got {list(blocks)}.")
     device = _device(device)
     loaded = [load_teacher(p) for p in teachers]
     spec = same_architecture(loaded)
@@ -212,7 +244,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     volumes = load_evidence_volumes()
     tasks = [build_patch_task(volumes, patch_size=patch_size, folds=cv_folds),
              build_dense_task(volumes, dense_window, patch, folds=cv_folds)]
-    results = _evaluate_all(loaded, spec, range(random_seeds), tasks, patch, batch_size, device)
+    blocks = sorted({usable_blocks(loaded[0].model, n) for n in blocks})
+    results = _evaluate_all(loaded, spec, range(random_seeds), tasks, blocks, patch, batch_size, device)
     evidence = {
         "teachers": [str(t.path) for t in loaded],
         "random_seeds": list(range(random_seeds)),
@@ -220,12 +253,13 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         "device": str(device),
         "patch_size": patch_size,
         "cv_folds": cv_folds,
+        "last_blocks": blocks,
         "evaluation_files": [str(p) for p in held_out_files(include_near_duplicates=False)],
         "evaluation_file_names": [f"{pkg}/{rel}" for pkg, rel in EVALUATION_FILES],
         "held_out_files": [str(p) for p in held_out_files()],
         "pretraining_overlap": overlap,
         "evaluation_data_in_pretraining": any(c["held_out_in_datalist"] for c in overlap),
-        "tasks": {t.name: summarise_task(t, results[t.name]) for t in tasks},
+        "tasks": {row_name(t.name, n): summarise_task(t, results[row_name(t.name, n)], n) for t in tasks for n in blocks},
     }
     evidence["seconds"] = round(time.perf_counter() - started, 1)
     evidence["files"] = {"json": str(output_dir / JSON_NAME), "markdown": str(output_dir / MARKDOWN_NAME)}
