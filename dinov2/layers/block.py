@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .drop_path import drop_path_scale
+from .drop_path import drop_path_scale, kept_subset
 from .layer_scale import LayerScale
 from .mlp import Mlp
 
@@ -44,16 +44,35 @@ class Block(nn.Module):
         self.mlp = ffn_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), bias=ffn_bias, drop=drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = float(drop_path)
+        # True: residual branches run on the kept samples only (less compute, same expectation);
+        # False: every sample runs and dropped ones are multiplied by 0 (kept for benchmarks/tests).
+        self.subset_drop_path = True
 
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    def _kept_subset(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        if not self.subset_drop_path:
+            return None
+        return kept_subset(x.shape[0], self.drop_path, self.training, x.device)
+
+    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``x + branch(x)`` under stochastic depth: on a kept subset when that drops whole samples."""
+        subset = self._kept_subset(x)
+        if subset is not None:
+            kept, scale = subset
+            return x.index_add(0, kept, branch(x[kept]).to(x.dtype), alpha=scale)
         scale = drop_path_scale(x.shape[0], self.drop_path, self.training, x)
         if scale is None:
-            return x + branch
-        return x + branch * scale.view(-1, 1, 1)
+            return x + branch(x)
+        return x + branch(x) * scale.view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._residual(x, self.ls1(self.attn(self.norm1(x))))
-        return self._residual(x, self.ls2(self.mlp(self.norm2(x))))
+        x = self._residual(x, self._attn_branch)
+        return self._residual(x, self._mlp_branch)
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`forward` (eval mode) but also returns attention weights ``(B, heads, N, N)``."""
@@ -64,26 +83,40 @@ class Block(nn.Module):
     def forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Process crop groups of different sizes: token-wise layers (norms, projections, MLP)
         run once on all tokens concatenated, so matrix products are large; attention runs once
-        per group. Mathematically equal to calling :meth:`forward` on each group.
+        per group. Mathematically equal to calling :meth:`forward` on each group (in training,
+        each group draws its own stochastic-depth subset, as :meth:`forward` would).
         """
         if len(xs) == 1:
             return [self.forward(xs[0])]
-        shapes = [x.shape[:2] for x in xs]
-        counts = [b * n for b, n in shapes]
-        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-        qkv = self.attn.qkv(self.norm1(flat)).split(counts)
+        xs = self._residual_list(xs, self._attn_branch_list)
+        return self._residual_list(xs, lambda flat, shapes: self._mlp_branch(flat))
+
+    def _attn_branch_list(self, flat: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention branch of groups whose ``(B_i * N_i, E)`` tokens are concatenated in ``flat``."""
+        qkv = self.attn.qkv(self.norm1(flat)).split([b * n for b, n in shapes])
         attended = torch.cat([
             self.attn.attend(q.view(b, n, -1)).reshape(b * n, -1) for q, (b, n) in zip(qkv, shapes)
         ])
-        flat = self._residual_flat(flat, self.ls1(self.attn.proj_drop(self.attn.proj(attended))), shapes)
-        flat = self._residual_flat(flat, self.ls2(self.mlp(self.norm2(flat))), shapes)
-        return [t.view(b, n, -1) for t, (b, n) in zip(flat.split(counts), shapes)]
+        return self.ls1(self.attn.proj_drop(self.attn.proj(attended)))
 
-    def _residual_flat(self, flat: torch.Tensor, branch: torch.Tensor, shapes) -> torch.Tensor:
-        if not self.training or self.drop_path <= 0.0:
-            return flat + branch
-        # Stochastic depth is per sample: expand each group's per-sample factor to its tokens.
-        scales = [
-            drop_path_scale(b, self.drop_path, True, flat).repeat_interleave(n) for b, n in shapes
-        ]
-        return flat + branch * torch.cat(scales).unsqueeze(-1)
+    def _residual_list(self, xs: list[torch.Tensor], branch) -> list[torch.Tensor]:
+        """``x_i + branch(x_i)`` for every group, the branch run once on the kept samples of all groups.
+
+        ``branch(flat, shapes)`` maps the concatenated ``(sum B_i * N_i, E)`` tokens of groups
+        with ``shapes = [(B_i, N_i)]`` to the same shape. A group keeps a subset when that drops
+        whole samples (:func:`~.drop_path.kept_subset`), else it runs whole with per-sample factors.
+        """
+        subsets = [self._kept_subset(x) for x in xs]
+        inputs = [x if sub is None else x[sub[0]] for x, sub in zip(xs, subsets)]
+        shapes = [tuple(t.shape[:2]) for t in inputs]
+        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+        pieces = branch(flat, shapes).split([b * n for b, n in shapes])
+        out = []
+        for x, sub, piece, (b, n) in zip(xs, subsets, pieces, shapes):
+            piece = piece.view(b, n, -1).to(x.dtype)
+            if sub is not None:
+                out.append(x.index_add(0, sub[0], piece, alpha=sub[1]))
+                continue
+            scale = drop_path_scale(b, self.drop_path, self.training, x)
+            out.append(x + (piece if scale is None else piece * scale.view(-1, 1, 1)))
+        return out
