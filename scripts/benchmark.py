@@ -20,7 +20,7 @@ Usage::
 
 Precision modes (``--dtypes``):
     fp32       parameters, activations and matmuls in float32.
-    bf16       ``torch.autocast(bfloat16)`` via ``dinov2.utils.perf.autocast_context``:
+    bf16       ``torch.autocast(bfloat16)`` via ``dinov2.utils.precision.autocast_context``:
                matmuls/SDPA in bf16, parameters and gradients fp32 (what training uses).
     bf16-pure  the model cast to bfloat16 (weights, activations, gradients): the ceiling of a
                "bf16 weights + fp32 master copy in the optimizer" scheme, without its update cost.
@@ -41,16 +41,15 @@ from typing import Callable, Sequence
 import torch
 
 from dinov2.models import MODEL_REGISTRY, build_model
-from dinov2.utils.perf import (
+from dinov2.benchmarking.perf import (
     TRAIN_STEP_FLOP_FACTOR,
-    autocast_context,
     counted_forward_flops,
     machine_description,
     matmul_peak_gflops,
     model_forward_flops,
-    native_bf16_support,
     time_callable,
 )
+from dinov2.utils.precision import autocast_context, native_bf16_support
 
 MODES = ("fp32", "bf16", "bf16-pure")
 _PEAK_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-pure": torch.bfloat16}
@@ -169,7 +168,7 @@ def run_model_benchmark(args: argparse.Namespace) -> list[dict]:
     counted = counted_forward_flops(model, x[:1]) * args.batch_size  # one sample is enough, and cheap
     if abs(counted - fwd_flops) > 1e-6 * fwd_flops:
         raise RuntimeError(f"Analytic forward FLOPs {fwd_flops} != FlopCounterMode {counted}: fix "
-                           "dinov2/utils/perf.py:model_forward_flops for this architecture")
+                           "dinov2/benchmarking/perf.py:model_forward_flops for this architecture")
     step_flops = TRAIN_STEP_FLOP_FACTOR * fwd_flops
     print(f"# {args.arch}{'' if args.depth is None else f' (depth {args.depth})'}, batch {args.batch_size}, {args.img_size}³ input, "
           f"{model.patch_embed.grid_size((args.img_size,) * 3)} patch grid")

@@ -50,12 +50,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dinov2.data.sample_data import package_dir
+from dinov2.benchmarking.perf import machine_description
 from dinov2.eval.segmentation.inference import predict_probabilities
 from dinov2.eval.segmentation.model import build_segmentation_model
 from dinov2.models import build_model
+from dinov2.sample_data import package_dir
 from dinov2.utils.allocator import tune_cpu_allocator
-from dinov2.utils.perf import autocast_context, machine_description, native_bf16_support
+from dinov2.utils.precision import autocast_context, native_bf16_support
 
 VARIANTS = ("ref", "cl", "bf16", "fewer")
 MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -112,8 +113,8 @@ def timed(fn):
 
 def accuracy_by_overlap(checkpoint: str, datalist: str | None, overlaps: Sequence[float]) -> dict:
     """Mean foreground test Dice of a finetuned checkpoint at each overlap (Gaussian blending)."""
+    from dinov2.checkpoints.finetuned import load_finetuned
     from dinov2.data.datalist import load_finetune_datalist
-    from dinov2.eval.segmentation.checkpoint import load_finetuned
     from dinov2.eval.segmentation.data import eval_transforms
     from dinov2.eval.segmentation.metrics import discretize, label_to_masks
 

@@ -6,7 +6,7 @@ the real brain volumes that ship in installed packages, and reports:
 
 * iterations/s and samples/s (median over the timed iterations, after warm-up);
 * MFU: model FLOPs per iteration / iteration time / the GEMM peak measured in the same
-  process with the same thread count (``dinov2.utils.perf.matmul_peak_gflops``). FLOPs per
+  process with the same thread count (``dinov2.benchmarking.perf.matmul_peak_gflops``). FLOPs per
   iteration = 3 x student forward (backbone on all crops + both heads) + teacher forward
   (backbone on the global crops + both heads), matrix products only; the iBOT head rows use
   the expected number of masked tokens;
@@ -56,8 +56,8 @@ def _head_macs_per_row(head: nn.Module) -> int:
 
 def iteration_flops(cfg) -> float:
     """Model FLOPs (2 x MACs of matrix products) of one training iteration of one process."""
+    from dinov2.benchmarking.perf import model_forward_flops
     from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
-    from dinov2.utils.perf import model_forward_flops
 
     with torch.device("meta"):
         arch = SSLMetaArch(cfg, "meta")
@@ -93,8 +93,8 @@ def _started_workers(configured: int) -> int:
 def run_setting(name: str, datalist: Path, cache_dir: Path, work_dir: Path, iterations: int, warmup: int,
                 threads: int | None, num_workers: int | None, extra: Sequence[str]) -> dict:
     """Train ``warmup + iterations`` iterations of one setting and summarise the timed ones."""
+    from dinov2.benchmarking.perf import matmul_peak_gflops
     from dinov2.train.train3d import build_config, train
-    from dinov2.utils.perf import matmul_peak_gflops
 
     overrides = [f"train.datalist={datalist}", f"train.max_iterations={warmup + iterations}",
                  "train.log_period_iterations=1", "train.monitor_collapse=false", "train.progress_bar=false",
@@ -165,9 +165,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise SystemExit(f"Unknown settings {unknown}; choose from {', '.join(SETTINGS)}.")
     if args.iterations < 1 or args.warmup < 1:
         raise SystemExit("--iterations and --warmup must be >= 1 (the first iteration pays for worker start-up).")
-    from dinov2.data.sample_data import write_pretraining_datalist
+    from dinov2.benchmarking.perf import machine_description
+    from dinov2.sample_data import write_pretraining_datalist
     from dinov2.utils.allocator import tune_cpu_allocator
-    from dinov2.utils.perf import machine_description
 
     tune_cpu_allocator()  # as train3d's entry point does (DINOV2_MALLOC_TUNING=0 to compare without)
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     banner("1/6  Datalists from the real brain volumes shipped in the sample-data packages")
-    from dinov2.data.sample_data import write_pretraining_datalist, write_segmentation_dataset
+    from dinov2.sample_data import write_pretraining_datalist, write_segmentation_dataset
 
     # The FSL MNI152 templates are what the evidence and the segmentation are evaluated on:
     # pretraining never sees them (nor 4D series), so the comparison below is on unseen data.
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         seg_dirs[name] = out / "segmentation" / name.replace(" ", "_")
         extra = [] if weights != "none" else random_init_backbone_flags(teacher)
         run_step(f"4/6  UNETR brain-tissue segmentation, {name} backbone ({i + 1}/2)",
-                 "dinov2.eval.segmentation3d",
+                 "dinov2.eval.segmentation",
                  ["--pretrained-weights", str(weights), "--output-dir", str(seg_dirs[name]), *seg_common, *extra])
 
     test_image = json.loads(seg_list.read_text())["test"][0]["image"]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for vis in ("pca", "mhsa"):
         vis_dirs[vis] = out / "visualisation" / vis
         run_step(f"5/6  {'PCA of patch features' if vis == 'pca' else 'Last-block attention per head'}",
-                 "dinov2.eval.vis_pca", [
+                 "dinov2.eval.visualisation", [
                      "--pretrained-weights", str(teacher), "--image-path", test_image,
                      "--output-dir", str(vis_dirs[vis]), "--vis-type", vis, "--input-type", "full_image",
                  ])
@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def random_init_backbone_flags(teacher: Path) -> list[str]:
     """Flags that build the teacher's architecture with random weights (the baseline backbone)."""
-    from dinov2.models.checkpoint import backbone_kwargs_from_config, read_checkpoint
+    from dinov2.checkpoints.layouts import read_checkpoint
+    from dinov2.models.build import backbone_kwargs_from_config
 
     arch, kwargs = backbone_kwargs_from_config(read_checkpoint(teacher).config)
-    kwargs.pop("img_size", None)  # segmentation3d sets the input size itself
+    kwargs.pop("img_size", None)  # segmentation finetuning sets the input size itself
 
     def text(value) -> str:  # as a key=value override reads it back
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
@@ -254,7 +255,7 @@ def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_
         lines.append(f"  {vis + ' maps':<21} {d}  ({len(list(d.rglob('*.nii*')))} NIfTI, "
                      f"{len(pngs)} PNG{': ' + pngs[0].name if pngs else ''})")
     lines += ["", "Predict on your own volume with the best segmentation model:",
-              f"  python -m dinov2.eval.predict --checkpoint {seg_dirs['pretrained']}/best_model.pth "
+              f"  python -m dinov2.eval.segmentation.predict --checkpoint {seg_dirs['pretrained']}/best_model.pth "
               f"--input YOUR.nii.gz --output predictions/",
               "", f"demo finished in {elapsed / 60:.1f} min; outputs under {out}"]
     return "\n".join(lines)

@@ -26,8 +26,8 @@ FILES = {
     "ssl3d_default_config.yaml": "pretraining defaults (`python -m dinov2.train.train3d`); merged over data_defaults.yaml",
     "data_defaults.yaml": "pretraining crops, augmentation and preprocessing (`crops:`, `preprocessing:`)",
     "train/vit3d_highres.yaml": "the high-resolution stage, merged over the pretraining defaults",
-    "eval/segmentation_default.yaml": "`python -m dinov2.eval.segmentation3d` defaults",
-    "eval/linear_default.yaml": "`python -m dinov2.eval.linear3d` defaults",
+    "eval/segmentation_default.yaml": "`python -m dinov2.eval.segmentation` defaults",
+    "eval/linear_default.yaml": "`python -m dinov2.eval.linear` defaults",
 }
 
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_]+):(?P<rest>.*)$")

@@ -16,3 +16,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def lobe_data(tmp_path_factory):
+    """The brain-lobe classification sample at a stride of 8 voxels (~300 test patches of 16^3; the
+    default stride 4 gives ~2200), written once for the session: its datalist.json path."""
+    from dinov2.sample_data.classification import PatchTaskParams, write_classification_dataset
+
+    return write_classification_dataset(tmp_path_factory.mktemp("lobes"), PatchTaskParams(stride=8, seed=0))

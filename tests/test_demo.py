@@ -47,5 +47,5 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
     # The report names every result so a user can find it.
     for needle in ("mean fg Dice", "random init", "Evidence", "teacher - random", "show no learning",
-                   "teacher checkpoint", "pca maps", "mhsa maps", "dinov2.eval.predict"):
+                   "teacher checkpoint", "pca maps", "mhsa maps", "dinov2.eval.segmentation.predict"):
         assert needle in report

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
 from dinov2.models import build_model
-from dinov2.models.export import save_teacher_checkpoint
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("basic_model_use.ipynb", "unsupervised_vis.ipynb")

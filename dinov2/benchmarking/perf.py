@@ -1,4 +1,7 @@
-"""Performance helpers shared by the benchmarks and training: FLOPs, peaks, timing, precision.
+"""What the benchmarks measure with: FLOP counts, the machine's matmul peak, timing, the machine.
+
+Only ``scripts/benchmark*.py`` and their tests import this package; training and evaluation
+never do (their precision switch lives in :mod:`dinov2.utils.precision`).
 
 * **FLOPs** are counted analytically as ``2 · MACs`` of every matrix product and convolution
   of the forward pass (element-wise ops, norms and softmax are not counted, the usual MFU
@@ -7,15 +10,11 @@
 * **Peak**: :func:`matmul_peak_gflops` measures large square GEMMs in the running process
   with the current thread count, so MFU is relative to what this machine really delivers.
 * **Timing**: :func:`time_callable` returns every sample after a warm-up; report the median.
-* **Precision**: :func:`autocast_context` is the one switch between fp32 and reduced-precision
-  autocast; :func:`native_bf16_support` says whether bf16 matrix products have hardware
-  support here (CPU AVX512-BF16/AMX, or a bf16-capable GPU). Without it bf16 is *slower* than
-  fp32 on CPU (see ``docs/benchmarks.md``), so :func:`recommended_precision` returns fp32.
+* **Machine**: :func:`machine_description` records what the numbers were measured on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
@@ -26,8 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from dinov2.utils.precision import native_bf16_support
 
 
 # ----------------------------------------------------------------------------- timing
@@ -139,7 +137,7 @@ def model_forward_flops(model: nn.Module, input_shape: Iterable[int]) -> int:
     the same way: every ``nn.Linear`` inside a block contributes ``in·out`` MACs per token.
 
     Args:
-        model: a ``VisionTransformer3D`` (duck-typed; ``utils`` does not import ``models``).
+        model: a ``VisionTransformer3D`` (duck-typed: any module with that shape).
         input_shape: ``(B, C, H, W, D)``.
 
     Returns:
@@ -218,58 +216,6 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 3072, rep
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     timing = time_callable(lambda: torch.nn.functional.linear(a, b), repeats=repeats, warmup=1, synchronize=sync)
     return 2 * size ** 3 / timing.median / 1e9
-
-
-# -------------------------------------------------------------------------- precision
-def native_bf16_support(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 matrix products have hardware support on ``device``.
-
-    CPU: AVX512-BF16 or AMX (oneDNN then runs bf16 GEMMs at 2-16× the fp32 rate); without
-    them PyTorch converts in software and bf16 is several times *slower* than fp32.
-    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)``: compute capability 8.0+
-    (Ampere on); V100 and T4 only emulate bf16, slowly, and should use fp16.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        raise ValueError(f"native_bf16_support knows cpu and cuda, got '{device.type}'")
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def recommended_precision(device: str | torch.device = "cpu") -> str:
-    """``"bf16"`` where bf16 GEMMs are native (:func:`native_bf16_support`), else ``"fp32"``.
-
-    fp16 is never recommended: bf16 needs no loss scaling and every GPU with fast fp16 since
-    Ampere has bf16 too.
-    """
-    return "bf16" if native_bf16_support(device) else "fp32"
-
-
-def autocast_context(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
-    """The context to run a forward pass in for ``precision``.
-
-    ``"fp32"`` is a no-op; ``"bf16"`` / ``"fp16"`` are ``torch.autocast`` with the weight-cast
-    cache enabled (within one context each weight is cast once even if used by several crop
-    groups). Parameters and gradients stay fp32, so the optimizer keeps fp32 master weights by
-    construction. Run the backward pass outside the context, as ``torch.autocast`` requires.
-
-    Args:
-        precision: one of :data:`PRECISIONS`.
-        device: device the model runs on.
-
-    Returns:
-        a context manager.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
-    device_type = torch.device(device).type
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device_type == "cpu":
-        raise ValueError("fp16 autocast is not supported for CPU training here: use precision='bf16' or 'fp32'")
-    return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPES[precision], cache_enabled=True)
 
 
 # --------------------------------------------------------------------------- machine

@@ -1,7 +1,7 @@
-"""The finetuned model's self-describing checkpoint: weights + resolved config + preset.
+"""The finetuned segmentation model's self-describing checkpoint: weights + resolved config + preset.
 
-``best_model.pth`` holds everything :mod:`dinov2.eval.predict` needs, and nothing else has to be
-at hand (no pretrained checkpoint, no preset file, no datalist)::
+``best_model.pth`` holds everything :mod:`dinov2.eval.segmentation.predict` needs, and nothing
+else has to be at hand (no pretrained checkpoint, no preset file, no datalist)::
 
     {"format": "dinov2_3d_segmentation", "format_version": 1,
      "model": state dict (backbone.*, head.*, merge.*),
@@ -11,22 +11,27 @@ at hand (no pretrained checkpoint, no preset file, no datalist)::
      "iteration": int, "metric": {"name": str, "value": float}}
 
 Only plain containers and tensors are stored, so it loads with ``torch.load(weights_only=True)``.
+Rebuilding the model needs the segmentation heads (:mod:`dinov2.eval.segmentation.model`), which
+themselves read backbones through this package: they are imported when a model is rebuilt.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from dinov2.models.export import atomic_torch_save
+from dinov2.eval.presets import DatasetPreset
+from dinov2.utils.io import atomic_torch_save
 
-from .model import SegmentationModel, backbone_from_spec, build_segmentation_model, head_options
-from .preset import DatasetPreset
+from .layouts import FINETUNED_SEGMENTATION_FORMAT
 
-FORMAT = "dinov2_3d_segmentation"
+if TYPE_CHECKING:
+    from dinov2.eval.segmentation.model import SegmentationModel
+
+FORMAT = FINETUNED_SEGMENTATION_FORMAT
 FORMAT_VERSION = 1
 
 
@@ -60,14 +65,20 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} not found. Pass the best_model.pth written by "
-                                "python -m dinov2.eval.segmentation3d in its --output-dir.")
+                                "python -m dinov2.eval.segmentation in its --output-dir.")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a finetuned segmentation checkpoint (no format '{FORMAT}'). A pretraining "
-                         "checkpoint must be finetuned first with python -m dinov2.eval.segmentation3d.")
+                         "checkpoint must be finetuned first with python -m dinov2.eval.segmentation.")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {ckpt['format_version']}; this toolkit reads up to "
                          f"{FORMAT_VERSION}. Update the toolkit.")
+    from dinov2.eval.segmentation.model import (  # noqa: PLC0415 - see the module docstring
+        backbone_from_spec,
+        build_segmentation_model,
+        head_options,
+    )
+
     preset = DatasetPreset.from_config(ckpt["preset"])
     config = ckpt["config"]
     backbone = backbone_from_spec(ckpt["backbone"])

@@ -1,65 +1,28 @@
-"""Write checkpoints: our self-describing teacher file (atomically) and the published block layout.
+"""Writing teacher checkpoints: our self-describing teacher file (atomically) and the published block layout.
 
 The teacher file is ``torch.save({"teacher": {backbone.*, dino_head.*, ibot_head.*},
 "config": <resolved config as plain dicts/lists/scalars>, "iteration": int, "format_version": 1})``.
 Only plain containers are stored so the file loads with ``torch.load(weights_only=True)`` and
-:func:`dinov2.models.checkpoint.load_pretrained_backbone` can rebuild the backbone from it alone.
+:func:`dinov2.checkpoints.backbone_reader.load_pretrained_backbone` can rebuild the backbone from
+it alone. :func:`to_published_layout` renames a backbone to the published 3DINO-ViT block layout.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import TEACHER_FORMAT_VERSION, normalize_state_dict_keys
+from dinov2.utils.io import atomic_torch_save
+
+from .layouts import TEACHER_FORMAT_VERSION, normalize_state_dict_keys
 
 _SCALARS = (str, int, float, bool, type(None))
 _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` that never leaves a half-written file at ``path``.
-
-    The object is written to a temporary file in the same folder, flushed and fsynced, then
-    moved over ``path`` with ``os.replace`` (atomic on POSIX); a crash leaves either the old
-    file or the new one. The folder is created if needed.
-
-    Args:
-        obj: anything ``torch.save`` accepts.
-        path: destination file.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # persist the rename itself; not every filesystem lets a folder be opened for this
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # fsync of a directory is unsupported on some filesystems; the file itself is synced
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def to_plain_config(config: Any, _where: str = "config") -> Any:

@@ -8,12 +8,12 @@ One file per checkpoint, ``<output>/checkpoints/model_<iteration:07d>.pth``, whe
      "model": {student.*, teacher.*, dino_centering.*, ibot_centering.*},
      "optimizer": AdamW state dict, "scaler": GradScaler state dict or None,
      "sampler": {"global_position", "seed", "size", "shuffle"},
-     "rng": [per-rank {"python", "numpy", "torch", "cuda"}],   # index = rank
+     "rng": [per-rank {"python", "numpy", "torch", "cuda"}],   # index = rank (dinov2.utils.rng)
      "world_size": int, "config": <resolved config, plain dicts>}
 
 Everything is unsharded and replicated state (DDP keeps identical replicas; FSDP state is
 gathered to full tensors first), so a job with a different number of processes can load it.
-Rank 0 writes through :func:`dinov2.models.export.atomic_torch_save` (temporary file, fsync,
+Rank 0 writes through :func:`dinov2.utils.io.atomic_torch_save` (temporary file, fsync,
 rename): a run killed while writing leaves the previous checkpoints intact plus a stray
 temporary file, which :meth:`TrainingCheckpointer.latest` ignores and removes.
 
@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from dinov2 import distributed
-from dinov2.models.export import atomic_torch_save
+from dinov2.utils.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -46,31 +44,6 @@ _NAME = re.compile(r"^model_(\d{7,})\.pth$")
 def checkpoint_name(iteration: int) -> str:
     """File name of the checkpoint after ``iteration`` completed iterations."""
     return f"model_{int(iteration):07d}.pth"
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch (and CUDA) generator states, as storable values."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
-                  float(np_gauss)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainingCheckpointer:

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from dinov2.distributed.slurm import read_slurm_env
+from dinov2.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def is_enabled() -> bool:
@@ -135,33 +135,6 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
             "(need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)."
         )
     return env
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """The compute device for ``device`` in ``{"auto", "cpu", "cuda"}``.
-
-    ``auto`` picks CUDA when available. Under a launcher each process takes GPU ``local_rank``.
-
-    Raises:
-        ValueError: unknown name, or ``cuda`` requested without a usable GPU / with fewer GPUs
-            than processes on the node.
-    """
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"Unknown device '{device}'; choose one of {', '.join(DEVICE_CHOICES)} (config key train.device).")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto.")
-    if torch.cuda.device_count() == 1:
-        # SLURM's per-task GPU binding (--gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per task):
-        # each process sees its own GPU as device 0, whatever its local rank.
-        return torch.device("cuda", 0)
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(
-            f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-            "start at most that many processes per node (torchrun --nproc_per_node)."
-        )
-    return torch.device("cuda", local_rank)
 
 
 DEFAULT_TIMEOUT_MINUTES = 30.0

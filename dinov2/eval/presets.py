@@ -1,4 +1,7 @@
-"""Dataset presets: everything dataset-specific about finetuning lives in one YAML file.
+"""Dataset presets: everything dataset-specific about an evaluation lives in one YAML file.
+
+Shared by segmentation finetuning (:mod:`dinov2.eval.segmentation`) and linear probing
+(:mod:`dinov2.eval.linear`), which both look presets up with :func:`load_preset`.
 
 A preset is selected with ``--dataset-name`` (a packaged name such as ``btcv``, or the path of a
 YAML file) and merged into the ``dataset`` section of the run's config, so any key can still be

@@ -106,18 +106,18 @@ def get_param_groups(
     if not 0.0 < lr_decay_rate <= 1.0:
         raise ValueError(
             f"get_param_groups: lr_decay_rate must lie in (0, 1], got {lr_decay_rate} "
-            "(dinov2/train/param_groups.py); check optim.layerwise_decay."
+            "(dinov2/optim/param_groups.py); check optim.layerwise_decay."
         )
     if not patch_embed_lr_mult >= 0.0:
         raise ValueError(
             f"get_param_groups: patch_embed_lr_mult must be >= 0, got {patch_embed_lr_mult} "
-            "(dinov2/train/param_groups.py); check optim.patch_embed_lr_mult."
+            "(dinov2/optim/param_groups.py); check optim.patch_embed_lr_mult."
         )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(
             f"get_param_groups: {type(model).__name__} has no trainable parameter "
-            "(dinov2/train/param_groups.py); pass the student, not the frozen teacher."
+            "(dinov2/optim/param_groups.py); pass the student, not the frozen teacher."
         )
     prefixed_model = any(n.startswith(BACKBONE_PREFIX) for n, _ in named)
     block_ids = [
@@ -131,7 +131,7 @@ def get_param_groups(
     elif num_layers < deepest:
         raise ValueError(
             f"get_param_groups: num_layers={num_layers} but the model has block index {deepest - 1} "
-            "(dinov2/train/param_groups.py); leave num_layers=None to infer it."
+            "(dinov2/optim/param_groups.py); leave num_layers=None to infer it."
         )
 
     groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
@@ -174,7 +174,7 @@ def apply_optim_scheduler(optimizer: optim.Optimizer, lr: float, wd: float, last
         missing = [k for k in ("lr_multiplier", "wd_multiplier", "is_last_layer") if k not in group]
         if missing:
             raise KeyError(
-                f"apply_optim_scheduler: param group {index} lacks {missing} (dinov2/train/param_groups.py); "
+                f"apply_optim_scheduler: param group {index} lacks {missing} (dinov2/optim/param_groups.py); "
                 "build the optimizer from get_param_groups(model)."
             )
         base = last_layer_lr if group["is_last_layer"] else lr

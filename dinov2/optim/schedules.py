@@ -3,7 +3,7 @@
 Every schedule is a :class:`CosineScheduler`, a precomputed numpy array indexed by the global
 iteration (values past the end hold the final value, so a resumed or slightly longer run is
 safe). :func:`build_schedulers` reads the config and returns all of them; the training loop
-calls ``apply_optim_scheduler`` (``dinov2/train/param_groups.py``) with ``lr[it]``, ``wd[it]``
+calls ``apply_optim_scheduler`` (``dinov2/optim/param_groups.py``) with ``lr[it]``, ``wd[it]``
 and ``last_layer_lr[it]`` each iteration.
 """
 
@@ -52,12 +52,12 @@ class CosineScheduler:
         if min(total_iters, warmup_iters, freeze_iters) < 0:
             raise ValueError(
                 f"CosineScheduler: total_iters={total_iters}, warmup_iters={warmup_iters} and "
-                f"freeze_iters={freeze_iters} must be >= 0 (dinov2/train/schedules.py)."
+                f"freeze_iters={freeze_iters} must be >= 0 (dinov2/optim/schedules.py)."
             )
         if freeze_iters + warmup_iters > total_iters:
             raise ValueError(
                 f"CosineScheduler: freeze_iters ({freeze_iters}) + warmup_iters ({warmup_iters}) exceed "
-                f"total_iters ({total_iters}) (dinov2/train/schedules.py); shorten the warm-up / freeze "
+                f"total_iters ({total_iters}) (dinov2/optim/schedules.py); shorten the warm-up / freeze "
                 "epochs or train for more epochs."
             )
         self.base_value = float(base_value)
@@ -72,7 +72,7 @@ class CosineScheduler:
 
     def __getitem__(self, it: int) -> float:
         if it < 0:
-            raise IndexError(f"CosineScheduler: iteration must be >= 0, got {it} (dinov2/train/schedules.py).")
+            raise IndexError(f"CosineScheduler: iteration must be >= 0, got {it} (dinov2/optim/schedules.py).")
         return float(self.schedule[it]) if it < self.total_iters else self.final_value
 
     def __len__(self) -> int:
@@ -94,7 +94,7 @@ def scaled_lr(base_lr: float, total_batch_size: int) -> float:
     """
     if total_batch_size < 1:
         raise ValueError(
-            f"scaled_lr: total_batch_size must be >= 1, got {total_batch_size} (dinov2/train/schedules.py)."
+            f"scaled_lr: total_batch_size must be >= 1, got {total_batch_size} (dinov2/optim/schedules.py)."
         )
     return base_lr * math.sqrt(total_batch_size / 1024.0)
 
@@ -102,7 +102,7 @@ def scaled_lr(base_lr: float, total_batch_size: int) -> float:
 def _get(cfg: Mapping[str, Any], section: str, key: str) -> Any:
     if section not in cfg or cfg[section] is None or key not in cfg[section]:
         raise KeyError(
-            f"Config key '{section}.{key}' is missing (needed by dinov2/train/schedules.py "
+            f"Config key '{section}.{key}' is missing (needed by dinov2/optim/schedules.py "
             "build_schedulers); add it to your YAML or pass it as an override, e.g. "
             f"{section}.{key}=<value>."
         )
@@ -142,7 +142,7 @@ def build_schedulers(
     """
     if iters_per_epoch < 1:
         raise ValueError(
-            f"build_schedulers: iters_per_epoch must be >= 1, got {iters_per_epoch} (dinov2/train/schedules.py)."
+            f"build_schedulers: iters_per_epoch must be >= 1, got {iters_per_epoch} (dinov2/optim/schedules.py)."
         )
     epochs = int(_get(cfg, "optim", "epochs"))
     total = epochs * iters_per_epoch
@@ -150,7 +150,7 @@ def build_schedulers(
     if rule not in SCALING_RULES:
         raise ValueError(
             f"optim.scaling_rule='{rule}' is unknown; choose one of {', '.join(SCALING_RULES)} "
-            "(dinov2/train/schedules.py)."
+            "(dinov2/optim/schedules.py)."
         )
     base_lr = float(_get(cfg, "optim", "base_lr"))
     peak_lr = scaled_lr(base_lr, total_batch_size) if rule == "sqrt_wrt_1024" else base_lr

@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 # Entry point name (the first argument of ``python -m dinov2.run.submit``) -> module with ``main(argv)``.
 ENTRY_POINTS = {
     "train3d": "dinov2.train.train3d",
-    "segmentation3d": "dinov2.eval.segmentation3d",
-    "linear3d": "dinov2.eval.linear3d",
-    "vis_pca": "dinov2.eval.vis_pca",
+    "segmentation3d": "dinov2.eval.segmentation.finetune",  # python -m dinov2.eval.segmentation
+    "linear3d": "dinov2.eval.linear.run",  # python -m dinov2.eval.linear
+    "vis_pca": "dinov2.eval.visualisation.run",  # python -m dinov2.eval.visualisation
 }
 # Entry points that split their work over several processes; the others run as one process.
 MULTI_PROCESS_ENTRY_POINTS = ("train3d",)

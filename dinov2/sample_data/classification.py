@@ -2,7 +2,7 @@
 
 Cubic patches are cut from real T1-weighted MNI152 templates and labelled by the lobe of the
 Harvard-Oxford cortical region (max-probability atlas, 25 % threshold, 2 mm) at the patch
-centre. Everything comes from files that PyPI packages ship (see :mod:`dinov2.data.sample_data`);
+centre. Everything comes from files that PyPI packages ship (see :mod:`dinov2.sample_data.packages`);
 nothing is downloaded, and the output is deterministic given the parameters and the seed.
 
 Splits, chosen so that no training voxel is ever seen again at evaluation time:
@@ -56,7 +56,7 @@ committed.
 
 Command line::
 
-    python -m dinov2.data.classification_sample --out data/brain_lobes
+    python -m dinov2.sample_data.classification --out data/brain_lobes
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ import numpy as np
 from scipy import ndimage
 
 from dinov2.data.datalist import write_datalist
-from dinov2.data.sample_data import SampleDataError, harvard_oxford_label_map
-from dinov2.data.sample_data import _require_file as require_package_file
 from dinov2.data.transforms import build_preprocessing
+
+from .labels import harvard_oxford_label_map
+from .packages import SampleDataError, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def lobe_index_map(regions: np.ndarray) -> np.ndarray:
 
     Args:
         regions: ``(X, Y, Z)`` region values 0..48 (e.g. from
-            :func:`dinov2.data.sample_data.harvard_oxford_label_map`).
+            :func:`dinov2.sample_data.labels.harvard_oxford_label_map`).
 
     Returns:
         int8 ``(X, Y, Z)``: ``-1`` outside the cortex, ``LOBES.index(lobe)`` inside.
@@ -309,7 +310,7 @@ def template_on_atlas_grid(name: str, atlas_affine: np.ndarray, atlas_shape: Seq
         float32 ``atlas_shape`` array in ``[-1, 1]`` (outside the template's field of view: -1).
     """
     package, relative = TEMPLATES[name]
-    path = require_package_file(package, relative)
+    path = require_file(package, relative)
     # The packaged defaults' robust percentile scaling, on the template's own grid; no
     # foreground crop and no axis reordering, so the file's affine still applies.
     scaled = build_preprocessing({"foreground": {"enabled": False}, "reorder_axes": False})({"image": str(path)})
@@ -401,7 +402,7 @@ def write_classification_dataset(out_dir: str | os.PathLike, params: PatchTaskPa
               for split, entries in splits.items()}
     data = {
         "description": "Brain-lobe classification of 3D patches of real MNI152 T1 templates, labelled by the "
-                       "Harvard-Oxford cortical atlas at the patch centre (dinov2.data.classification_sample).",
+                       "Harvard-Oxford cortical atlas at the patch centre (dinov2.sample_data.classification).",
         "labels": {str(i): name for i, name in enumerate(LOBES)},
         "num_classes": len(LOBES),
         "class_counts": counts,
@@ -415,7 +416,7 @@ def write_classification_dataset(out_dir: str | os.PathLike, params: PatchTaskPa
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the dataset and print the datalist path."""
-    parser = argparse.ArgumentParser(prog="python -m dinov2.data.classification_sample", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m dinov2.sample_data.classification", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = PatchTaskParams()
     parser.add_argument("--out", required=True, help="destination folder")

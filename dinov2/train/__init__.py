@@ -1,10 +1,12 @@
-"""Pretraining: the DINO + iBOT + KoLeo meta-architecture, its data stream, checkpoints and metrics.
+"""Pretraining: the DINO + iBOT + KoLeo meta-architecture, its training loop, metrics and collapse watch.
+
+The data stream it trains on lives in :mod:`dinov2.data.loader`, its optimiser schedules in
+:mod:`dinov2.optim` and its checkpoints in :mod:`dinov2.checkpoints`.
 
 Entry point: ``python -m dinov2.train.train3d`` (not imported here, so that ``-m`` runs it
 without a double import).
 """
 
-from dinov2.train.checkpointer import TrainingCheckpointer
 from dinov2.train.metrics import MetricsLogger, effective_rank, mean_row_entropy, prototype_usage_entropy
 from dinov2.train.ssl_meta_arch import SSLMetaArch, SSLNetwork, backbone_from_config
 
@@ -12,7 +14,6 @@ __all__ = [
     "MetricsLogger",
     "SSLMetaArch",
     "SSLNetwork",
-    "TrainingCheckpointer",
     "backbone_from_config",
     "effective_rank",
     "mean_row_entropy",

@@ -33,11 +33,11 @@ from dinov2 import distributed
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, build_centering, iBOTPatchLoss, koleo_per_crop
 from dinov2.models import build_model
-from dinov2.models.checkpoint import backbone_kwargs_from_config
+from dinov2.models.build import backbone_kwargs_from_config
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
+from dinov2.optim.param_groups import get_param_groups
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
-from dinov2.train.param_groups import get_param_groups
-from dinov2.utils.perf import autocast_context, native_bf16_support
+from dinov2.utils.precision import autocast_context, native_bf16_support
 
 logger = logging.getLogger(__name__)
 

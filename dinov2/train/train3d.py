@@ -49,17 +49,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2 import distributed
+from dinov2.checkpoints.layouts import read_checkpoint
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
+from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.data.collate import make_collate_fn
 from dinov2.data.datasets import build_pretrain_dataset
+from dinov2.data.loader import build_train_loader, seed_training_step
 from dinov2.data.samplers import InfiniteSampler
-from dinov2.models.checkpoint import read_checkpoint
-from dinov2.models.export import save_teacher_checkpoint
-from dinov2.train.checkpointer import TrainingCheckpointer, capture_rng_state, restore_rng_state
+from dinov2.optim.param_groups import apply_optim_scheduler
+from dinov2.optim.schedules import build_schedulers
 from dinov2.train.collapse import CollapseError, CollapseWatch
-from dinov2.train.loader import build_train_loader, seed_training_step
 from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter, progress_line
-from dinov2.train.param_groups import apply_optim_scheduler
-from dinov2.train.schedules import build_schedulers
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.allocator import tune_cpu_allocator
 from dinov2.utils.config import (
@@ -70,7 +70,9 @@ from dinov2.utils.config import (
     save_config,
     unknown_keys,
 )
+from dinov2.utils.device import resolve_device
 from dinov2.utils.errors import ResourceError, explained_resource_errors
+from dinov2.utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("dinov2.train")
 
@@ -329,7 +331,7 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
 def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device | None) -> dict[str, Any]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     is_main = rank == 0
-    device = device if device is not None else distributed.resolve_device(str(cfg.train.device))
+    device = device if device is not None else resolve_device(str(cfg.train.device))
     seed = int(cfg.train.seed)
     batch_size = int(cfg.train.batch_size_per_gpu)
     global_batch = batch_size * world

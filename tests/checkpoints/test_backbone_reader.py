@@ -18,15 +18,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.models import vit_large_3d, vit_small_3d, vit_tiny_3d
-from dinov2.models.checkpoint import (
+from dinov2.checkpoints import (
     CheckpointError,
     build_model_from_checkpoint,
     load_head_state_dicts,
     load_pretrained_backbone,
     normalize_state_dict_keys,
+    save_teacher_checkpoint,
+    to_published_layout,
 )
-from dinov2.models.export import save_teacher_checkpoint, to_plain_config, to_published_layout
+from dinov2.models import vit_large_3d, vit_small_3d, vit_tiny_3d
 
 MANIFEST = Path("formats") / "3dino_vit_teacher_checkpoint.json"
 
@@ -199,35 +200,6 @@ def test_packaged_config_rebuilds_the_backbone_the_trainer_builds(tmp_path):
     assert_same_features(model, src, (32, 32, 32))
 
 
-def test_save_teacher_checkpoint_is_atomic_and_validates(tmp_path, monkeypatch):
-    src = random_model(vit_tiny_3d, img_size=32, depth=1)
-    teacher = {f"backbone.{k}": v for k, v in src.state_dict().items()}
-    cfg = {"student": {"arch": "vit_tiny_3d", "depth": 1}, "crops": {"global_crops_size": 32}}
-    path = save_teacher_checkpoint(tmp_path / "t.pth", teacher, cfg, iteration=1)
-    before = path.read_bytes()
-
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_teacher_checkpoint(path, teacher, cfg, iteration=2)
-    monkeypatch.undo()
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["t.pth"]
-
-    with pytest.raises(ValueError, match=r"config\.student\.bad"):
-        save_teacher_checkpoint(path, teacher, {"student": {"bad": object()}}, iteration=1)
-    with pytest.raises(ValueError, match="backbone"):
-        save_teacher_checkpoint(path, {"dino_head.w": torch.zeros(1)}, cfg, iteration=1)
-    with pytest.raises(ValueError, match="iteration"):
-        save_teacher_checkpoint(path, teacher, cfg, iteration=-1)
-    with pytest.raises(ValueError, match="student"):
-        save_teacher_checkpoint(path, teacher, {"crops": {}}, iteration=1)
-    assert to_plain_config({"a": (1, Path("x"))}) == {"a": [1, "x"]}
-    with pytest.raises(ValueError, match="divide the depth"):
-        to_published_layout({"blocks.0.w": torch.zeros(1), "blocks.1.w": torch.zeros(1)}, block_chunks=3)
-
-
 # ----------------------------------------------------------------------------- resizing
 @pytest.mark.parametrize("ckpt_size, model_size", [(112, 96), (96, 112)])
 @pytest.mark.parametrize("give_model", [False, True])
@@ -236,7 +208,7 @@ def test_pos_embed_resized_on_load_equals_runtime_interpolation(tmp_path, caplog
     src = random_model(vit_tiny_3d, img_size=ckpt_size, depth=2)
     path = tmp_path / "plain.pth"
     torch.save(src.state_dict(), path)
-    caplog.set_level(logging.INFO, logger="dinov2.models.checkpoint")
+    caplog.set_level(logging.INFO, logger="dinov2.checkpoints.backbone_reader")
     if give_model:
         model, report = load_pretrained_backbone(path, model=vit_tiny_3d(img_size=model_size, depth=2))
     else:
@@ -393,10 +365,10 @@ def test_newer_format_and_bad_arguments(tmp_path):
 
 
 def _finetune_outputs(out_dir: Path, teacher: Path | str, train_backbone: bool = False) -> tuple[Path, Path]:
-    """best_model.pth and last_checkpoint.pth as segmentation3d writes them (its own writers, tiny model)."""
-    from dinov2.eval.segmentation.checkpoint import save_finetuned
+    """best_model.pth and last_checkpoint.pth as segmentation finetuning writes them (its own writers, tiny model)."""
+    from dinov2.checkpoints.finetuned import save_finetuned
+    from dinov2.eval.presets import DatasetPreset, load_preset
     from dinov2.eval.segmentation.model import build_segmentation_model
-    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
     from dinov2.eval.segmentation.train_loop import resumable_weights
 
     kwargs = {"patch_size": 8, "img_size": 16}
@@ -418,11 +390,11 @@ def test_finetuned_segmentation_model_is_named_with_the_teacher_it_came_from(tmp
     teacher = tmp_path / "teacher_checkpoint.pth"
     best, last = _finetune_outputs(tmp_path / "seg", teacher)
     snippet = ("To use the finetuned backbone itself (the 'backbone.' keys of {best}), in Python: from "
-               "dinov2.eval.segmentation.checkpoint import load_finetuned; backbone = load_finetuned('{best}')[0].backbone")
+               "dinov2.checkpoints import load_finetuned; backbone = load_finetuned('{best}')[0].backbone")
     with pytest.raises(CheckpointError) as err:
         load_pretrained_backbone(best)
     assert str(err.value) == (
-        f"{best} is a finetuned segmentation model (best_model.pth of python -m dinov2.eval.segmentation3d), not a "
+        f"{best} is a finetuned segmentation model (best_model.pth of python -m dinov2.eval.segmentation), not a "
         f"backbone/teacher checkpoint. Its backbone was finetuned from {teacher}: pass that file with "
         "--pretrained-weights. " + snippet.format(best=best))
     with pytest.raises(CheckpointError) as err:
@@ -432,7 +404,7 @@ def test_finetuned_segmentation_model_is_named_with_the_teacher_it_came_from(tmp
         f"backbone/teacher checkpoint. Its backbone was finetuned from {teacher}: pass that file with "
         "--pretrained-weights. " + snippet.format(best=best))
     # The snippet works: it returns the finetuned backbone.
-    from dinov2.eval.segmentation.checkpoint import load_finetuned
+    from dinov2.checkpoints import load_finetuned
     assert load_finetuned(best)[0].backbone.depth == 4
 
 
@@ -447,16 +419,3 @@ def test_finetuned_segmentation_model_of_a_trained_or_random_backbone(tmp_path):
                 "Its backbone was randomly initialised (--pretrained-weights none): no teacher checkpoint lies behind "
                 "it. Pass a teacher_checkpoint.pth, or --pretrained-weights none for the random-init baseline.")):
             load_pretrained_backbone(path)
-
-
-def test_random_init_names_and_builder():
-    from dinov2.models.checkpoint import build_random_backbone, is_random_init
-
-    assert all(is_random_init(v) for v in ("none", "None", "NONE", " none "))
-    assert not any(is_random_init(v) for v in (None, "", "none.pth", "teacher_checkpoint.pth"))
-    model, kwargs = build_random_backbone("vit_tiny", {"patch_size": 8}, img_size=16)
-    assert kwargs == {"arch": "vit_tiny_3d", "patch_size": 8, "img_size": 16} and model.patch_grid == (2, 2, 2)
-    with pytest.raises(ValueError, match=r"no architecture was given: set --arch \(a registry name"):
-        build_random_backbone(None)
-    with pytest.raises(ValueError, match="Unknown architecture 'vit_nope' .*vit_tiny_3d"):
-        build_random_backbone("vit_nope")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dinov2.data import datalist as dl
+from dinov2.data.datalist import build as dl_build
 from dinov2.data.image_io import load_dicom_multiframe, read_header
 
 
@@ -40,9 +41,9 @@ def test_build_pretrain_reads_nifti_and_dicom_headers(mixed_folder, caplog):
 
 
 def test_worker_processes_give_the_same_datalist(mixed_folder, monkeypatch):
-    monkeypatch.setattr(dl, "MIN_FILES_FOR_PROCESSES", 0)
-    monkeypatch.setattr(dl, "_START_METHOD", "fork")  # spawn would spend seconds importing per worker
-    monkeypatch.setattr(dl, "_BATCH", 2)
+    monkeypatch.setattr(dl_build, "MIN_FILES_FOR_PROCESSES", 0)
+    monkeypatch.setattr(dl_build, "_START_METHOD", "fork")  # spawn would spend seconds importing per worker
+    monkeypatch.setattr(dl_build, "_BATCH", 2)
     serial = dl.build_pretrain_datalist([mixed_folder], progress=False)
     assert dl.build_pretrain_datalist([mixed_folder], progress=False, workers=2) == serial
     with pytest.raises(ValueError, match="workers"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinov2 import distributed
-from dinov2.distributed import TORCHRUN_VARS, init_distributed, read_launch_env, resolve_device
+from dinov2.distributed import TORCHRUN_VARS, init_distributed, read_launch_env
 
 
 def _free_port() -> int:
@@ -55,16 +55,6 @@ def test_torchrun_environment_creates_gloo_group_on_cpu(clean_env):
     assert not distributed.is_enabled()
 
 
-def test_device_choice():
-    assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="train.device"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
-        with pytest.raises(ValueError, match="no CUDA"):
-            resolve_device("cuda")
-
-
 def test_collective_timeout_comes_from_argument_then_environment(monkeypatch):
     from dinov2.distributed import collective_timeout_minutes
 
@@ -76,20 +66,3 @@ def test_collective_timeout_comes_from_argument_then_environment(monkeypatch):
     monkeypatch.setenv("DINOV2_DIST_TIMEOUT_MIN", "soon")
     with pytest.raises(ValueError, match="DINOV2_DIST_TIMEOUT_MIN"):
         collective_timeout_minutes()
-
-
-@pytest.mark.parametrize("visible, local_rank, expected", [
-    (4, 3, 3),   # one process per GPU of a node: LOCAL_RANK picks it
-    (1, 3, 0),   # SLURM binds one GPU per task: each process sees only its own, as device 0
-])
-def test_gpu_follows_local_rank_or_per_task_binding(monkeypatch, visible, local_rank, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert resolve_device("cuda", local_rank) == torch.device("cuda", expected)
-
-
-def test_more_processes_than_visible_gpus_is_an_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ValueError, match="LOCAL_RANK=3 but only 2 CUDA devices"):
-        resolve_device("cuda", 3)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.data.classification_sample import TEMPLATES, plan_patch_sites
-from dinov2.data.sample_data import package_dir
+from dinov2.checkpoints.finetuned import save_finetuned
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
 from dinov2.eval.evidence import NEAR_DUPLICATE_FILES, held_out_files, pretraining_overlap
 from dinov2.eval.evidence import probe as probe_module
 from dinov2.eval.evidence import run as run_module
@@ -40,11 +40,11 @@ from dinov2.eval.evidence.probe import L2_GRID, balanced_accuracy, choose_l2, cr
 from dinov2.eval.evidence.run import probe_scores, raw_scores
 from dinov2.eval.evidence.tasks import SPLITS, TaskData, TaskSplit
 from dinov2.eval.evidence.volumes import EvidenceVolumes, hemisphere_frames, load_evidence_volumes
-from dinov2.eval.segmentation.checkpoint import save_finetuned
+from dinov2.eval.presets import DatasetPreset, load_preset
 from dinov2.eval.segmentation.model import build_segmentation_model
-from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
 from dinov2.models import build_model
-from dinov2.models.export import save_teacher_checkpoint
+from dinov2.sample_data import package_dir
+from dinov2.sample_data.classification import TEMPLATES, plan_patch_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dinov2.eval.presets import DatasetPreset, load_preset, region_decoding_table
 from dinov2.eval.segmentation.data import LabelToRegionsd
-from dinov2.eval.segmentation.preset import DatasetPreset, load_preset, region_decoding_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as every segmentation test (tests/eval/conftest.py)
 
 
 @pytest.mark.parametrize("name, channels, out", [("btcv", 1, 14), ("brats", 4, 3), ("la", 1, 2), ("brain_tissue", 1, 4)])

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from dinov2.data.sample_data import write_segmentation_dataset
-from dinov2.eval import segmentation3d
-from dinov2.eval.segmentation.checkpoint import load_finetuned
+from dinov2.checkpoints.finetuned import load_finetuned
+from dinov2.eval.segmentation import finetune
 from dinov2.eval.segmentation.train_loop import build_train_loader
+from dinov2.sample_data import write_segmentation_dataset
 from dinov2.utils import cpus
 
 TINY_RUN = [
@@ -36,7 +36,7 @@ def finetuned(tissue_data, tmp_path_factory):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped fixture: the autouse per-test fixture does not cover it
     try:
-        assert segmentation3d.main(TINY_RUN + ["--base-data-dir", str(tissue_data), "--output-dir", str(out)]) == 0
+        assert finetune.main(TINY_RUN + ["--base-data-dir", str(tissue_data), "--output-dir", str(out)]) == 0
     finally:
         torch.set_num_threads(previous)
     return out
@@ -90,19 +90,19 @@ def test_best_checkpoint_is_self_describing(finetuned):
 def test_wrong_pretrained_path_is_an_error(tissue_data, tmp_path, caplog):
     args = TINY_RUN.copy()
     args[1] = str(tmp_path / "missing.pth")
-    assert segmentation3d.main(args + ["--base-data-dir", str(tissue_data), "--output-dir", str(tmp_path / "out")]) == 1
+    assert finetune.main(args + ["--base-data-dir", str(tissue_data), "--output-dir", str(tmp_path / "out")]) == 1
     assert "missing.pth" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_unknown_dataset_is_an_error(tmp_path, caplog):
-    assert segmentation3d.main(["--pretrained-weights", "none", "--dataset-name", "no_such_dataset",
+    assert finetune.main(["--pretrained-weights", "none", "--dataset-name", "no_such_dataset",
                                 "--base-data-dir", str(tmp_path), "--output-dir", str(tmp_path)]) == 1
     assert "brain_tissue" in caplog.text  # the message lists the presets there are
 
 
 def test_dataset_percent_subsets_training_only(tissue_data):
+    from dinov2.eval.presets import DatasetPreset, load_preset
     from dinov2.eval.segmentation.data import load_splits
-    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
 
     preset = DatasetPreset.from_config(load_preset("brain_tissue"))
     full = load_splits(preset, tissue_data, 100.0, seed=0)
@@ -115,17 +115,17 @@ def test_dataset_percent_subsets_training_only(tissue_data):
 def test_image_size_that_does_not_fit_the_patch_names_the_flag(tissue_data, tmp_path, caplog):
     args = list(TINY_RUN)
     args += ["--image-size", "36", "--base-data-dir", str(tissue_data), "--output-dir", str(tmp_path / "out")]
-    assert segmentation3d.main(args) == 1
+    assert finetune.main(args) == 1
     assert "--image-size" in caplog.text and "multiple of" in caplog.text
 
 
 def test_flags_land_on_their_config_keys(tmp_path):
-    parser = segmentation3d.get_args_parser()
+    parser = finetune.get_args_parser()
     args = parser.parse_intermixed_args([
         "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--base-data-dir", str(tmp_path),
         "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--epochs", "3", "--image-size", "48",
         "--segmentation-head", "Linear", "optim.lr=0.5"])
-    cfg = segmentation3d.build_config(args)
+    cfg = finetune.build_config(args)
     assert cfg.train.device == "cpu" and cfg.optim.epochs == 3 and cfg.model.head == "Linear"
     assert list(cfg.dataset.roi_size) == [48, 48, 48] and cfg.optim.lr == 0.5
 

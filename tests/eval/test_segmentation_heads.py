@@ -9,7 +9,7 @@ from dinov2.eval.segmentation.heads import MSDeformAttn3D, evenly_spaced_taps, l
 from dinov2.eval.segmentation.heads.ms_deform_attn3d import voxel_centres
 from dinov2.eval.segmentation.model import build_segmentation_model
 from dinov2.models import build_model
-from dinov2.train.param_groups import get_param_groups
+from dinov2.optim.param_groups import get_param_groups
 
 HEAD_OPTIONS = {
     "UNETR": {"feature_size": 4},

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.eval.segmentation.metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
+from dinov2.eval.segmentation.metrics import case_metrics, discretize, label_to_masks, summarize
+from dinov2.utils.jsonsafe import json_safe
 
 
 def masks(shape=(10, 10, 10), channels=5):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint, to_published_layout
 from dinov2.eval.segmentation.model import backbone_from_spec, build_backbone
 from dinov2.models import build_model
-from dinov2.models.export import save_teacher_checkpoint, to_published_layout
 
 TINY = dict(embed_dim=64, depth=4, num_heads=4, patch_size=8)  # 64 wide: a size whose head count is known
 

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dinov2.eval import predict
-from dinov2.eval.segmentation.checkpoint import save_finetuned
+from dinov2.checkpoints.finetuned import save_finetuned
+from dinov2.eval.presets import DatasetPreset, load_preset
+from dinov2.eval.segmentation import predict
 from dinov2.eval.segmentation.inference import predict_case
 from dinov2.eval.segmentation.model import build_segmentation_model
-from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
 from dinov2.models import build_model
 
 # A non-RAS grid: axes permuted (array axis 0 runs anterior-posterior), flipped, anisotropic voxels.
@@ -60,7 +60,7 @@ def test_prediction_is_aligned_with_a_non_ras_input(tmp_path):
 
 
 def tiny_checkpoint(tmp_path):
-    """A finetuned-checkpoint file of a tiny random UNETR (2 classes), as segmentation3d writes it."""
+    """A finetuned-checkpoint file of a tiny random UNETR (2 classes), as segmentation finetuning writes it."""
     torch.manual_seed(0)
     kwargs = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 16}
     model = build_segmentation_model(build_model("vit_tiny_3d", **kwargs), "UNETR", 1, 2, {"feature_size": 4})

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from dinov2.data.sample_data import write_segmentation_dataset
-from dinov2.eval import segmentation3d
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
+from dinov2.eval.segmentation import finetune
 from dinov2.eval.segmentation import train_loop
 from dinov2.models import build_model
-from dinov2.models.export import save_teacher_checkpoint
+from dinov2.sample_data import write_segmentation_dataset
 
 RUN = [
     "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--segmentation-head", "Linear",
@@ -40,12 +40,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capl
 
     monkeypatch.setattr(train_loop, "atomic_torch_save", save_then_die)
     with pytest.raises(Killed):
-        segmentation3d.main(args)
+        finetune.main(args)
     assert not (out / "results.json").exists()
 
     monkeypatch.setattr(train_loop, "atomic_torch_save", original_save)
     caplog.set_level("INFO", logger="dinov2.eval.segmentation.train_loop")
-    assert segmentation3d.main(args) == 0
+    assert finetune.main(args) == 0
     assert "Resumed from" in caplog.text and "at iteration 3" in caplog.text
 
     results = json.loads((out / "results.json").read_text())
@@ -80,7 +80,7 @@ def test_frozen_backbone_is_not_copied_into_the_resumable_state(tmp_path, monkey
 
     monkeypatch.setattr(train_loop, "atomic_torch_save", save_then_die)
     with pytest.raises(Killed):
-        segmentation3d.main(args)
+        finetune.main(args)
     last = torch.load(out / train_loop.LAST_NAME, map_location="cpu", weights_only=False)
     best = torch.load(out / train_loop.BEST_NAME, map_location="cpu", weights_only=False)
     backbone_keys = [k for k in best["model"] if k.startswith("backbone.")]
@@ -89,7 +89,7 @@ def test_frozen_backbone_is_not_copied_into_the_resumable_state(tmp_path, monkey
 
     monkeypatch.setattr(train_loop, "atomic_torch_save", original_save)
     other = _teacher(tmp_path / "other.pth", 1)
-    assert segmentation3d.main([str(other) if a == str(weights) else a for a in args]) == 1
+    assert finetune.main([str(other) if a == str(weights) else a for a in args]) == 1
     assert "same --pretrained-weights" in caplog.text
-    assert segmentation3d.main(args) == 0
+    assert finetune.main(args) == 0
     assert json.loads((out / "results.json").read_text())["curves"]["validation"][-1]["iteration"] == 6

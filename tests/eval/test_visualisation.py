@@ -1,4 +1,4 @@
-"""vis_pca: outputs in the input's space, orthonormal PCA, last-block attention, 4D frames."""
+"""python -m dinov2.eval.visualisation: outputs in the input's space, orthonormal PCA, last-block attention, 4D frames."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.data.sample_data import package_dir
-from dinov2.eval import vis_pca
+from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
+from dinov2.eval.visualisation import run as vis_run
 from dinov2.eval.visualisation.inputs import load_vis_volume, to_tensor
 from dinov2.eval.visualisation.pca import fit_pca, scale_scores
 from dinov2.eval.visualisation.tokens import compute_token_maps, to_voxels, token_fraction
 from dinov2.models import build_model
-from dinov2.models.export import save_teacher_checkpoint
+from dinov2.sample_data import package_dir
 
 
 def _nibabel_data(name: str) -> Path:
@@ -60,7 +60,7 @@ def anisotropic(tmp_path_factory):
 
 
 def _run(args: list[str]) -> int:
-    return vis_pca.main([str(a) for a in args])
+    return vis_run.main([str(a) for a in args])
 
 
 @pytest.mark.parametrize("input_type,image", [("full_image", "anatomical"), ("resize", "anisotropic"),
@@ -202,9 +202,9 @@ def _errors(caplog) -> list[str]:
 
 
 def test_finetuned_segmentation_model_is_one_error_line(tmp_path, caplog):
-    from dinov2.eval.segmentation.checkpoint import save_finetuned
+    from dinov2.checkpoints.finetuned import save_finetuned
+    from dinov2.eval.presets import DatasetPreset, load_preset
     from dinov2.eval.segmentation.model import build_segmentation_model
-    from dinov2.eval.segmentation.preset import DatasetPreset, load_preset
 
     preset = DatasetPreset.from_config(dict(load_preset("brain_tissue")))
     kwargs = {"patch_size": 8, "img_size": 16}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
+from dinov2.optim.param_groups import apply_optim_scheduler, get_param_groups
 
 RATE = 0.5  # a round decay makes the expected multipliers exact
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from dinov2.train.schedules import CosineScheduler, build_schedulers, scaled_lr
+from dinov2.optim.schedules import CosineScheduler, build_schedulers, scaled_lr
 
 
 def test_cosine_with_warmup_key_iterations():

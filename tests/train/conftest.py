@@ -18,7 +18,7 @@ def small_datalist(tmp_path_factory) -> Path:
     """Pretraining datalist JSON of the small real volumes shipped in installed packages."""
     from dinov2.data.datalist import header_entry, write_datalist
     from dinov2.data.image_io import read_header
-    from dinov2.data.sample_data import find_pretraining_volumes
+    from dinov2.sample_data import find_pretraining_volumes
 
     headers = [read_header(p) for p in find_pretraining_volumes()]
     entries = [header_entry(h) for h in headers if max(h.shape[:3]) <= MAX_SIDE]

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
+from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.train import train3d
-from dinov2.train.checkpointer import TrainingCheckpointer
 from dinov2.train.collapse import CONDITIONS, CollapseWatch, WatchSettings
 from dinov2.train.metrics import ProgressBar, progress_line
 

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from dinov2.train import checkpointer as checkpointer_module
+from dinov2.checkpoints import training_state as checkpointer_module
+from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.train import train3d
-from dinov2.train.checkpointer import TrainingCheckpointer
 
 N_ITERATIONS = 6
 TIMING_KEYS = {"samples_per_s", "iterations_per_s", "data_wait_s", "data_wait_share"}
@@ -126,27 +126,3 @@ def test_sigkill_at_a_random_moment(tmp_path, tiny_argv, reference_run):
     assert done and done[-1] <= N_ITERATIONS
     train3d.main(tiny_argv(tmp_path, *_run_overrides("checkpointing.period_iterations=1")))
     _assert_same_run(tmp_path, reference_run)
-
-
-def test_rng_state_round_trip_and_checkpoint_retention(tmp_path):
-    import numpy as np
-    import random as pyrandom
-
-    from dinov2.train.checkpointer import capture_rng_state, restore_rng_state
-
-    state = capture_rng_state()
-    expected = (pyrandom.random(), np.random.rand(), torch.rand(1).item())
-    restore_rng_state(state)
-    assert (pyrandom.random(), np.random.rand(), torch.rand(1).item()) == expected
-
-    keeper = TrainingCheckpointer(tmp_path, max_to_keep=2)
-    for it in (1, 2, 3):
-        keeper.save({"iteration": it, "rng": [state]})
-    assert [it for it, _ in keeper.list()] == [2, 3]
-    assert TrainingCheckpointer.load(keeper.latest())["rng"][0]["numpy"][0] == "MT19937"
-    export = tmp_path / "teacher.pth"
-    torch.save({"teacher": {}, "iteration": 1}, export)
-    with pytest.raises(ValueError, match="not a training-state checkpoint"):
-        TrainingCheckpointer.load(export)
-    with pytest.raises(ValueError, match="max_to_keep"):
-        TrainingCheckpointer(tmp_path, max_to_keep=0)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.loss import DINOLoss, sinkhorn_knopp
-from dinov2.train.param_groups import apply_optim_scheduler
+from dinov2.optim.param_groups import apply_optim_scheduler
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import merge_configs, packaged_config_path
 
@@ -179,7 +179,7 @@ def test_bf16_autocast_on_cpu_keeps_fp32_parameters_and_gradients():
 
 
 def test_emulated_bf16_is_announced(caplog):
-    from dinov2.utils.perf import native_bf16_support
+    from dinov2.utils.precision import native_bf16_support
 
     with caplog.at_level("WARNING"):
         SSLMetaArch(tiny_cfg("compute_precision.dtype=bf16"), "cpu")

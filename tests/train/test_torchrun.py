@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
+from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.train import train3d
-from dinov2.train.checkpointer import TrainingCheckpointer
 
 EQUIVALENCE = ("dino.koleo_loss_weight=0", "student.drop_path_rate=0.0", "ibot.mask_sample_probability=1.0",
                "ibot.mask_ratio_min_max=[1.0,1.0]", "train.num_workers=0", "checkpointing.period_iterations=2",

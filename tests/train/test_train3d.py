@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.models.checkpoint import load_pretrained_backbone
-from dinov2.train import train3d
-from dinov2.train.checkpointer import TrainingCheckpointer
+from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
+from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.data.collate import make_collate_fn
-from dinov2.train.loader import build_train_loader
+from dinov2.data.loader import build_train_loader
+from dinov2.train import train3d
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils import cpus
 

@@ -56,9 +56,9 @@ def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatc
 
 
 def test_segmentation_names_a_missing_data_folder(tmp_path, caplog):
-    from dinov2.eval import segmentation3d
+    from dinov2.eval.segmentation import finetune
 
-    assert segmentation3d.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
+    assert finetune.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
                                 "--dataset-name", "brain_tissue", "--base-data-dir",
                                 str(tmp_path / "missing_data")]) == 1
     assert re.search("--base-data-dir .*missing_data is not a folder", caplog.text)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from dinov2.data.sample_data import SampleDataError
+from dinov2.sample_data.packages import SampleDataError
 from dinov2.utils.entry_point import start_entry_point
 
 from . import __doc__ as PACKAGE_DOC

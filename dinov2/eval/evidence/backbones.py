@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from dinov2.models.checkpoint import _HINT as LOADER_HINT  # noqa: PLC2701 - its "--pretrained-weights" advice
-from dinov2.models.checkpoint import CheckpointError, FinetunedModelError, load_pretrained_backbone
+from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
+from dinov2.checkpoints.errors import CheckpointError, FinetunedModelError
+from dinov2.checkpoints.layouts import HINT as LOADER_HINT  # its "--pretrained-weights" advice
 from dinov2.models.registry import build_model
 from dinov2.models.vision_transformer import VisionTransformer3D
 

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dinov2.data.classification_sample import PatchTaskParams
+from dinov2.sample_data.classification import PatchTaskParams
 
 from .errors import EvidenceError
 from .folds import DEFAULT_FOLDS, attach_folds

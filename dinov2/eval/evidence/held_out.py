@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dinov2.data.classification_sample import TEMPLATES
-from dinov2.data.sample_data import FSL_MNI152_FILES, installed_files
+from dinov2.sample_data.classification import TEMPLATES
+from dinov2.sample_data.packages import installed_files
+from dinov2.sample_data.pretraining import FSL_MNI152_FILES
 
 logger = logging.getLogger(__name__)
 

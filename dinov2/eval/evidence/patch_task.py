@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dinov2.data.classification_sample import LOBES, PatchSite, PatchTaskParams, plan_patch_sites
+from dinov2.sample_data.classification import LOBES, PatchSite, PatchTaskParams, plan_patch_sites
 
 from .errors import EvidenceError
 from .folds import DEFAULT_FOLDS, attach_folds

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dinov2.data.classification_sample import LOBES
+from dinov2.sample_data.classification import LOBES
 
 SPLITS = ("training", "test")
 NUM_CLASSES = len(LOBES)

@@ -14,14 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from dinov2.data.classification_sample import (
+from dinov2.sample_data.classification import (
     TEMPLATES,
     _hemisphere_of_columns,
     _midline_index,
     lobe_index_map,
     template_on_atlas_grid,
 )
-from dinov2.data.sample_data import harvard_oxford_label_map
+from dinov2.sample_data.labels import harvard_oxford_label_map
 
 # Intensity of air after scaling (template_on_atlas_grid fills outside its field of view with it).
 BACKGROUND = -1.0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.train.schedules import CosineScheduler
+from dinov2.optim.schedules import CosineScheduler
 
 from .features import FeatureSet
 from .metrics import confusion_matrix

@@ -1,4 +1,4 @@
-"""Linear probing of a frozen 3D ViT: features once, a grid of linear heads, the best one on test.
+"""Linear probing of a frozen 3D ViT (``python -m dinov2.eval.linear``): features once, a grid of heads.
 
 Recipe: the backbone's features of every volume are extracted once and cached
 (:mod:`dinov2.eval.linear.features`); a grid of linear heads, {last 1, last 4 blocks} x {CLS,
@@ -9,8 +9,8 @@ on the test split (accuracy, balanced accuracy, macro AUROC, confusion matrix) a
 
 Example on the packaged brain-lobe task (CPU, a minute)::
 
-    python -m dinov2.data.classification_sample --out data/brain_lobes
-    python -m dinov2.eval.linear3d --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
+    python -m dinov2.sample_data.classification --out data/brain_lobes
+    python -m dinov2.eval.linear --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
         --output-dir out/linear_lobes --dataset-name brain_lobes --base-data-dir data/brain_lobes
 
 Any config key can be set as ``key=value`` after the flags (e.g. ``optim.momentum=0.8``); the
@@ -19,7 +19,7 @@ defaults are in ``dinov2/configs/eval/linear_default.yaml`` and the dataset pres
 
 ``--pretrained-weights none`` probes a randomly initialised backbone instead (the baseline a
 pretrained one must beat); its architecture comes from ``--arch`` (``model.arch``) and
-``model.backbone_kwargs.<key>=value``, as in segmentation3d, and is seeded by ``seed``.
+``model.backbone_kwargs.<key>=value``, as in segmentation finetuning, and is seeded by ``seed``.
 """
 
 from __future__ import annotations
@@ -27,25 +27,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
+from dinov2.checkpoints.errors import CheckpointError
 from dinov2.data.datalist import DatalistError, load_finetune_datalist, subset_training
-from dinov2.eval.linear.classifiers import ProbeGrid, best_head_logits, setup_grid, train_probe_grid
-from dinov2.eval.linear.features import FeatureSet, load_or_extract_features
-from dinov2.eval.linear.metrics import classification_metrics
+from dinov2.eval.presets import load_preset
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
-from dinov2.models.checkpoint import CheckpointError, build_random_backbone, is_random_init, load_pretrained_backbone
-from dinov2.eval.segmentation.preset import load_preset
+from dinov2.models.build import build_random_backbone, is_random_init
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
+from dinov2.utils.device import resolve_device
 from dinov2.utils.entry_point import start_entry_point
+from dinov2.utils.jsonsafe import json_safe
 
-logger = logging.getLogger("dinov2.eval.linear3d")
+from .classifiers import ProbeGrid, best_head_logits, setup_grid, train_probe_grid
+from .features import FeatureSet, load_or_extract_features
+from .metrics import classification_metrics
+
+logger = logging.getLogger("dinov2.eval.linear")
 
 DEFAULT_CONFIG = "eval/linear_default"
 # flag -> config key; None values are not given on the command line and keep the config's.
@@ -57,12 +60,12 @@ FLAG_KEYS = {
     "learning_rates": "optim.learning_rates", "eval_period_iterations": "evaluation.eval_period_iterations",
     "num_workers": "features.num_workers", "arch": "model.arch",
 }
-# Keys of the random-init baseline, named as in segmentation3d (linear_default.yaml predates them).
+# Keys of the random-init baseline, named as in segmentation finetuning (linear_default.yaml predates them).
 MODEL_DEFAULTS = {"model": {"arch": None, "backbone_kwargs": {}}}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.linear3d", description="Linear probing of a frozen 3D ViT backbone.",
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.linear", description="Linear probing of a frozen 3D ViT backbone.",
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
@@ -120,7 +123,7 @@ def build_config(args: argparse.Namespace) -> DictConfig:
 
 def load_dataset_preset(name: str) -> DictConfig:
     """A packaged preset (``dinov2/configs/datasets/<name>.yaml``) or a preset YAML file."""
-    preset = load_preset(name)  # the one lookup of presets, shared with segmentation3d
+    preset = load_preset(name)  # the one lookup of presets, shared with segmentation finetuning
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") or path.is_file()) and preset.get("name") not in (None, name):
         raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
@@ -148,14 +151,6 @@ def resolve_datalist(cfg: DictConfig) -> Path:
     return datalist
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available; use device=cpu.")
-    return torch.device(name)
-
-
 def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, list[str]]:
     labels = [e["label"] for entries in splits.values() for e in entries]
     bad = [v for v in labels if isinstance(v, bool) or not isinstance(v, int)]
@@ -170,24 +165,13 @@ def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, li
     return num_classes, names
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN (an undefined metric) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def run(cfg: DictConfig) -> dict:
     """Run the whole evaluation described by a resolved config; returns what results.json holds."""
     output_dir = Path(str(_require(cfg, "output_dir", "--output-dir")))
     weights = str(_require(cfg, "pretrained_weights", "--pretrained-weights"))
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir)
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device), key="device")
     datalist_path = resolve_datalist(cfg)
     data = load_finetune_datalist(datalist_path, validate=bool(cfg.dataset.validate), progress=False)
     splits = {
@@ -277,7 +261,7 @@ def run(cfg: DictConfig) -> dict:
                      "image_size": list(image_size)},
     }
     with open(output_dir / "results.json", "w", encoding="utf-8") as fh:
-        json.dump(_json_safe(results), fh, indent=2)
+        json.dump(json_safe(results), fh, indent=2)
     summary = test_metrics or val_metrics
     logger.info("Best head %s (validation accuracy %.4f). %s: accuracy %.4f, balanced accuracy %.4f, macro AUROC %.4f. "
                 "Results in %s", best.setup.name, best.val_accuracy, "Test" if test_metrics else "Validation",
@@ -313,6 +297,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

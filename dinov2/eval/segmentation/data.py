@@ -40,8 +40,7 @@ from monai.transforms import (
 
 from dinov2.data.datalist import load_finetune_datalist, subset_training
 from dinov2.data.readers import image_readers
-
-from .preset import DatasetPreset
+from dinov2.eval.presets import DatasetPreset
 
 logger = logging.getLogger(__name__)
 

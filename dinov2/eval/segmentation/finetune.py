@@ -1,16 +1,16 @@
-"""Finetune a pretrained 3D ViT for volumetric segmentation (entry point).
+"""Finetune a pretrained 3D ViT for volumetric segmentation (flags, config merge, run).
 
 Recipe (CPU or one GPU)::
 
-    python -m dinov2.data.sample_data --out demo_data --labels tissue
-    python -m dinov2.eval.segmentation3d \\
+    python -m dinov2.sample_data --out demo_data --labels tissue
+    python -m dinov2.eval.segmentation \\
         --pretrained-weights output/eval/training_12499/teacher_checkpoint.pth \\
         --output-dir seg_out --dataset-name brain_tissue --base-data-dir demo_data \\
         --segmentation-head UNETR --epochs 10 --epoch-length 50 --eval-iters 100
-    python -m dinov2.eval.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
+    python -m dinov2.eval.segmentation.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
 
 ``--dataset-name`` is a packaged preset (``btcv``, ``brats``, ``la``, ``brain_tissue``) or the
-path of a preset YAML (see :mod:`dinov2.eval.segmentation.preset`); ``--base-data-dir`` holds
+path of a preset YAML (see :mod:`dinov2.eval.presets`); ``--base-data-dir`` holds
 the datalist JSON it names. ``--pretrained-weights none`` trains from a random initialisation
 (a baseline). Trailing ``key=value`` pairs override any config key. Merge order: packaged
 ``eval/segmentation_default.yaml`` ← preset (as ``dataset``) ← ``--config-file`` ← flags ←
@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from dinov2.eval.presets import load_preset
 from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, unknown_keys
 from dinov2.utils.entry_point import start_entry_point
 
-from .segmentation.model import HEAD_NAMES, canonical_head_name
-from .segmentation.preset import load_preset
+from .model import HEAD_NAMES, canonical_head_name
 
-logger = logging.getLogger("dinov2.eval.segmentation3d")
+logger = logging.getLogger("dinov2.eval.segmentation")
 
 # flag dest -> config key
 FLAG_KEYS = {
@@ -47,7 +46,7 @@ FLAG_KEYS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line (the flags 3DINO users know, plus ``key=value`` overrides)."""
-    p = argparse.ArgumentParser(prog="python -m dinov2.eval.segmentation3d", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dinov2.eval.segmentation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
     p.add_argument("--pretrained-weights", help="teacher checkpoint (ours or published 3DINO-ViT), or 'none'")
@@ -114,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Intermixed: key=value overrides may come before, between or after the flags.
     args = get_args_parser().parse_intermixed_args(argv)
     start_entry_point()
-    from dinov2.models.checkpoint import CheckpointError
+    from dinov2.checkpoints.errors import CheckpointError
     from dinov2.utils.errors import explained_resource_errors
 
-    from .segmentation.train_loop import run_finetuning  # heavy imports after argument parsing
+    from .train_loop import run_finetuning  # heavy imports after argument parsing
 
     try:
         cfg = build_config(args)
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_finetuning(cfg)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         # A wrong path, dataset, flag or resume mismatch is the user's to fix: one line that
-        # names the file and the fix, not a traceback (as linear3d, vis_pca and predict do).
+        # names the file and the fix, not a traceback (as linear, visualisation and predict do).
         logger.error("%s", exc)
         return 1
     test = results.get("test")
@@ -138,6 +137,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(best validation iteration {test['iteration']}); see {cfg.output_dir}/results.json")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

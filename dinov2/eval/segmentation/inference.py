@@ -16,8 +16,9 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from torch import nn
 
+from dinov2.eval.presets import region_decoding_table
+
 from .data import eval_transforms
-from .preset import region_decoding_table
 
 BLEND_MODES = ("gaussian", "constant")
 FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity, then each spatial axis
@@ -83,7 +84,7 @@ def labels_from_probabilities(probs: torch.Tensor, preset) -> torch.Tensor:
 
     Args:
         probs: ``(K, H, W, D)``.
-        preset: :class:`~dinov2.eval.segmentation.preset.DatasetPreset`.
+        preset: :class:`~dinov2.eval.presets.DatasetPreset`.
 
     Returns:
         int64 ``(H, W, D)``: class indices, or (multi-label) the label value each on/off region

@@ -105,18 +105,3 @@ def summarize(cases: Sequence[dict[str, Any]], channel_names: Sequence[str], for
         out[f"mean_{metric}"] = _nanmean([per_class[k] for k in foreground])
         out[f"mean_{metric}_with_background"] = _nanmean(per_class)
     return out
-
-
-def json_safe(value: Any) -> Any:
-    """Numbers, arrays and nested containers as JSON values, NaN/inf → ``None``."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

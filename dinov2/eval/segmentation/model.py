@@ -1,6 +1,6 @@
 """The finetuning model: a 3D ViT backbone, a segmentation head, and the multi-modal merge.
 
-Parameter names: backbone ``backbone.*`` (so :func:`dinov2.train.param_groups.get_param_groups`
+Parameter names: backbone ``backbone.*`` (so :func:`dinov2.optim.param_groups.get_param_groups`
 applies layer-wise LR decay to it), head ``head.*``, modality merge ``merge.*``.
 
 Several modalities with a single-channel backbone (the usual case: 3DINO backbones are
@@ -19,9 +19,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
 from dinov2.layers.patch_embed import PatchGridError
 from dinov2.models import VisionTransformer3D, build_model
-from dinov2.models.checkpoint import build_random_backbone, is_random_init, load_pretrained_backbone
+from dinov2.models.build import build_random_backbone, is_random_init
 
 from .heads import LinearHead, UNETRHead, ViTAdapterUNETRHead, evenly_spaced_taps, last_taps
 
@@ -35,7 +36,7 @@ def no_weights(pretrained_weights: object) -> bool:
     """Whether ``--pretrained-weights`` asks for a random-init backbone: ``none`` in any case, or empty.
 
     The training loop asks this to decide what a resumable state must keep, so it must agree with
-    :func:`dinov2.models.checkpoint.is_random_init` (``NONE`` included).
+    :func:`dinov2.models.build.is_random_init` (``NONE`` included).
     """
     return pretrained_weights is not None and (is_random_init(str(pretrained_weights))
                                                or str(pretrained_weights).strip() == "")

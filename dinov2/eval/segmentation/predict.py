@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m dinov2.eval.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
-    python -m dinov2.eval.predict --checkpoint best_model.pth --input scans/ --output preds --tta-flip
-    python -m dinov2.eval.predict --checkpoint best_model.pth --input dataset.json --output preds  # multi-modal
+    python -m dinov2.eval.segmentation.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
+    python -m dinov2.eval.segmentation.predict --checkpoint best_model.pth --input scans/ --output preds --tta-flip
+    python -m dinov2.eval.segmentation.predict --checkpoint best_model.pth --input dataset.json --output preds  # multi-modal
 
 ``--input`` is a NIfTI file, a folder of NIfTI files (one case each, single-modality models), or
 a finetuning datalist JSON (its ``test`` entries, or every entry of a plain list; ``image`` may
@@ -27,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from dinov2.data.image_io import is_nifti_path, strip_image_suffix
-from dinov2.distributed import resolve_device
+from dinov2.utils.device import resolve_device
 from dinov2.utils.entry_point import start_entry_point
-from dinov2.utils.perf import autocast_context
+from dinov2.utils.precision import autocast_context
 
-logger = logging.getLogger("dinov2.eval.predict")
+logger = logging.getLogger("dinov2.eval.segmentation.predict")
 
 
 def list_cases(input_path: str | Path) -> list[tuple[str, list[str]]]:
@@ -68,9 +68,9 @@ def list_cases(input_path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2.eval.predict", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dinov2.eval.segmentation.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="best_model.pth written by dinov2.eval.segmentation3d")
+    p.add_argument("--checkpoint", required=True, help="best_model.pth written by python -m dinov2.eval.segmentation")
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or datalist JSON")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the run's)")
@@ -89,13 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Predict every case of ``--input``; returns the exit code."""
     args = get_args_parser().parse_args(argv)
     start_entry_point()
-    from .segmentation.checkpoint import load_finetuned
-    from .segmentation.inference import predict_case
-    from .segmentation.preview import write_preview
+    from dinov2.checkpoints.finetuned import load_finetuned
+
+    from .inference import predict_case
+    from .preview import write_preview
 
     try:  # a wrong path or file is the user's to fix: say so in one line, not a traceback
         cases = list_cases(args.input)
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, key="--device")
         model, preset, info = load_finetuned(args.checkpoint, device)
     except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)

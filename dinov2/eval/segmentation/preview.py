@@ -8,8 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dinov2.eval.presets import DatasetPreset
+
 from ..visualisation.montage import label_montage
-from .preset import DatasetPreset
 
 # Display window of the anatomy: robust to a few very bright or dark voxels.
 DISPLAY_PERCENTILES = (0.5, 99.5)
@@ -53,7 +54,7 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
     label_data = np.asarray(labels.dataobj).astype(np.int64)
     if anatomy.shape != label_data.shape:
         raise ValueError(f"{label_path} has shape {label_data.shape} but {image_path} has {anatomy.shape}: a preview "
-                         "needs the label map on the input's grid, as dinov2.eval.predict writes it.")
+                         "needs the label map on the input's grid, as dinov2.eval.segmentation.predict writes it.")
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     label_montage(display_scaled(anatomy), label_data, image.affine, label_names(preset)).save(png_path)

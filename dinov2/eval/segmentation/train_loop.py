@@ -4,7 +4,8 @@ resumable state, and the final per-case test evaluation written to ``results.jso
 Files in ``output_dir``:
 
 * ``config.yaml``: the resolved run configuration;
-* ``best_model.pth``: self-describing best checkpoint (:mod:`.checkpoint`), input of ``predict``;
+* ``best_model.pth``: self-describing best checkpoint (:mod:`dinov2.checkpoints.finetuned`), input of
+  ``predict``;
 * ``last_checkpoint.pth``: model, optimizer, scaler, iteration, curves and RNG states; a run
   started again with the same ``output_dir`` continues from it (``train.resume``);
 * ``results.json``: training / validation curves, the best iteration, per-case per-class test
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,21 +29,23 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dinov2.checkpoints.finetuned import load_finetuned, save_finetuned
 from dinov2.distributed import get_world_size, init_distributed
-from dinov2.models.export import atomic_torch_save
+from dinov2.eval.presets import DatasetPreset
+from dinov2.optim.param_groups import apply_optim_scheduler, get_param_groups
+from dinov2.optim.schedules import CosineScheduler
 from dinov2.train.metrics import format_eta
-from dinov2.train.param_groups import apply_optim_scheduler, get_param_groups
-from dinov2.train.schedules import CosineScheduler
 from dinov2.utils.config import config_to_dict, save_config
 from dinov2.utils.cpus import cap_workers
-from dinov2.utils.perf import autocast_context, native_bf16_support, recommended_precision
+from dinov2.utils.io import atomic_torch_save
+from dinov2.utils.jsonsafe import json_safe
+from dinov2.utils.precision import autocast_context, native_bf16_support, recommended_precision
+from dinov2.utils.rng import capture_rng_state, restore_rng_state
 
-from .checkpoint import load_finetuned, save_finetuned
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
 from .inference import predict_probabilities
-from .metrics import case_metrics, discretize, json_safe, label_to_masks, summarize
+from .metrics import case_metrics, discretize, label_to_masks, summarize
 from .model import build_backbone, build_segmentation_model, head_options, no_weights
-from .preset import DatasetPreset
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +163,6 @@ def load_resumable_weights(model: torch.nn.Module, resume: dict, pretrained_weig
                          "--train-feature-model setting. Use a new --output-dir, or the original settings.")
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     """Train a segmentation head (and optionally the backbone), select on validation, test.
 
@@ -182,7 +174,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     """
     if get_world_size() > 1:
         raise ValueError("Segmentation finetuning runs as one process (one GPU or the CPU); launch it with "
-                         "python -m dinov2.eval.segmentation3d, not torchrun.")
+                         "python -m dinov2.eval.segmentation, not torchrun.")
     ctx = init_distributed(cfg.train.device)
     device = ctx.device
     out_dir = Path(cfg.output_dir)
@@ -231,7 +223,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
         if resume["scaler"] and scaler.is_enabled():  # an fp32/bf16 run saved an empty scaler state
             scaler.load_state_dict(resume["scaler"])
         state = resume["state"]
-        _set_rng_state(resume["rng"])
+        restore_rng_state(resume["rng"])
         logger.info("Resumed from %s at iteration %d", last_path, state["iteration"])
 
     config_dict = config_to_dict(cfg)
@@ -280,7 +272,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
             state["iteration"] = done
             atomic_torch_save({"model": resumable_weights(model, cfg.pretrained_weights), "frozen_from": str(cfg.pretrained_weights),
                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                               "rng": _rng_state()}, last_path)
+                               "rng": capture_rng_state()}, last_path)
             model.train()
 
     results = {

@@ -1,4 +1,8 @@
-"""Unsupervised views of a frozen backbone: token maps, PCA, CLS attention, PNG montages."""
+"""Unsupervised views of a frozen backbone: token maps, PCA, CLS attention, PNG montages.
+
+Entry point: ``python -m dinov2.eval.visualisation`` (the run itself is :mod:`.run`, not imported
+here, so ``-m`` runs it without a double import).
+"""
 
 from .attention import display_scale, last_block_attention
 from .inputs import VisVolume, load_vis_volume, to_tensor

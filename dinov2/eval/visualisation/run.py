@@ -1,4 +1,4 @@
-"""Unsupervised views of a frozen 3D ViT: PCA of patch tokens, or the CLS attention of each head.
+"""Unsupervised views of a frozen 3D ViT (``python -m dinov2.eval.visualisation``): token PCA or CLS attention.
 
 ``--vis-type pca``: the last block's normalised patch tokens of every input are pooled over the
 foreground (jointly when several images are given), a PCA is fitted, every token is projected,
@@ -19,7 +19,7 @@ Every NIfTI has the input's spatial shape and affine. A 4D input contributes the
 
 Example::
 
-    python -m dinov2.eval.vis_pca --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
+    python -m dinov2.eval.visualisation --pretrained-weights out/eval/training_99/teacher_checkpoint.pth \\
         --image-path brain.nii.gz --output-dir out/vis --vis-type pca --input-type full_image
 
 ``--pretrained-weights none --arch vit_large_3d`` shows a randomly initialised backbone instead
@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -42,15 +41,18 @@ import numpy as np
 import torch
 import yaml
 
-from dinov2.eval.visualisation.attention import display_scale
-from dinov2.eval.visualisation.inputs import VisVolume, load_vis_volume, to_tensor
-from dinov2.eval.visualisation.montage import attention_montage, pca_montage
-from dinov2.eval.visualisation.pca import fit_pca, scale_scores
-from dinov2.eval.visualisation.tokens import INPUT_TYPES, TokenMaps, compute_token_maps, to_voxels, token_fraction
-from dinov2.models.checkpoint import CheckpointError, build_random_backbone, is_random_init, load_pretrained_backbone
+from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
+from dinov2.checkpoints.errors import CheckpointError
+from dinov2.models.build import build_random_backbone, is_random_init
 from dinov2.utils.entry_point import start_entry_point
 
-logger = logging.getLogger("dinov2.eval.vis_pca")
+from .attention import display_scale
+from .inputs import VisVolume, load_vis_volume, to_tensor
+from .montage import attention_montage, pca_montage
+from .pca import fit_pca, scale_scores
+from .tokens import INPUT_TYPES, TokenMaps, compute_token_maps, to_voxels, token_fraction
+
+logger = logging.getLogger("dinov2.eval.visualisation")
 
 VIS_TYPES = ("pca", "mhsa")
 BACKGROUNDS = ("mask", "pc0")
@@ -156,7 +158,7 @@ def run_mhsa(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.vis_pca", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.visualisation", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained-weights", required=True,
                         help="backbone checkpoint (teacher_checkpoint.pth), or 'none' for a random-init baseline of --arch")
@@ -238,6 +240,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("Wrote %s outputs for %d image(s) to %s.", args.vis_type, len(summary["images"]), args.output_dir)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Writing datalists (atomically, absolute or relative paths) and the report of skipped files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .format import SPLITS, Skipped, map_paths
+
+
+def write_skipped_report(skipped: Sequence[Skipped], datalist_path: str | os.PathLike) -> Path | None:
+    """Write every skipped file and reason to ``<datalist>.skipped.tsv``; ``None`` if nothing was skipped."""
+    if not skipped:
+        return None
+    path = Path(str(datalist_path) + ".skipped.tsv")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("path\treason\n")
+        handle.writelines(f"{s.path}\t{s.reason}\n" for s in skipped)
+    return path
+
+
+def write_datalist(data: list | dict, path: str | os.PathLike, relative: bool = False) -> Path:
+    """Write a pretraining list or finetuning dict as JSON.
+
+    Args:
+        data: pretraining entries (list) or finetuning dict; image/label paths absolute.
+        path: output JSON file (parent folders are created).
+        relative: write image/label paths relative to the datalist's folder, so the datalist
+            and the data can move together.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.resolve()
+
+    def convert(p: str) -> str:
+        return os.path.relpath(os.path.abspath(p), base) if relative else os.path.abspath(p)
+
+    if isinstance(data, list):
+        payload: Any = [map_paths(e, convert) for e in data]
+    elif isinstance(data, dict):
+        payload = {k: ([map_paths(e, convert) for e in v] if k in SPLITS else v) for k, v in data.items()}
+    else:
+        raise ValueError(f"A datalist is a list (pretraining) or a dict (finetuning), got {type(data).__name__}.")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)  # a crash mid-write never leaves half a datalist behind
+    return path

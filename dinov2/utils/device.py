@@ -1,0 +1,55 @@
+"""Which device a run computes on: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:<index>`` to a ``torch.device``.
+
+One resolver for every entry point: pretraining (``train.device``, one GPU per launched process),
+segmentation finetuning and prediction (``--device``) and linear probing (``device``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+_CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
+
+
+def resolve_device(device: str | torch.device, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """The compute device for ``device``.
+
+    ``auto`` picks CUDA when available, else the CPU. ``cuda`` takes GPU ``local_rank`` (under a
+    launcher each process takes its own), or GPU 0 when the process sees a single GPU (SLURM's
+    per-task binding: ``--gpus-per-task=1`` or ``CUDA_VISIBLE_DEVICES`` set per task).
+    ``cuda:<index>`` names one GPU.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
+        local_rank: the process's rank on its node (0 for one plain process).
+        key: the config key or flag the user sets the device with, named in errors.
+
+    Raises:
+        ValueError: unknown name, or CUDA requested without a usable GPU / with fewer GPUs than
+            processes on the node (or than the index named).
+    """
+    name = str(device)
+    indexed = _CUDA_INDEX.match(name)
+    if name not in DEVICE_CHOICES and not indexed:
+        raise ValueError(f"Unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)} or cuda:<index> "
+                         f"(config key {key}).")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{key}={name} but torch sees no CUDA device; use {key}=cpu or auto.")
+    count = torch.cuda.device_count()
+    if indexed:
+        if int(indexed.group(1)) >= count:
+            raise ValueError(f"{key}={name} but only {count} CUDA devices are visible.")
+        return torch.device("cuda", int(indexed.group(1)))
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but only {count} CUDA devices are visible; "
+            "start at most that many processes per node (torchrun --nproc_per_node)."
+        )
+    return torch.device("cuda", local_rank)

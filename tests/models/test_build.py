@@ -1,0 +1,39 @@
+"""Building backbones from a description (dinov2/models/build.py): config keys, names, random init."""
+
+from __future__ import annotations
+
+import pytest
+
+from dinov2.models.build import (
+    BackboneConfigError,
+    backbone_kwargs_from_config,
+    build_random_backbone,
+    is_random_init,
+    resolve_arch,
+)
+
+
+def test_config_keys_become_constructor_arguments():
+    config = {"student": {"arch": "vit_tiny", "patch_size": [8, 8, 4], "layerscale": 1.0e-5, "drop_path_rate": 0.3},
+              "crops": {"global_crops_size": [32, 32, 16]}}
+    arch, kwargs = backbone_kwargs_from_config(config)
+    assert arch == "vit_tiny_3d"
+    assert kwargs == {"patch_size": (8, 8, 4), "init_values": 1.0e-5, "img_size": (32, 32, 16)}
+
+
+def test_configs_without_a_buildable_architecture_name_the_file():
+    with pytest.raises(BackboneConfigError, match=r"t\.pth: the embedded config has no student\.arch"):
+        backbone_kwargs_from_config({"crops": {}}, "t.pth")
+    with pytest.raises(ValueError, match="unknown architecture 'vit_nope'. Available: .*vit_tiny_3d"):
+        resolve_arch("vit_nope")
+
+
+def test_random_init_names_and_builder():
+    assert all(is_random_init(v) for v in ("none", "None", "NONE", " none "))
+    assert not any(is_random_init(v) for v in (None, "", "none.pth", "teacher_checkpoint.pth"))
+    model, kwargs = build_random_backbone("vit_tiny", {"patch_size": 8}, img_size=16)
+    assert kwargs == {"arch": "vit_tiny_3d", "patch_size": 8, "img_size": 16} and model.patch_grid == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"no architecture was given: set --arch \(a registry name"):
+        build_random_backbone(None)
+    with pytest.raises(ValueError, match="Unknown architecture 'vit_nope' .*vit_tiny_3d"):
+        build_random_backbone("vit_nope")
