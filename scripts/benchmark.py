@@ -1,4 +1,4 @@
-"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation} [options]``.
+"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path} [options]``.
 
 ``model``: one training step (forward + backward, no optimizer) of a 3D ViT backbone on random
 volumes, single process, per precision mode. Reports seconds per step (median after warm-up),
@@ -7,9 +7,9 @@ MFU against GEMM peaks measured in the same run, and the accuracy of each reduce
 mode against fp32 (relative error and cosine similarity of outputs and of gradients).
 Prints Markdown tables (paste them into ``docs/benchmarks.md``).
 
-``data``, ``train`` and ``segmentation`` run ``scripts/benchmark_data.py``,
-``scripts/benchmark_train.py`` and ``scripts/benchmark_segmentation.py`` (their own options;
-``-h`` after the command lists them).
+``data``, ``train``, ``segmentation`` and ``drop-path`` run ``scripts/benchmark_data.py``,
+``scripts/benchmark_train.py``, ``scripts/benchmark_segmentation.py`` and
+``scripts/benchmark_drop_path.py`` (their own options; ``-h`` after the command lists them).
 
 Usage::
 
@@ -296,6 +296,11 @@ def main_train(argv: Sequence[str]):
     return _run_sibling_script("benchmark_train.py", argv, "benchmark.py train: not implemented yet")
 
 
+def main_drop_path(argv: Sequence[str]):
+    """``benchmark.py drop-path``: ``scripts/benchmark_drop_path.py`` (kept-subset vs mask stochastic depth)."""
+    return _run_sibling_script("benchmark_drop_path.py", argv, "The drop-path benchmark is not available")
+
+
 def main_segmentation(argv: Sequence[str]):
     """``benchmark.py segmentation``: ``scripts/benchmark_segmentation.py`` (its own options)."""
     return _run_sibling_script("benchmark_segmentation.py", argv, "The segmentation benchmark is not available")
@@ -303,6 +308,7 @@ def main_segmentation(argv: Sequence[str]):
 
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "model": main_model, "data": main_data, "train": main_train, "segmentation": main_segmentation,
+    "drop-path": main_drop_path,
 }
 
 

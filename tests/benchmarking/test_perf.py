@@ -142,3 +142,21 @@ def test_dispatcher_runs_a_sibling_main_with_its_arguments(tmp_path, monkeypatch
     bench = _load_benchmark_script()
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "benchmark.py"))
     assert bench.main(["data", "--seconds", "1"]) == ["got", "--seconds", "1"]
+
+
+def test_drop_path_benchmark_times_both_implementations_and_switches_every_block(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_drop_path",
+                                                  BENCHMARK_SCRIPT.parent / "benchmark_drop_path.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = vit_tiny_3d(img_size=16, patch_size=8, drop_path_rate=0.3, drop_path_uniform=True)
+    module._set_mode(model, False)
+    assert not any(block.subset_drop_path for block in model.blocks)
+    module._set_mode(model, True)
+    assert all(block.subset_drop_path for block in model.blocks)
+    rows = _load_benchmark_script().main(["drop-path", "--arch", "vit_tiny_3d", "--patch-size", "8",
+                                          "--global-size", "16", "--local-size", "8", "--batch-size", "2",
+                                          "--local-crops", "2", "--rounds", "1"])
+    assert [r["measure"] for r in rows] == ["backbone", "iteration"]
+    assert all(r["subset_s"] > 0 and r["mask_s"] > 0 and r["speedup"] == r["mask_s"] / r["subset_s"] for r in rows)
+    assert "| backbone |" in capsys.readouterr().out
