@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -319,12 +319,7 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
     contents = read_checkpoint(path, map_location, weights_only)
     built_from, kwargs, factory = "model", {}, None
     if model is None:
-        built_from, arch_name, ctor_kwargs = _plan_model(contents, arch, img_size)
-        factory = partial(build_model, arch_name) if arch_name else VisionTransformer3D
-        kwargs = {"arch": arch_name, **ctor_kwargs} if arch_name else ctor_kwargs
-        # Built without initialisation (meta tensors): every value comes from the file next.
-        with torch.device("meta"):
-            model = factory(**ctor_kwargs)
+        model, factory, built_from, kwargs = _meta_model(contents, arch, img_size)
     state, missing, unexpected, resized = _adapt(contents, model)
     if strict_backbone and (missing or unexpected):
         raise CheckpointError(
@@ -332,10 +327,52 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
             f"unexpected {preview_keys(unexpected) or 'none'}. Use a checkpoint of the same architecture, "
             "or pass strict_backbone=False to keep missing parameters at their initial values.")
     state = {k: v for k, v in state.items() if k not in unexpected}
+    model = _fill_model(model, factory, state, missing, map_location, contents.path)
+    report = _load_report(contents, state, missing, unexpected, resized, built_from, kwargs)
+    (logger.warning if missing or unexpected else logger.info)(report.summary())
+    return model, report
+
+
+def _meta_model(contents: CheckpointContents, arch: str | None, img_size
+                ) -> tuple[VisionTransformer3D, Callable[[], VisionTransformer3D], str, dict[str, Any]]:
+    """Builds the backbone that fits the file on the meta device: no memory, no initialisation.
+
+    Every value normally comes from the file next, so initialising would be wasted work.
+
+    Returns:
+        ``(model, factory, built_from, model_kwargs)``: the meta model, a callable building
+        the same model with real (initialised) tensors, ``"config"`` or ``"shapes"``, and the
+        arguments for the report (with ``arch`` when a registry name was used).
+    """
+    built_from, arch_name, ctor_kwargs = _plan_model(contents, arch, img_size)
+    factory = partial(build_model, arch_name) if arch_name else VisionTransformer3D
+    kwargs = {"arch": arch_name, **ctor_kwargs} if arch_name else ctor_kwargs
+    with torch.device("meta"):
+        model = factory(**ctor_kwargs)
+    return model, partial(factory, **ctor_kwargs), built_from, kwargs
+
+
+def _fill_model(model: VisionTransformer3D, factory: Callable[[], VisionTransformer3D] | None,
+                state: dict[str, torch.Tensor], missing: list[str], map_location, path: Path
+                ) -> VisionTransformer3D:
+    """Loads ``state`` (backbone tensors, already fitted to the model's shapes) into the model.
+
+    Args:
+        model: the given model, or the meta model when ``factory`` is not None.
+        factory: builds the model with real tensors (``None`` when the model was given).
+        state: name -> tensor of the model's shape, only names the model holds.
+        missing: sorted model parameter names the file lacks.
+        map_location: device of a model built here.
+        path: the file, for error messages.
+
+    Returns:
+        The model with the file's tensors: the given one, the meta model with the loaded
+        tensors adopted, or a freshly initialised one when parameters are missing.
+    """
     assign = False
     if factory is not None:
         if missing:  # parameters not in the file need a real initialisation
-            model = factory(**ctor_kwargs).to(_target_device(map_location))
+            model = factory().to(_target_device(map_location))
         else:
             # Adopt the loaded tensors instead of copying them into fresh memory (ViT-L: 1.2 GB).
             dtypes = {k: v.dtype for k, v in model.state_dict().items()}
@@ -343,11 +380,18 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
             assign = True
     result = model.load_state_dict(state, strict=False, assign=assign)
     if assign and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise CheckpointError(f"{contents.path}: some model tensors were not filled by the file; please report this.")
+        raise CheckpointError(f"{path}: some model tensors were not filled by the file; please report this.")
     if sorted(result.missing_keys) != missing or result.unexpected_keys:
-        raise CheckpointError(f"{contents.path}: internal key accounting disagrees with load_state_dict "
+        raise CheckpointError(f"{path}: internal key accounting disagrees with load_state_dict "
                               f"({result}); please report this.")
-    report = BackboneLoadReport(
+    return model
+
+
+def _load_report(contents: CheckpointContents, state: Mapping[str, torch.Tensor], missing: list[str],
+                 unexpected: list[str], resized: dict, built_from: str, kwargs: dict[str, Any]
+                 ) -> BackboneLoadReport:
+    """The :class:`BackboneLoadReport` of a finished load (``state``: the tensors loaded, by name)."""
+    return BackboneLoadReport(
         path=contents.path, source_format=contents.source_format,
         loaded_keys=sorted(k for k in state if k not in unexpected), missing_keys=missing,
         unexpected_keys=unexpected, resized_keys=resized,
@@ -356,8 +400,6 @@ def load_pretrained_backbone(path: str | os.PathLike, model: nn.Module | None = 
         wrapper_key=contents.wrapper_key, stripped_prefixes=contents.stripped_prefixes,
         chunked_blocks=contents.chunked_blocks, config=contents.config, iteration=contents.iteration,
     )
-    (logger.warning if missing or unexpected else logger.info)(report.summary())
-    return model, report
 
 
 def build_model_from_checkpoint(path: str | os.PathLike, img_size: int | tuple[int, int, int] | None = None,

@@ -329,6 +329,32 @@ class DataAugmentationDINO3d:
         region_depth_scale: Sequence[float] | None = None,
         seed: int | np.random.SeedSequence = 0,
     ) -> None:
+        self._set_sizes(global_crops_size, local_crops_size, local_crops_number, histogram_shift_points, noise_std)
+        self._set_crop_ranges(global_crops_scale, global_crops_depth_scale, local_crops_scale,
+                              local_crops_depth_scale, aspect_ratio, region_scale, region_depth_scale)
+        self.contrast_gamma = check_range("contrast_gamma", contrast_gamma, 1e-6)
+        self.blur_sigma = check_range("blur_sigma", blur_sigma, 1e-6)
+        self.sharpen_sigma1 = check_range("sharpen_sigma1", sharpen_sigma1, 1e-6)
+        self.sharpen_sigma2 = check_range("sharpen_sigma2", sharpen_sigma2, 1e-6)
+        self.sharpen_alpha = check_range("sharpen_alpha", sharpen_alpha, 0.0)
+        self.gibbs_alpha = check_range("gibbs_alpha", gibbs_alpha, 0.0, 1.0)
+        self._set_probabilities(
+            flip_prob=flip_prob,
+            rotate90_prob=rotate90_prob,
+            intensity_prob=intensity_prob,
+            global1_blur_prob=global1_blur_prob,
+            global2_blur_prob=global2_blur_prob,
+            global2_gibbs_prob=global2_gibbs_prob,
+            local_blur_prob=local_blur_prob,
+            sharpen_prob=sharpen_prob,
+        )
+        self.rng = np.random.default_rng()
+        self.torch_generator = torch.Generator()
+        self.reseed(seed)
+
+    def _set_sizes(self, global_crops_size: int, local_crops_size: int, local_crops_number: int,
+                   histogram_shift_points: int, noise_std: float) -> None:
+        """Checks and stores the crop edges, the number of local crops and the scalar intensity settings."""
         for name, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer number of voxels, got {value!r}.")
@@ -341,6 +367,14 @@ class DataAugmentationDINO3d:
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
         self.local_crops_number = int(local_crops_number)
+        self.noise_std = float(noise_std)
+        self.histogram_shift_points = int(histogram_shift_points)
+
+    def _set_crop_ranges(self, global_crops_scale: Sequence[float], global_crops_depth_scale: Sequence[float],
+                         local_crops_scale: Sequence[float], local_crops_depth_scale: Sequence[float],
+                         aspect_ratio: Sequence[float], region_scale: Sequence[float] | None,
+                         region_depth_scale: Sequence[float] | None) -> None:
+        """Checks and stores the ``(min, max)`` area / depth fractions and aspect ratios of the crop boxes."""
         self.global_crops_scale = _check_fraction_range("global_crops_scale", global_crops_scale)
         self.global_crops_depth_scale = _check_fraction_range("global_crops_depth_scale", global_crops_depth_scale)
         self.local_crops_scale = _check_fraction_range("local_crops_scale", local_crops_scale)
@@ -352,31 +386,13 @@ class DataAugmentationDINO3d:
         self.region_scale = None if region_scale is None else _check_fraction_range("region_scale", region_scale)
         self.region_depth_scale = (None if region_depth_scale is None
                                    else _check_fraction_range("region_depth_scale", region_depth_scale))
-        self.contrast_gamma = check_range("contrast_gamma", contrast_gamma, 1e-6)
-        self.blur_sigma = check_range("blur_sigma", blur_sigma, 1e-6)
-        self.sharpen_sigma1 = check_range("sharpen_sigma1", sharpen_sigma1, 1e-6)
-        self.sharpen_sigma2 = check_range("sharpen_sigma2", sharpen_sigma2, 1e-6)
-        self.sharpen_alpha = check_range("sharpen_alpha", sharpen_alpha, 0.0)
-        self.gibbs_alpha = check_range("gibbs_alpha", gibbs_alpha, 0.0, 1.0)
-        self.noise_std = float(noise_std)
-        self.histogram_shift_points = int(histogram_shift_points)
-        probabilities = dict(
-            flip_prob=flip_prob,
-            rotate90_prob=rotate90_prob,
-            intensity_prob=intensity_prob,
-            global1_blur_prob=global1_blur_prob,
-            global2_blur_prob=global2_blur_prob,
-            global2_gibbs_prob=global2_gibbs_prob,
-            local_blur_prob=local_blur_prob,
-            sharpen_prob=sharpen_prob,
-        )
+
+    def _set_probabilities(self, **probabilities: float) -> None:
+        """Checks that each keyword is a probability in [0, 1] and stores it as a float attribute of that name."""
         for name, p in probabilities.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}.")
             setattr(self, name, float(p))
-        self.rng = np.random.default_rng()
-        self.torch_generator = torch.Generator()
-        self.reseed(seed)
 
     @classmethod
     def from_config(cls, crops: Mapping[str, Any], seed: int | np.random.SeedSequence = 0) -> "DataAugmentationDINO3d":

@@ -127,17 +127,49 @@ def collate_data_and_cast(
     """
     if not samples:
         raise ValueError("collate_data_and_cast got an empty batch; the DataLoader's batch_size must be >= 1.")
-    (low, high), _, grid = _validate_settings(mask_ratio_tuple, mask_probability, n_tokens_per_side)
+    ratios, _, grid = _validate_settings(mask_ratio_tuple, mask_probability, n_tokens_per_side)
     if mask_generator is None:
         mask_generator = MaskingGenerator3d(grid, mode="random")
     rng = _generator_from_torch() if rng is None else rng
 
+    crops = _collate_crops(samples, dtype)
+    n_crops = crops["collated_global_crops"].shape[0]
+    masks, upperbound = _draw_masks(n_crops, grid, ratios, mask_probability, mask_generator, rng)
+    return {**crops, **_mask_tensors(masks), "upperbound": upperbound}
+
+
+def _collate_crops(samples: Sequence[Mapping[str, Any]], dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """Stacks the global and local crops crop-major and casts them to ``dtype``.
+
+    Returns:
+        ``{"collated_global_crops": (n_global * B, C, G, G, G), "collated_local_crops":
+        (n_local * B, C, L, L, L) or None}``, both plain tensors in ``dtype``.
+    """
     global_crops = _stack_crop_major(samples, "global_crops")
     if global_crops is None:
         raise ValueError("Samples hold no 'global_crops'; iBOT masking needs at least one global crop per sample.")
     local_crops = _stack_crop_major(samples, "local_crops")
+    return {
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": None if local_crops is None else local_crops.to(dtype),
+    }
 
-    n_crops = global_crops.shape[0]
+
+def _draw_masks(
+    n_crops: int,
+    grid: tuple[int, int, int],
+    ratios: tuple[float, float],
+    mask_probability: float,
+    mask_generator: MaskGenerator,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """Picks the masked crops, one mask ratio per stratum of ``ratios``, and draws their masks.
+
+    Returns:
+        ``(masks, upperbound)``: bool array ``(n_crops, h * w * d)`` (C-order of the grid ``(h, w,
+        d)``, unmasked crops all False) and the upper bound of masked tokens for these settings.
+    """
+    low, high = ratios
     n_tokens = math.prod(grid)
     n_masked_crops = int(n_crops * mask_probability)
     # One ratio per stratum of [low, high]: the batch always covers the whole range.
@@ -154,20 +186,30 @@ def collate_data_and_cast(
             )
         masks[crop] = mask.reshape(-1)
     upperbound = int(sum(int(n_tokens * hi) for hi in strata[1:]))
+    return masks, upperbound
 
+
+def _mask_tensors(masks: np.ndarray) -> dict[str, torch.Tensor]:
+    """The three forms of the masked positions that the loss side needs.
+
+    Args:
+        masks: bool array ``(N, T)``, ``N`` global crops of ``T`` tokens.
+
+    Returns:
+        ``collated_masks`` bool ``(N, T)``; ``mask_indices_list`` long ``(M,)`` (indices into
+        ``collated_masks.flatten()``); ``masks_weight`` float32 ``(M,)`` (``1 / masked tokens of
+        its crop``); ``n_masked_patches`` long ``(1,)`` holding ``M``.
+    """
+    n_crops, n_tokens = masks.shape
     collated_masks = torch.from_numpy(masks)
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     tokens_per_crop = collated_masks.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / tokens_per_crop).expand(n_crops, n_tokens)[collated_masks]
-
     return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": None if local_crops is None else local_crops.to(dtype),
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
         "n_masked_patches": torch.tensor([mask_indices_list.numel()], dtype=torch.long),
-        "upperbound": upperbound,
     }
 
 

@@ -103,16 +103,7 @@ def get_param_groups(
         ``lr_multiplier``, ``wd_multiplier`` (0 or 1) and ``is_last_layer``; pass it to
         ``torch.optim.AdamW`` and drive it with :func:`apply_optim_scheduler`.
     """
-    if not 0.0 < lr_decay_rate <= 1.0:
-        raise ValueError(
-            f"get_param_groups: lr_decay_rate must lie in (0, 1], got {lr_decay_rate} "
-            "(dinov2/optim/param_groups.py); check optim.layerwise_decay."
-        )
-    if not patch_embed_lr_mult >= 0.0:
-        raise ValueError(
-            f"get_param_groups: patch_embed_lr_mult must be >= 0, got {patch_embed_lr_mult} "
-            "(dinov2/optim/param_groups.py); check optim.patch_embed_lr_mult."
-        )
+    _check_multipliers(lr_decay_rate, patch_embed_lr_mult)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(
@@ -120,29 +111,72 @@ def get_param_groups(
             "(dinov2/optim/param_groups.py); pass the student, not the frozen teacher."
         )
     prefixed_model = any(n.startswith(BACKBONE_PREFIX) for n, _ in named)
+    num_layers = _resolve_num_layers([n for n, _ in named], prefixed_model, num_layers)
+    keys = [
+        _group_key(name, param.ndim, num_layers, prefixed_model, lr_decay_rate, patch_embed_lr_mult, decay_tokens)
+        for name, param in named
+    ]
+    return _merge_groups(named, keys)
+
+
+def _check_multipliers(lr_decay_rate: float, patch_embed_lr_mult: float) -> None:
+    """Raises ValueError unless ``lr_decay_rate`` lies in (0, 1] and ``patch_embed_lr_mult`` >= 0."""
+    if not 0.0 < lr_decay_rate <= 1.0:
+        raise ValueError(
+            f"get_param_groups: lr_decay_rate must lie in (0, 1], got {lr_decay_rate} "
+            "(dinov2/optim/param_groups.py); check optim.layerwise_decay."
+        )
+    # Written as "not >=" so that NaN fails too.
+    if not patch_embed_lr_mult >= 0.0:
+        raise ValueError(
+            f"get_param_groups: patch_embed_lr_mult must be >= 0, got {patch_embed_lr_mult} "
+            "(dinov2/optim/param_groups.py); check optim.patch_embed_lr_mult."
+        )
+
+
+def _resolve_num_layers(names: list[str], prefixed_model: bool, num_layers: int | None) -> int:
+    """``num_layers``, or (largest block index + 1) of ``names`` when None; checked against the blocks present."""
     block_ids = [
         b
-        for n, _ in named
+        for n in names
         if (rel := _backbone_name(n, prefixed_model)) is not None and (b := _block_index(rel)) is not None
     ]
     deepest = max(block_ids) + 1 if block_ids else 0
     if num_layers is None:
-        num_layers = deepest
-    elif num_layers < deepest:
+        return deepest
+    if num_layers < deepest:
         raise ValueError(
             f"get_param_groups: num_layers={num_layers} but the model has block index {deepest - 1} "
             "(dinov2/optim/param_groups.py); leave num_layers=None to infer it."
         )
+    return num_layers
 
+
+def _group_key(
+    name: str,
+    ndim: int,
+    num_layers: int,
+    prefixed_model: bool,
+    lr_decay_rate: float,
+    patch_embed_lr_mult: float,
+    decay_tokens: bool,
+) -> tuple[float, float, bool]:
+    """The ``(lr_multiplier, wd_multiplier, is_last_layer)`` of one parameter (``ndim``: its number of dims)."""
+    relative = _backbone_name(name, prefixed_model)
+    lr_mult = lr_decay_rate ** (num_layers + 1 - layer_id(name, num_layers, prefixed_model))
+    if relative is not None and relative.startswith("patch_embed."):
+        lr_mult *= patch_embed_lr_mult
+    wd_mult = 0.0 if _skips_weight_decay(name, ndim, relative, decay_tokens) else 1.0
+    return lr_mult, wd_mult, "last_layer" in name
+
+
+def _merge_groups(
+    named: list[tuple[str, nn.Parameter]], keys: list[tuple[float, float, bool]]
+) -> list[dict[str, Any]]:
+    """One group per distinct key, in order of first appearance, holding its parameters in model order."""
     groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
-    for name, param in named:
-        relative = _backbone_name(name, prefixed_model)
-        lr_mult = lr_decay_rate ** (num_layers + 1 - layer_id(name, num_layers, prefixed_model))
-        if relative is not None and relative.startswith("patch_embed."):
-            lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if _skips_weight_decay(name, param.ndim, relative, decay_tokens) else 1.0
-        is_last_layer = "last_layer" in name
-        key = (lr_mult, wd_mult, is_last_layer)
+    for (name, param), key in zip(named, keys):
+        lr_mult, wd_mult, is_last_layer = key
         group = groups.setdefault(
             key,
             {

@@ -144,37 +144,14 @@ def build_schedulers(
         raise ValueError(
             f"build_schedulers: iters_per_epoch must be >= 1, got {iters_per_epoch} (dinov2/optim/schedules.py)."
         )
-    epochs = int(_get(cfg, "optim", "epochs"))
-    total = epochs * iters_per_epoch
-    rule = _get(cfg, "optim", "scaling_rule")
-    if rule not in SCALING_RULES:
-        raise ValueError(
-            f"optim.scaling_rule='{rule}' is unknown; choose one of {', '.join(SCALING_RULES)} "
-            "(dinov2/optim/schedules.py)."
-        )
-    base_lr = float(_get(cfg, "optim", "base_lr"))
-    peak_lr = scaled_lr(base_lr, total_batch_size) if rule == "sqrt_wrt_1024" else base_lr
-    lr_kwargs = dict(
-        base_value=peak_lr,
-        final_value=float(_get(cfg, "optim", "min_lr")),
-        total_iters=total,
-        warmup_iters=int(_get(cfg, "optim", "warmup_epochs")) * iters_per_epoch,
-        start_warmup_value=0.0,
-    )
+    total = int(_get(cfg, "optim", "epochs")) * iters_per_epoch
+    lr_kwargs = _lr_schedule_kwargs(cfg, total, iters_per_epoch, total_batch_size)
     warmup_temp_iters = int(_get(cfg, "teacher", "warmup_teacher_temp_epochs")) * iters_per_epoch
     teacher_temp = float(_get(cfg, "teacher", "teacher_temp"))
     return {
         "lr": CosineScheduler(**lr_kwargs),
-        "wd": CosineScheduler(
-            base_value=float(_get(cfg, "optim", "weight_decay")),
-            final_value=float(_get(cfg, "optim", "weight_decay_end")),
-            total_iters=total,
-        ),
-        "momentum": CosineScheduler(
-            base_value=float(_get(cfg, "teacher", "momentum_teacher")),
-            final_value=float(_get(cfg, "teacher", "final_momentum_teacher")),
-            total_iters=total,
-        ),
+        "wd": _cosine_between(cfg, "optim", "weight_decay", "weight_decay_end", total),
+        "momentum": _cosine_between(cfg, "teacher", "momentum_teacher", "final_momentum_teacher", total),
         "teacher_temp": CosineScheduler(
             base_value=teacher_temp,
             final_value=teacher_temp,
@@ -186,3 +163,40 @@ def build_schedulers(
             **lr_kwargs, freeze_iters=int(_get(cfg, "optim", "freeze_last_layer_epochs")) * iters_per_epoch
         ),
     }
+
+
+def _peak_lr(cfg: Mapping[str, Any], total_batch_size: int) -> float:
+    """``optim.base_lr`` scaled by ``optim.scaling_rule`` for the global batch."""
+    rule = _get(cfg, "optim", "scaling_rule")
+    if rule not in SCALING_RULES:
+        raise ValueError(
+            f"optim.scaling_rule='{rule}' is unknown; choose one of {', '.join(SCALING_RULES)} "
+            "(dinov2/optim/schedules.py)."
+        )
+    base_lr = float(_get(cfg, "optim", "base_lr"))
+    return scaled_lr(base_lr, total_batch_size) if rule == "sqrt_wrt_1024" else base_lr
+
+
+def _lr_schedule_kwargs(
+    cfg: Mapping[str, Any], total: int, iters_per_epoch: int, total_batch_size: int
+) -> dict[str, Any]:
+    """:class:`CosineScheduler` arguments of the LR: warm-up from 0, cosine to ``optim.min_lr``.
+
+    The prototype layers' schedule reuses them with its frozen epochs added.
+    """
+    return dict(
+        base_value=_peak_lr(cfg, total_batch_size),
+        final_value=float(_get(cfg, "optim", "min_lr")),
+        total_iters=total,
+        warmup_iters=int(_get(cfg, "optim", "warmup_epochs")) * iters_per_epoch,
+        start_warmup_value=0.0,
+    )
+
+
+def _cosine_between(cfg: Mapping[str, Any], section: str, start_key: str, end_key: str, total: int) -> CosineScheduler:
+    """A cosine without warm-up from ``cfg[section][start_key]`` to ``cfg[section][end_key]`` over ``total``."""
+    return CosineScheduler(
+        base_value=float(_get(cfg, section, start_key)),
+        final_value=float(_get(cfg, section, end_key)),
+        total_iters=total,
+    )

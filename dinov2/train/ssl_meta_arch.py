@@ -394,6 +394,34 @@ class SSLMetaArch(nn.Module):
             ``koleo_loss`` (unweighted) and ``total_loss`` (weighted sum that was
             back-propagated), plus the monitors if asked.
         """
+        global_crops, local_crops, masks, mask_indices, masks_weight = self._batch_to_device(batch)
+        n_masked = int(mask_indices.numel())
+        # Centering needs a consistent choice on every rank: skip iBOT only if no rank masked anything.
+        any_masked = distributed.all_reduce_sum(torch.tensor([float(n_masked)], device=self.device)).item() > 0
+
+        with self._autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(global_crops, mask_indices)
+            student_out = self._student_forward(global_crops, mask_indices, local_crops, masks)
+        dino_targets, ibot_targets = self._teacher_targets(teacher_out, teacher_temp, any_masked)
+        losses = self._student_losses(student_out, dino_targets, ibot_targets, masks, masks_weight, n_masked)
+        total = (self.dino_weight * losses["dino_loss"] + self.ibot_weight * losses["ibot_loss"]
+                 + self.koleo_weight * losses["koleo_loss"])
+
+        (scaler.scale(total) if scaler is not None else total).backward()
+
+        out = {**{name: loss.detach() for name, loss in losses.items()}, "total_loss": total.detach()}
+        if monitors:
+            out.update(self._collapse_monitors(teacher_out, masks, teacher_temp))
+        return out
+
+    def _batch_to_device(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """The collate's tensors on this model's device, checked against the crop settings.
+
+        Returns:
+            ``(global_crops (2B, C, G, G, G), local_crops (n_local * B, C, L, L, L) or None,
+            masks bool (2B, N), mask_indices long (M,), masks_weight (M,))``.
+        """
         dev = self.device
         global_crops = batch["collated_global_crops"].to(dev, non_blocking=True)
         local_crops = batch["collated_local_crops"]
@@ -402,27 +430,52 @@ class SSLMetaArch(nn.Module):
         mask_indices = batch["mask_indices_list"].to(dev, non_blocking=True)
         masks_weight = batch["masks_weight"].to(dev, non_blocking=True)
         self._check_batch(global_crops, local_crops)
-        n_masked = int(mask_indices.numel())
-        # Centering needs a consistent choice on every rank: skip iBOT only if no rank masked anything.
-        any_masked = distributed.all_reduce_sum(torch.tensor([float(n_masked)], device=dev)).item() > 0
+        return global_crops, local_crops, masks, mask_indices, masks_weight
 
-        with self._autocast():
-            with torch.no_grad():
-                teacher_out = self.teacher(global_crops, mask_indices)
-            student_out = self._student_forward(global_crops, mask_indices, local_crops, masks)
+    @torch.no_grad()
+    def _teacher_targets(self, teacher_out: Mapping[str, Tensor], teacher_temp: float,
+                         any_masked: bool) -> tuple[Tensor, Tensor | None]:
+        """Centred teacher targets; updates the centering statistics with this batch.
 
-        with torch.no_grad():
-            dino_targets = self.dino_centering(teacher_out["dino_global"], teacher_temp)
-            self.dino_centering.update(teacher_out["dino_global"])
-            if any_masked:
-                ibot_targets = self.ibot_centering(teacher_out["ibot_masked"], teacher_temp)
-                self.ibot_centering.update(teacher_out["ibot_masked"])
+        Args:
+            teacher_out: the teacher's :meth:`SSLNetwork.forward` outputs, ``dino_global (2B, K)``
+                and ``ibot_masked (M, K_ibot)``.
+            teacher_temp: this iteration's teacher temperature.
+            any_masked: whether any rank masked a token (else the iBOT centering is skipped).
 
+        Returns:
+            ``(dino_targets (2B, K), ibot_targets (M, K_ibot) or None when nothing was masked)``.
+        """
+        dino_targets = self.dino_centering(teacher_out["dino_global"], teacher_temp)
+        self.dino_centering.update(teacher_out["dino_global"])
+        if not any_masked:
+            return dino_targets, None
+        ibot_targets = self.ibot_centering(teacher_out["ibot_masked"], teacher_temp)
+        self.ibot_centering.update(teacher_out["ibot_masked"])
+        return dino_targets, ibot_targets
+
+    def _student_losses(self, student_out: Mapping[str, Tensor], dino_targets: Tensor, ibot_targets: Tensor | None,
+                        masks: Tensor, masks_weight: Tensor, n_masked: int) -> dict[str, Tensor]:
+        """The unweighted DINO, iBOT and KoLeo losses of the student (scalars in the autograd graph).
+
+        Args:
+            student_out: the student's :meth:`SSLNetwork.forward` outputs, ``cls_global (2B, E)``,
+                ``dino_global (2B, K)``, ``dino_local (n_local * B, K)``, ``ibot_masked (M, K_ibot)``.
+            dino_targets: ``(2B, K)`` teacher targets of the global crops, crop-major.
+            ibot_targets: ``(M, K_ibot)`` teacher targets of the masked tokens, or None when no
+                rank masked a token.
+            masks: bool ``(2B, N)`` student masks.
+            masks_weight: ``(M,)`` per-token weights of the iBOT loss.
+            n_masked: ``M``, the masked tokens of this process.
+
+        Returns:
+            ``{"dino_loss", "ibot_loss", "koleo_loss"}``.
+        """
         student_crops = list(student_out["dino_global"].chunk(N_GLOBAL_CROPS))
         if self.n_local_crops:
             student_crops += list(student_out["dino_local"].chunk(self.n_local_crops))
         dino_loss = self.dino_loss(student_crops, list(dino_targets.chunk(N_GLOBAL_CROPS)))
-        if any_masked:
+        if ibot_targets is not None:
             ibot_loss = self.ibot_loss.forward_masked(student_out["ibot_masked"], ibot_targets, masks,
                                                       n_masked_patches=n_masked, masks_weight=masks_weight)
         else:
@@ -432,26 +485,35 @@ class SSLMetaArch(nn.Module):
             koleo_loss = koleo_per_crop(student_out["cls_global"], N_GLOBAL_CROPS, self.koleo_loss)
         else:
             koleo_loss = dino_loss.new_zeros(())
-        total = self.dino_weight * dino_loss + self.ibot_weight * ibot_loss + self.koleo_weight * koleo_loss
+        return {"dino_loss": dino_loss, "ibot_loss": ibot_loss, "koleo_loss": koleo_loss}
 
-        (scaler.scale(total) if scaler is not None else total).backward()
+    def _collapse_monitors(self, teacher_out: Mapping[str, Tensor], masks: Tensor,
+                           teacher_temp: float) -> dict[str, Tensor]:
+        """Collapse monitors of this batch (float32 scalars, for logging only).
 
-        out = {"dino_loss": dino_loss.detach(), "ibot_loss": ibot_loss.detach(),
-               "koleo_loss": koleo_loss.detach(), "total_loss": total.detach()}
-        if monitors:
-            # What each loss would be if the student predicted the uniform distribution (cross-
-            # entropy ln K against any target): the line a collapsed run sits on. iBOT averages
-            # over all global crops, unmasked ones adding 0, so its line scales with the masked share.
-            out["dino_uniform_loss"] = torch.tensor(math.log(self.dino_loss.out_dim))
-            masked_share = masks.any(dim=-1).float().mean().cpu()
-            out["ibot_uniform_loss"] = masked_share * math.log(self.ibot_loss.patch_out_dim)
-            with torch.no_grad():
-                # The raw tempered softmax, not the centred targets: Sinkhorn-Knopp forces its
-                # targets to use every prototype and would hide a collapse of the teacher itself.
-                raw = torch.softmax(teacher_out["dino_global"].float() / teacher_temp, dim=-1)
-                out["teacher_entropy"] = mean_row_entropy(raw)
-                out["teacher_prototype_entropy"] = prototype_usage_entropy(raw)
-                out["teacher_cls_effective_rank"] = effective_rank(teacher_out["cls_global"])
+        Args:
+            teacher_out: the teacher's outputs, ``dino_global (2B, K)`` and ``cls_global (2B, E)``.
+            masks: bool ``(2B, N)`` student masks.
+            teacher_temp: this iteration's teacher temperature.
+
+        Returns:
+            ``dino_uniform_loss``, ``ibot_uniform_loss``, ``teacher_entropy``,
+            ``teacher_prototype_entropy`` and ``teacher_cls_effective_rank``.
+        """
+        out = {}
+        # What each loss would be if the student predicted the uniform distribution (cross-
+        # entropy ln K against any target): the line a collapsed run sits on. iBOT averages
+        # over all global crops, unmasked ones adding 0, so its line scales with the masked share.
+        out["dino_uniform_loss"] = torch.tensor(math.log(self.dino_loss.out_dim))
+        masked_share = masks.any(dim=-1).float().mean().cpu()
+        out["ibot_uniform_loss"] = masked_share * math.log(self.ibot_loss.patch_out_dim)
+        with torch.no_grad():
+            # The raw tempered softmax, not the centred targets: Sinkhorn-Knopp forces its
+            # targets to use every prototype and would hide a collapse of the teacher itself.
+            raw = torch.softmax(teacher_out["dino_global"].float() / teacher_temp, dim=-1)
+            out["teacher_entropy"] = mean_row_entropy(raw)
+            out["teacher_prototype_entropy"] = prototype_usage_entropy(raw)
+            out["teacher_cls_effective_rank"] = effective_rank(teacher_out["cls_global"])
         return out
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> Tensor:

@@ -313,48 +313,77 @@ def match_cases(
     if (label_dir is None) == (label_csv is None):
         raise ValueError("Give exactly one of label_dir (segmentation masks) or label_csv (class indices).")
     images = _list_images(Path(image_dir))
-    skipped: list[Skipped] = []
     if label_dir is not None:
-        label_folder = Path(label_dir)
-        if not label_folder.is_dir():
-            raise ValueError(f"Label folder {label_folder} does not exist; pass an existing folder with --labels.")
-        label_files = {
-            strip_image_suffix(p.name): p.absolute()
-            for p in sorted(label_folder.iterdir())
-            if p.is_file() and is_nifti_path(p)
-        }
-        labels: dict[str, Any] = {}
-        for stem, path in label_files.items():
-            if label_suffix and not stem.endswith(label_suffix):
-                continue
-            labels[stem[: len(stem) - len(label_suffix)] if label_suffix else stem] = str(path)
+        labels: dict[str, Any] = _list_labels(Path(label_dir), label_suffix)
         label_paths = {Path(p) for p in labels.values()}
         images = {k: v for k, v in images.items() if v not in label_paths}  # labels may share the image folder
     else:
         labels = _read_label_csv(Path(label_csv))
-
-    cases: dict[str, Any] = {}
     if modalities:
-        pattern = re.compile(modality_regex)
-        if not {"case", "modality"} <= set(pattern.groupindex):
-            raise ValueError(
-                f"modality_regex {modality_regex!r} needs named groups (?P<case>...) and (?P<modality>...)."
-            )
-        grouped: dict[str, dict[str, Path]] = defaultdict(dict)
-        for stem, path in images.items():
-            match = pattern.match(stem)
-            if match and match["modality"] in modalities:
-                grouped[match["case"]][match["modality"]] = path
-        for case, found in sorted(grouped.items()):
-            missing = [m for m in modalities if m not in found]
-            if missing:
-                skipped.append(Skipped(case, f"missing modality file(s) {missing} (found {sorted(found)})"))
-            else:
-                cases[case] = [str(found[m]) for m in modalities]
+        cases, skipped = _group_modalities(images, modalities, modality_regex)
     else:
-        cases = {stem: str(path) for stem, path in images.items()}
+        cases, skipped = {stem: str(path) for stem, path in images.items()}, []
+    entries, unpaired = _pair_cases(cases, labels, label_suffix)
+    return entries, skipped + unpaired
 
-    entries = []
+
+def _list_labels(label_folder: Path, label_suffix: str) -> dict[str, str]:
+    """Case name -> label file path for the NIfTI files of ``label_folder`` named ``<case><label_suffix>``."""
+    if not label_folder.is_dir():
+        raise ValueError(f"Label folder {label_folder} does not exist; pass an existing folder with --labels.")
+    label_files = {
+        strip_image_suffix(p.name): p.absolute()
+        for p in sorted(label_folder.iterdir())
+        if p.is_file() and is_nifti_path(p)
+    }
+    labels: dict[str, str] = {}
+    for stem, path in label_files.items():
+        if label_suffix and not stem.endswith(label_suffix):
+            continue
+        labels[stem[: len(stem) - len(label_suffix)] if label_suffix else stem] = str(path)
+    return labels
+
+
+def _group_modalities(
+    images: dict[str, Path], modalities: Sequence[str], modality_regex: str
+) -> tuple[dict[str, list[str]], list[Skipped]]:
+    """Groups ``<case>_<modality>`` image stems into cases.
+
+    Returns:
+        ``(cases, skipped)``: case -> image paths in ``modalities`` order, for the cases that
+        have every modality, and the cases that lack some, sorted by case name.
+    """
+    pattern = re.compile(modality_regex)
+    if not {"case", "modality"} <= set(pattern.groupindex):
+        raise ValueError(
+            f"modality_regex {modality_regex!r} needs named groups (?P<case>...) and (?P<modality>...)."
+        )
+    grouped: dict[str, dict[str, Path]] = defaultdict(dict)
+    for stem, path in images.items():
+        match = pattern.match(stem)
+        if match and match["modality"] in modalities:
+            grouped[match["case"]][match["modality"]] = path
+    cases: dict[str, list[str]] = {}
+    skipped: list[Skipped] = []
+    for case, found in sorted(grouped.items()):
+        missing = [m for m in modalities if m not in found]
+        if missing:
+            skipped.append(Skipped(case, f"missing modality file(s) {missing} (found {sorted(found)})"))
+        else:
+            cases[case] = [str(found[m]) for m in modalities]
+    return cases, skipped
+
+
+def _pair_cases(
+    cases: dict[str, Any], labels: dict[str, Any], label_suffix: str
+) -> tuple[list[dict], list[Skipped]]:
+    """Pairs case images with labels by case name.
+
+    Returns:
+        ``(entries, skipped)``: ``{"image", "label", "name"}`` entries sorted by case name, then
+        the cases without a label and the labels without an image.
+    """
+    entries, skipped = [], []
     for case in sorted(cases):
         if case not in labels:
             skipped.append(Skipped(case, f"no label found (looked for '{case}{label_suffix}' in the labels)"))
