@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from dinov2 import distributed
 from dinov2.data.seeding import WorkerSeeds, child_sequence, derive_seeds
+from dinov2.data.validation import InputVolumeError
 from dinov2.data.transforms import (
     build_preprocessing,
     pick_frame,
@@ -53,6 +54,14 @@ def normalise_datalist(datalist: str | os.PathLike | Sequence[Mapping[str, Any] 
 
     Returns:
         A new list of dicts; other keys of the entries (``shape``, ``spacing``) are kept.
+
+    Raises:
+        FileNotFoundError: an image does not exist.
+        InputVolumeError: an image is an empty file. (Unreadable, 2D/5D or all-NaN volumes are
+            reported when read: :class:`~dinov2.data.validation.LoadVolumed` and
+            :class:`~dinov2.data.transforms.ReplaceNonFinited` raise ``InputVolumeError`` naming
+            the file, which MONAI wraps in ``RuntimeError("applying transform ...")``;
+            :func:`~dinov2.data.validation.find_input_error` finds it.)
     """
     if isinstance(datalist, (str, os.PathLike)):
         from dinov2.data.datalist import load_pretrain_datalist  # the JSON format lives there
@@ -69,6 +78,9 @@ def normalise_datalist(datalist: str | os.PathLike | Sequence[Mapping[str, Any] 
         item["image"] = os.fspath(image)
         if not os.path.exists(item["image"]):
             raise FileNotFoundError(f"Datalist entry {position}: image {item['image']} does not exist. Fix the datalist.")
+        if os.path.isfile(item["image"]) and os.path.getsize(item["image"]) == 0:
+            raise InputVolumeError(item["image"], f"datalist entry {position} is an empty file (0 bytes)",
+                                   "copy it again or remove it from the datalist")
         entries.append(item)
     if not entries:
         raise ValueError("The pretraining datalist is empty: give at least one volume.")

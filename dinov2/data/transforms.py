@@ -2,11 +2,13 @@
 
 The chain built by :func:`build_preprocessing`, in order, on a dict with an ``"image"`` path:
 
-1. ``LoadImaged`` (MONAI picks the reader: nibabel for NIfTI, pydicom for DICOM) and
-   ``EnsureChannelFirstd``. A 4D series becomes ``(T, X, Y, Z)``, its frames on the channel axis;
+1. :class:`~dinov2.data.validation.LoadVolumed` (MONAI's ``LoadImaged``, which picks the reader:
+   nibabel for NIfTI, pydicom for DICOM; a file it cannot read, a 2D or 5D array is an
+   ``InputVolumeError`` naming the file) and ``EnsureChannelFirstd``. A 4D series becomes ``(T, X, Y, Z)``, its frames on the channel axis;
    one frame is picked at random every time the volume is sampled (:func:`pick_frame`), after
    the cache, so caching never freezes the choice.
-2. :class:`ReplaceNonFinited`: NaN and +-Inf become the finite minimum (or 0); then, if
+2. :class:`ReplaceNonFinited`: NaN and +-Inf become the finite minimum (or 0), with one warning
+   naming the file and the count (a volume without any finite voxel is an error); then, if
    ``target_spacing`` is set, MONAI's ``Spacingd`` resamples (trilinear) to that voxel size, so
    a crop of N voxels covers the same millimetres in every volume of a mixed-resolution set.
 3. :class:`ReorderAxesd`: the two in-plane axes (equal spacing) first, the odd one last
@@ -39,7 +41,6 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
-    LoadImaged,
     MapTransform,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
@@ -48,6 +49,7 @@ from monai.transforms import (
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2.data.readers import image_readers
+from dinov2.data.validation import InputVolumeError, LoadVolumed, warn_nonfinite
 from dinov2.utils.config import load_yaml, packaged_config_path
 
 # Bump when the stored format or the meaning of a preprocessing option changes, so old disk
@@ -220,18 +222,36 @@ def _source_name(x: Any) -> str:
     return "<in-memory image>"
 
 
+def _source_names(x: Any) -> list[str]:
+    """The file(s) an image was read from: one per channel when modality files were stacked."""
+    source = x.meta.get("filename_or_obj") if isinstance(x, MetaTensor) else None
+    if isinstance(source, (list, tuple)) and source:
+        return [str(s) for s in source]
+    return [str(source) if source else "<in-memory image>"]
+
+
 class ReplaceNonFinited(MapTransform):
     """Replace NaN and +-Inf by the finite minimum of the image (``fill="min"``) or by 0.
 
+    One warning per file (and process) names the file and the count
+    (:func:`dinov2.data.validation.warn_nonfinite`).
+
+    Args:
+        keys: image keys.
+        fill: ``"min"`` or ``"zero"``.
+        channel_wise: take the minimum of each channel (modalities stacked as channels differ in
+            range) instead of the whole array (frames of one series share it).
+
     Raises:
-        ValueError: when the image has no finite value at all (names the file).
+        InputVolumeError: when the image (or a channel of it) has no finite value at all (names the file).
     """
 
-    def __init__(self, keys: Hashable | Sequence[Hashable], fill: str = "min") -> None:
+    def __init__(self, keys: Hashable | Sequence[Hashable], fill: str = "min", channel_wise: bool = False) -> None:
         super().__init__(keys)
         if fill not in ("min", "zero"):
             raise ValueError(f"fill must be 'min' or 'zero', got {fill!r}.")
         self.fill = fill
+        self.channel_wise = channel_wise
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -240,10 +260,28 @@ class ReplaceNonFinited(MapTransform):
             finite = torch.isfinite(x)
             if bool(finite.all()):
                 continue
-            if not bool(finite.any()):
-                raise ValueError(f"{_source_name(x)}: no finite voxel (all NaN/Inf). Remove it from the datalist.")
-            value = float(x[finite].min()) if self.fill == "min" else 0.0
-            d[key] = torch.where(finite, x, torch.as_tensor(value, dtype=x.dtype))
+            sources = _source_names(x)
+            parts = range(x.shape[0]) if self.channel_wise and x.dim() > 1 else [None]
+            out = x
+            for c in parts:
+                part, ok = (x, finite) if c is None else (x[c], finite[c])
+                source = sources[c] if c is not None and len(sources) == x.shape[0] else sources[0]
+                if bool(ok.all()):
+                    continue
+                if not bool(ok.any()):
+                    raise InputVolumeError(source, "no finite voxel (all NaN or +-Inf)",
+                                           "export it again, or remove it from the datalist")
+                value = float(part[ok].min()) if self.fill == "min" else 0.0
+                bad = int(ok.numel() - ok.sum())
+                what = f"the smallest finite value ({value:g})" if self.fill == "min" else "0"
+                warn_nonfinite(source, bad, int(ok.numel()), what)
+                filled = torch.where(ok, part, torch.as_tensor(value, dtype=x.dtype))
+                if c is None:
+                    out = filled
+                else:
+                    out = out.clone() if out is x else out
+                    out[c] = filled
+            d[key] = out
         return d
 
 
@@ -347,7 +385,7 @@ def build_preprocessing(cfg: Mapping[str, Any] | DictConfig | None = None, key: 
     c = resolve_preprocessing_config(cfg)
     intensity = c["intensity"]
     transforms = [
-        LoadImaged(keys=key, reader=image_readers(), image_only=True, dtype=np.float32),
+        LoadVolumed(keys=key, reader=image_readers(), image_only=True, dtype=np.float32),
         EnsureChannelFirstd(keys=key),
         ReplaceNonFinited(keys=key, fill=c["nonfinite_fill"]),
     ]

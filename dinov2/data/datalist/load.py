@@ -72,7 +72,9 @@ def _header_problem(where: str, path: str, result: VolumeHeader | ImageHeaderErr
     if isinstance(result, ImageHeaderError):
         if not Path(path).exists():
             return Problem(where, path, "file not found", HINT_NOT_FOUND)
-        return Problem(where, path, f"header unreadable: {result.reason}", HINT_UNREADABLE)
+        from dinov2.data.validation import explain_read_error  # noqa: PLC0415 - imports MONAI, only needed here
+
+        return Problem(where, path, f"header unreadable: {explain_read_error(result) or result.reason}", HINT_UNREADABLE)
     if result.ndim not in (3, 4):
         return Problem(where, path, f"{result.ndim}D volume of shape {list(result.shape)}", HINT_NDIM)
     return None
@@ -126,7 +128,7 @@ def check_finetune_entry(entry: Any, where: str, base: Path, label_required: boo
         elif len(headers) == len(images):
             equal, why = same_grid(headers[0][1], result)
             if not equal:
-                reason = f"label grid differs from the image: {why}"
+                reason = f"label grid differs from the image {headers[0][1].path}: {why}"
                 problems.append(Problem(f"{where}.label", path, reason, HINT_LABEL_GRID))
     return problems
 

@@ -1,7 +1,8 @@
 """Preset-driven MONAI pipelines and datasets for finetuning, validation, testing and prediction.
 
-Deterministic part (cached): load (several modality files stack as channels), channel first,
-label remap, reorientation, resampling to the preset spacing, intensity normalisation, crop to
+Deterministic part (cached): load (several modality files stack as channels; a file no reader
+can open is an ``InputVolumeError`` naming it), channel first, NaN/+-Inf replaced by the smallest
+finite value of their channel (one warning per file), label remap, reorientation, resampling to the preset spacing, intensity normalisation, crop to
 the foreground, pad to the crop size. Random part (per worker, every iteration): crops centred
 on foreground/background voxels in the preset's ratio, flips, 90° rotations, intensity scale and
 shift. Multi-label presets turn the label map into one binary channel per region at the end.
@@ -22,7 +23,6 @@ from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapLabelValued,
     MapTransform,
     NormalizeIntensityd,
@@ -39,7 +39,10 @@ from monai.transforms import (
 )
 
 from dinov2.data.datalist import load_finetune_datalist, subset_training
+from dinov2.data.datalist.format import DatalistError, Problem
 from dinov2.data.readers import image_readers
+from dinov2.data.transforms import ReplaceNonFinited
+from dinov2.data.validation import InputVolumeError, LoadVolumed, read_label_map
 from dinov2.eval.presets import DatasetPreset
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,28 @@ class LabelToRegionsd(MapTransform):
         return d
 
 
-def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad: bool = True) -> list:
+class SelectFramed(MapTransform):
+    """Keep one frame of a channel-first 4D series ``(T, X, Y, Z)`` as ``(1, X, Y, Z)``; 3D passes.
+
+    Not invertible on purpose: the prediction belongs to the chosen frame's 3D grid, which is the
+    input's spatial grid.
+    """
+
+    def __init__(self, keys, frame: int):
+        super().__init__(keys)
+        self.frame = int(frame)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.shape[0] > 1:
+                d[key] = x[self.frame:self.frame + 1]
+        return d
+
+
+def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad: bool = True,
+                             frame: int | None = None) -> list:
     """The cached, invertible preprocessing of one case.
 
     Args:
@@ -83,12 +107,16 @@ def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad
         with_label: also load and resample ``label``.
         pad: pad every volume to at least ``roi_size`` (training crops need it; evaluation does
             not, sliding-window inference pads by itself).
+        frame: keep this frame of a 4D image (prediction's ``--frame``); None keeps every channel.
 
     Returns:
         A list of MONAI dictionary transforms.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    t: list = [LoadImaged(keys=keys, reader=image_readers(), image_only=True), EnsureChannelFirstd(keys=keys)]
+    t: list = [LoadVolumed(keys=keys, reader=image_readers(), image_only=True), EnsureChannelFirstd(keys=keys)]
+    if frame is not None:
+        t.append(SelectFramed(keys="image", frame=frame))
+    t.append(ReplaceNonFinited(keys="image", fill="min", channel_wise=True))
     if with_label and preset.remap:
         t.append(MapLabelValued(keys="label", orig_labels=list(preset.remap), target_labels=list(preset.remap.values())))
     # Anatomical axis labels stated explicitly: MONAI's default for them is changing (FutureWarning).
@@ -139,9 +167,10 @@ def train_transforms(preset: DatasetPreset) -> Compose:
     return Compose(t)
 
 
-def eval_transforms(preset: DatasetPreset, with_label: bool = True) -> Compose:
-    """Deterministic preprocessing of whole volumes for validation, testing and prediction."""
-    t = deterministic_transforms(preset, with_label=with_label, pad=False)
+def eval_transforms(preset: DatasetPreset, with_label: bool = True, frame: int | None = None) -> Compose:
+    """Deterministic preprocessing of whole volumes for validation, testing and prediction
+    (``frame``: the frame of a 4D image to predict, see :func:`deterministic_transforms`)."""
+    t = deterministic_transforms(preset, with_label=with_label, pad=False, frame=frame)
     if with_label and preset.multilabel:
         t.append(LabelToRegionsd(keys="label", regions=preset.regions))
     return Compose(t)
@@ -182,6 +211,69 @@ def _entry(entry: dict, preset: DatasetPreset, with_label: bool) -> dict:
     return out
 
 
+def label_classes(preset: DatasetPreset) -> tuple[set[int], str]:
+    """Label values a label map of ``preset`` may hold, as stored (before ``dataset.remap``), and
+    the classes in words for messages.
+
+    Multi-class presets take the class indices ``0..K-1``; multi-label presets 0 (background) and
+    every value of a region. A value ``v`` listed in ``remap`` is allowed when ``remap[v]`` is; a
+    value not listed there is taken as it is.
+    """
+    if preset.multilabel:
+        targets = {0} | {int(v) for values in preset.regions.values() for v in values}
+        words = "0 background, " + ", ".join(f"{name} = {list(values)}" for name, values in preset.regions.items())
+    else:
+        targets = set(range(len(preset.classes)))
+        words = ", ".join(f"{i} {name}" for i, name in enumerate(preset.classes))
+    allowed = {v for v in targets if v not in preset.remap}
+    allowed |= {int(k) for k, v in preset.remap.items() if int(v) in targets}
+    if preset.remap:
+        words += f"; stored values are first mapped by dataset.remap {dict(preset.remap)}"
+    return allowed, words
+
+
+def check_labels(splits: dict[str, list[dict]], preset: DatasetPreset, datalist: str | os.PathLike,
+                 workers: int | None = None) -> None:
+    """Read every label map of ``splits`` and check it against the preset's classes and its image's grid.
+
+    Runs before training, so a label value that is not a class of the task (an unmapped BraTS 3,
+    a label map of another dataset) is found before hours of training, not as a shape error in a
+    loss. Files are read in a few threads (decompression releases the GIL).
+
+    Raises:
+        DatalistError: one error listing every bad label map (values, classes, both files on a grid
+            mismatch).
+    """
+    allowed, words = label_classes(preset)
+    fix = (f"correct the label map, or map its values onto the classes of preset '{preset.name}' with "
+           "dataset.remap={stored: class}")
+    jobs = [(f"{split} case {e['name']}: label", e["label"], e["image"] if isinstance(e["image"], str) else e["image"][0])
+            for split, entries in splits.items() for e in entries if isinstance(e.get("label"), str)]
+    if not jobs:
+        return
+
+    def check(job):
+        where, label, image = job
+        try:
+            read_label_map(label, allowed, words, image=image, fix=fix)
+        except InputVolumeError as exc:
+            return Problem(where, str(exc.path), exc.problem, exc.fix)
+        return None
+
+    workers = workers or min(8, os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            problems = [p for p in pool.map(check, jobs) if p is not None]
+    else:
+        problems = [p for p in map(check, jobs) if p is not None]
+    if problems:
+        count = f"{len(problems)} label map{'s' if len(problems) > 1 else ''}"
+        raise DatalistError(datalist, problems, summary=f"Datalist {datalist}: {count} do not fit the task of preset "
+                            f"'{preset.name}' (classes: {words}); fix them before training:")
+
+
 def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset_percent: float = 100.0,
                 seed: int = 0, validate: bool = True) -> dict[str, list[dict]]:
     """Training (optionally subset), validation and test entries with absolute paths.
@@ -191,7 +283,11 @@ def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset
         base_data_dir: folder of the datalist.
         dataset_percent: keep this percentage of the training cases (nested, seeded).
         seed: seed of the subset.
-        validate: check every file of the datalist (headers, grids).
+        validate: check every file of the datalist (headers, grids) and every label map's values
+            against the preset's classes (:func:`check_labels`).
+
+    Raises:
+        DatalistError: every bad entry (files, grids, label values) at once.
     """
     path = resolve_datalist(preset, base_data_dir)
     datalist = load_finetune_datalist(path, validate=validate, progress=False)
@@ -207,6 +303,8 @@ def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset
     }
     if not splits["validation"]:
         raise ValueError(f"{path} has no 'validation' cases; model selection needs at least one.")
+    if validate:
+        check_labels(splits, preset, path)
     return splits
 
 

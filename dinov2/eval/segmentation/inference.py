@@ -16,6 +16,8 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from torch import nn
 
+from dinov2.data.image_io import is_nifti_path
+from dinov2.data.validation import CheckedVolume, InputVolumeError, check_same_grid, find_input_error, read_volume
 from dinov2.eval.presets import region_decoding_table
 
 from .data import eval_transforms
@@ -97,34 +99,87 @@ def labels_from_probabilities(probs: torch.Tensor, preset) -> torch.Tensor:
     return table[((probs > 0.5).long() * weights).sum(0)]
 
 
+def check_case(image_paths: Sequence[str | os.PathLike], preset, frame: int | None = None,
+               frame_flag: str | None = "--frame") -> list[CheckedVolume]:
+    """Check the input files of one case before prediction (:func:`dinov2.data.validation.read_volume`).
+
+    A case is one NIfTI file (3D; or 4D with ``frame`` chosen; or 4D whose frames are the model's
+    channels) or one 3D file per modality, all on one grid.
+
+    Raises:
+        InputVolumeError: the first problem found, naming its file.
+    """
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise ValueError("A case needs at least one image file.")
+    channels = preset.in_channels
+    for path in paths:
+        if not is_nifti_path(path):
+            raise InputVolumeError(path, "prediction reads NIfTI files (.nii, .nii.gz) only: the label map is written "
+                                   "with the input's NIfTI header", "convert it to NIfTI (e.g. dcm2niix)")
+    if len(paths) == 1:
+        return [read_volume(paths[0], frame=frame, channels=channels, frame_flag=frame_flag)]
+    if len(paths) != channels:
+        raise InputVolumeError(paths[0], f"the case gives {len(paths)} files but the model takes {channels} "
+                               f"modalities {list(preset.modalities)}",
+                               "list one file per modality, in that order, in the 'image' of a datalist JSON")
+    volumes = [read_volume(p, channels=1, frame_flag=None) for p in paths]
+    for volume in volumes[1:]:
+        check_same_grid(volumes[0], volume, role="modality image", reference_role="first modality image")
+    return volumes
+
+
+def _save_atomically(image: nib.Nifti1Image, output_path: Path) -> None:
+    """Write to a hidden temporary name in the same folder, then rename: a failed write leaves nothing."""
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.partial.nii.gz")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, output_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_path: str | os.PathLike,
                  overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 4, tta_flip: bool = False,
                  device: torch.device | str = "cpu",
-                 autocast: contextlib.AbstractContextManager | None = None) -> Path:
+                 autocast: contextlib.AbstractContextManager | None = None, frame: int | None = None) -> Path:
     """Segment one case and write its label map in the input's original space.
 
-    The image goes through the preset's preprocessing (orientation, spacing, intensity,
-    foreground crop); the probabilities are mapped back through the inverse of those spatial
-    steps (MONAI ``Invertd``: un-crop, resample linearly, re-orient), then turned into labels, so
-    the output has the shape and affine of the (first) input file, whatever its orientation.
+    The inputs are checked first (:func:`check_case`); the image goes through the preset's
+    preprocessing (orientation, spacing, intensity, foreground crop); the probabilities are mapped
+    back through the inverse of those spatial steps (MONAI ``Invertd``: un-crop, resample
+    linearly, re-orient), then turned into labels, so the output has the shape and affine of the
+    (first) input file, whatever its orientation. The label map is written under a temporary name
+    and renamed, so a failed case leaves no output file.
 
     Args:
         model: finetuned model (eval mode).
         preset: its dataset preset.
-        image_paths: one file per modality, in the preset's modality order.
+        image_paths: one file per modality, in the preset's modality order (or one 4D file whose
+            frames are the modalities).
         output_path: NIfTI file to write (``.nii.gz``).
         overlap, blend, sw_batch_size, tta_flip, autocast: see :func:`predict_probabilities`.
         device: where the model runs.
+        frame: frame of a 4D input to segment (ignored for 3D inputs).
 
     Returns:
         The written path.
+
+    Raises:
+        InputVolumeError: an input that cannot be segmented (names the file, says why).
     """
     image_paths = [str(p) for p in image_paths]
-    if len(image_paths) != preset.in_channels:
-        raise ValueError(f"{image_paths} gives {len(image_paths)} file(s) but the model takes {preset.in_channels} "
-                         f"modalities {list(preset.modalities)}; pass a datalist JSON whose 'image' lists them.")
-    pre = eval_transforms(preset, with_label=False)
-    data = pre({"image": image_paths if len(image_paths) > 1 else image_paths[0]})
+    volumes = check_case(image_paths, preset, frame)
+    pre = eval_transforms(preset, with_label=False, frame=volumes[0].frame)
+    try:
+        data = pre({"image": image_paths if len(image_paths) > 1 else image_paths[0]})
+    except Exception as exc:  # MONAI wraps transform errors: surface ours, naming the file
+        found = find_input_error(exc)
+        if found is not None:
+            raise found from exc
+        raise
     image = data["image"]
     # Volume and blended output in host memory, windows on ``device`` (whole CT volumes with many
     # classes do not fit next to the model on a GPU).
@@ -145,6 +200,5 @@ def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_pa
     header.set_slope_inter(1, 0)
     out = nib.Nifti1Image(labels.astype(dtype), reference.affine, header)
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, output_path)
+    _save_atomically(out, output_path)
     return output_path

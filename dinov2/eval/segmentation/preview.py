@@ -34,7 +34,7 @@ def label_names(preset: DatasetPreset) -> dict[int, str]:
 
 
 def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, png_path: str | os.PathLike,
-                  preset: DatasetPreset) -> Path:
+                  preset: DatasetPreset, frame: int | None = None) -> Path:
     """Write axial/coronal/sagittal slices of the input with the predicted labels over it.
 
     Args:
@@ -42,6 +42,7 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
         label_path: the predicted label map, on the same grid (as ``predict_case`` writes it).
         png_path: PNG file to write.
         preset: the dataset preset (class names for the legend).
+        frame: the frame of a 4D input that was segmented (default: the first).
 
     Returns:
         The written path.
@@ -49,8 +50,8 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
     image = nib.load(str(image_path))
     labels = nib.load(str(label_path))
     anatomy = np.asarray(image.dataobj, dtype=np.float32)
-    if anatomy.ndim == 4:  # one frame is enough for a preview
-        anatomy = anatomy[..., 0]
+    if anatomy.ndim == 4:  # the segmented frame (frames used as channels: the first)
+        anatomy = anatomy[..., frame if frame is not None and 0 <= frame < anatomy.shape[3] else 0]
     label_data = np.asarray(labels.dataobj).astype(np.int64)
     if anatomy.shape != label_data.shape:
         raise ValueError(f"{label_path} has shape {label_data.shape} but {image_path} has {anatomy.shape}: a preview "

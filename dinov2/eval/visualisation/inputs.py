@@ -14,7 +14,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from dinov2.data.image_io import is_nifti_path
 from dinov2.data.transforms import build_preprocessing, resolve_preprocessing_config
+from dinov2.data.validation import InputVolumeError, check_same_grid, find_input_error, read_volume
 
 
 @dataclass
@@ -53,30 +55,17 @@ class VisVolume:
         return name + (f"_frame{self.frame}" if self.frame is not None else "")
 
 
-def _spatial_header(path: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, float, float]]:
-    try:
-        image = nib.load(path)
-    except Exception as exc:  # nibabel raises many kinds for unreadable files
-        raise ValueError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc}). "
-                         "Give a .nii or .nii.gz volume.") from exc
-    shape = tuple(int(s) for s in image.shape)
-    # Trailing singleton axes (e.g. (X, Y, Z, 1, 1)) carry no frames.
-    while len(shape) > 4 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) not in (3, 4):
-        raise ValueError(f"{path}: shape {tuple(image.shape)}; visualisation needs a 3D volume or a 4D series.")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return shape, np.asarray(image.affine, dtype=np.float64), zooms  # type: ignore[return-value]
-
-
 def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict | None = None,
                     mask_path: str | os.PathLike | None = None) -> VisVolume:
     """Load one frame of a NIfTI file, scaled like the pretraining data.
 
-    The whole file goes through :func:`dinov2.data.transforms.build_preprocessing` with the
-    foreground crop and axis reordering switched off (so the voxel grid stays the input's):
-    non-finite repair, then robust intensity scaling to ``[-1, 1]`` over the whole series, as in
-    pretraining; then frame ``frame`` is taken.
+    The file is checked first (:func:`dinov2.data.validation.read_volume`: empty, truncated or
+    unreadable files, 2D/5D arrays, frame out of range, no finite voxel in the frame; some NaN/Inf
+    voxels are tolerated with one warning). The whole file then goes through
+    :func:`dinov2.data.transforms.build_preprocessing` with the foreground crop and axis
+    reordering switched off (so the voxel grid stays the input's): non-finite repair (the
+    smallest finite value), then robust intensity scaling to ``[-1, 1]`` over the whole series,
+    as in pretraining; then frame ``frame`` is taken.
 
     Args:
         path: ``.nii`` / ``.nii.gz``, 3D or 4D.
@@ -89,20 +78,31 @@ def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict
         A :class:`VisVolume`.
 
     Raises:
-        ValueError: unreadable file, wrong dimensionality, frame out of range, mask on another grid.
+        InputVolumeError: unreadable file, wrong dimensionality, frame out of range, no finite
+            voxel, mask unreadable or on another grid (a ``ValueError``; names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Image not found: {path}. Pass an existing NIfTI file with --image-path.")
-    shape, affine, spacing = _spatial_header(path)
-    n_frames = shape[3] if len(shape) == 4 else 1
-    if len(shape) == 4 and not 0 <= frame < n_frames:
-        raise ValueError(f"{path} has {n_frames} frames (0..{n_frames - 1}); --frame {frame} is out of range.")
+    if not path.exists():
+        raise InputVolumeError(path, "the image file does not exist", "pass an existing NIfTI file with --image-path")
+    if not is_nifti_path(path):
+        raise InputVolumeError(path, "visualisation reads NIfTI files (.nii, .nii.gz) only",
+                               "convert it to NIfTI (e.g. dcm2niix)")
+    checked = read_volume(path, frame=frame, channels=1, frame_flag="--frame")
+    shape = checked.shape
+    affine = np.asarray(checked.affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in checked.header.spacing[:3])
+    n_frames = checked.frames
     overrides = dict(preprocessing or {})
     overrides["reorder_axes"] = False
     overrides["foreground"] = {**dict(overrides.get("foreground", {})), "enabled": False}
     resolved = resolve_preprocessing_config(overrides)
-    record = build_preprocessing(resolved)({"image": str(path)})
+    try:
+        record = build_preprocessing(resolved)({"image": str(path)})
+    except Exception as exc:  # MONAI wraps transform errors: surface ours, naming the file
+        found = find_input_error(exc)
+        if found is not None:
+            raise found from exc
+        raise
     series = record["image"].float()  # (T, X, Y, Z)
     if tuple(series.shape[1:]) != shape[:3]:
         raise ValueError(f"{path}: the loader returned spatial shape {tuple(series.shape[1:])} but the header "
@@ -110,11 +110,10 @@ def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict
     index = frame if len(shape) == 4 else 0
     scaled = series[index].numpy().astype(np.float32)
     if mask_path is not None:
+        mask = read_volume(mask_path, role="mask", frame_flag=None)
+        check_same_grid(checked, mask, role="mask")
         mask_image = nib.load(mask_path)
-        if tuple(mask_image.shape[:3]) != shape[:3] or not np.allclose(mask_image.affine, affine, atol=1e-3):
-            raise ValueError(f"Mask {mask_path} (shape {mask_image.shape}) is not on the grid of {path} "
-                             f"(shape {shape[:3]}); resample it onto the image first.")
-        foreground = np.asarray(mask_image.dataobj).reshape(mask_image.shape[:3]) != 0
+        foreground = np.asarray(mask_image.dataobj).reshape(mask.spatial_shape) != 0
     else:
         foreground = scaled > float(resolved["foreground"]["threshold"])
     if not foreground.any():
