@@ -25,3 +25,30 @@ def lobe_data(tmp_path_factory):
     from dinov2.sample_data.classification import PatchTaskParams, write_classification_dataset
 
     return write_classification_dataset(tmp_path_factory.mktemp("lobes"), PatchTaskParams(stride=8, seed=0))
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_environment(monkeypatch):
+    """Tests see the commands' default error handling even where ``DINOV2_DEBUG`` is set."""
+    monkeypatch.delenv("DINOV2_DEBUG", raising=False)
+
+
+@pytest.fixture()
+def error_line(capsys):
+    """Read what an entry point printed to stderr and return its one ``ERROR:`` line.
+
+    Asserts the entry-point contract for a user error: exactly one stderr line starts with
+    ``ERROR:``, and no traceback was printed. (Other stderr lines, e.g. progress bars, may be there.)
+    """
+
+    def read(only: bool = False) -> str:
+        """``only``: the ERROR line must be all of stderr."""
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("ERROR:")]
+        assert len(lines) == 1, err
+        if only:
+            assert err.strip().splitlines() == lines, err
+        return lines[0]
+
+    return read

@@ -4,8 +4,10 @@ Both messages name the file and the fix. :class:`FinetunedModelError` is raised 
 is expected but a finetuned segmentation model (or its resumable state) was given.
 """
 
+from dinov2.utils.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be used as asked; the message names the file and the fix."""
 
 

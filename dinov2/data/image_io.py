@@ -24,6 +24,8 @@ import pydicom
 from nibabel.openers import ImageOpener
 from pydicom.dataset import Dataset
 
+from dinov2.utils.errors import UserError
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # Files with these suffixes are never images; skipping them avoids opening every sidecar file.
@@ -36,7 +38,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _MEDIA_STORAGE_DIRECTORY_UID = "1.2.840.10008.1.3.10"
 
 
-class ImageHeaderError(ValueError):
+class ImageHeaderError(UserError, ValueError):
     """A file or folder whose header cannot give a volume grid.
 
     Attributes:

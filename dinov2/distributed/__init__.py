@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from dinov2.distributed.slurm import read_slurm_env
 from dinov2.utils.device import resolve_device
+from dinov2.utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
         environ: the environment to read (``os.environ`` by default).
 
     Raises:
-        ValueError: when only some of ``RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT``
+        UsageError: (a ``ValueError``) when only some of ``RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT``
             are set or they hold impossible values (a half-configured launch would otherwise
             hang at the rendezvous or silently train as one process).
     """
@@ -116,7 +117,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
                          master_addr=slurm.master_addr, master_port=slurm.master_port)
     missing = [k for k in TORCHRUN_VARS if k not in environ]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"Incomplete distributed environment: {', '.join(present)} set but {', '.join(missing)} missing. "
             "Launch with torchrun (which sets all of them) or unset them to run as one process "
             "(dinov2/distributed/__init__.py)."
@@ -128,9 +129,9 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
             master_port=int(environ["MASTER_PORT"]),
         )
     except ValueError as exc:
-        raise ValueError(f"Non-integer RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT in the environment: {exc}") from exc
+        raise UsageError(f"Non-integer RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT in the environment: {exc}") from exc
     if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
-        raise ValueError(
+        raise UsageError(
             f"Impossible placement RANK={env.rank}, WORLD_SIZE={env.world_size}, LOCAL_RANK={env.local_rank} "
             "(need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)."
         )
@@ -149,9 +150,9 @@ def collective_timeout_minutes(timeout_minutes: float | None = None) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"DINOV2_DIST_TIMEOUT_MIN must be a number of minutes, got '{raw}'") from None
+            raise UsageError(f"DINOV2_DIST_TIMEOUT_MIN must be a number of minutes, got '{raw}'") from None
     if value <= 0:
-        raise ValueError(f"The collective timeout must be positive, got {value} minutes")
+        raise UsageError(f"The collective timeout must be positive, got {value} minutes")
     return value
 
 
@@ -163,7 +164,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float | None = None)
     context without re-initialising.
 
     Args:
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (config key ``train.device``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (config key ``device``).
         timeout_minutes: collective timeout; a rank stuck longer than this aborts the job
             (default: ``DINOV2_DIST_TIMEOUT_MIN`` or 30 minutes).
 

@@ -15,9 +15,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_UNPROBED = object()
+_xformers = _UNPROBED
 
-def _load_xformers():
-    """Return ``xformers.ops`` when installed, enabled and CUDA is present; else None."""
+
+def xformers_ops():
+    """``xformers.ops`` when installed, enabled and CUDA is present; else None.
+
+    Probed on the first attention over a CUDA tensor, not at import: importing the model code
+    neither initialises CUDA nor imports xformers. :func:`reset_xformers_probe` probes again.
+    """
+    global _xformers
+    if _xformers is _UNPROBED:
+        _xformers = _probe_xformers()
+    return _xformers
+
+
+def reset_xformers_probe() -> None:
+    """Forget the probe of :func:`xformers_ops` (after changing ``DINOV2_XFORMERS``)."""
+    global _xformers
+    _xformers = _UNPROBED
+
+
+def _probe_xformers():
     if os.environ.get("DINOV2_XFORMERS", "1") == "0" or not torch.cuda.is_available():
         return None
     try:
@@ -25,9 +45,6 @@ def _load_xformers():
     except ImportError:
         return None
     return xops
-
-
-XFORMERS_OPS = _load_xformers()
 
 
 class Attention(nn.Module):
@@ -68,9 +85,10 @@ class Attention(nn.Module):
         """Attention on packed ``qkv`` ``(B, N, 3*dim)`` → merged heads ``(B, N, dim)`` (before proj)."""
         B, N, _ = qkv.shape
         drop = self.attn_drop if self.training else 0.0
-        if XFORMERS_OPS is not None and qkv.is_cuda:
+        xops = xformers_ops() if qkv.is_cuda else None
+        if xops is not None:
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-            out = XFORMERS_OPS.memory_efficient_attention(q, k, v, p=drop)
+            out = xops.memory_efficient_attention(q, k, v, p=drop)
             return out.reshape(B, N, -1)
         q, k, v = self.split_qkv(qkv)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)

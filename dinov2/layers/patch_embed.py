@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dinov2.utils.errors import UserError
+
 
 def to_3tuple(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
     """Expand an int to a 3-tuple; validate a sequence of three ints."""
@@ -16,7 +18,7 @@ def to_3tuple(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, 
     return value  # type: ignore[return-value]
 
 
-class PatchGridError(ValueError):
+class PatchGridError(UserError, ValueError):
     """A spatial size that is not a multiple of the patch size (callers that know which setting
     chose the size catch it and name that setting)."""
 

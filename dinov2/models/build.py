@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from dinov2.utils.errors import UserError
+
 from .registry import MODEL_REGISTRY, build_model
 from .vision_transformer import VisionTransformer3D
 
@@ -55,7 +57,7 @@ CONFIG_KEYS = {  # config key under `student` -> VisionTransformer3D argument
 RANDOM_INIT_NAMES = ("none",)
 
 
-class BackboneConfigError(ValueError):
+class BackboneConfigError(UserError, ValueError):
     """A config (or architecture name) that describes no buildable backbone; the message names where."""
 
 

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import submitit
 
 from dinov2.run.submitit_job import ENTRY_POINTS, MULTI_PROCESS_ENTRY_POINTS, EntryPointJob
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
+from dinov2.utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="a shell line run before srun (repeatable), e.g. 'module load cuda'")
     slurm.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                        help="any other sbatch option (repeatable), e.g. --slurm-param mail-type=END")
+    add_debug_flag(p)
     return p
 
 
@@ -88,7 +91,7 @@ def _parse_params(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--slurm-param {item!r}: expected KEY=VALUE, e.g. --slurm-param mail-type=END.")
+            raise UsageError(f"--slurm-param {item!r}: expected KEY=VALUE, e.g. --slurm-param mail-type=END.")
         out[key.strip()] = value
     return out
 
@@ -97,10 +100,10 @@ def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """sbatch parameters in submitit's ``SlurmExecutor`` names (also what the dry run prints).
 
     Raises:
-        ValueError: impossible resources or a missing partition.
+        UsageError: (a ``ValueError``) impossible resources or a missing partition.
     """
     if args.partition is None:
-        raise ValueError("--partition is required to submit to SLURM (or use --local to run here).")
+        raise UsageError("--partition is required to submit to SLURM (or use --local to run here).")
     extra = _parse_params(args.slurm_param)
     if args.slurm_mem is not None:
         extra["mem"] = args.slurm_mem
@@ -138,28 +141,31 @@ def sbatch_script(folder: Path, params: dict[str, Any]) -> str:
 
 def _validate(args: argparse.Namespace, entry_argv: Sequence[str]) -> None:
     if args.nodes < 1 or args.gpus_per_node < 0 or args.timeout < 1:
-        raise ValueError(f"Need --nodes >= 1, --gpus-per-node >= 0 and --timeout >= 1 minute; got {args.nodes}, "
+        raise UsageError(f"Need --nodes >= 1, --gpus-per-node >= 0 and --timeout >= 1 minute; got {args.nodes}, "
                          f"{args.gpus_per_node}, {args.timeout}.")
     if any(a == "--output-dir" or a.startswith("--output-dir=") for a in entry_argv):
-        raise ValueError("Give --output-dir once, before '--': python -m dinov2.run.submit passes it to the "
+        raise UsageError("Give --output-dir once, before '--': python -m dinov2.run.submit passes it to the "
                          "entry point.")
     n_tasks = args.nodes * tasks_per_node(args.gpus_per_node)
     if n_tasks > 1 and args.entry_point not in MULTI_PROCESS_ENTRY_POINTS:
-        raise ValueError(f"{args.entry_point} runs as one process; use --nodes 1 --gpus-per-node 1 (or 0 for CPU), "
+        raise UsageError(f"{args.entry_point} runs as one process; use --nodes 1 --gpus-per-node 1 (or 0 for CPU), "
                          f"not {n_tasks} tasks.")
     if args.local and args.nodes != 1:
-        raise ValueError("--local runs on this machine: use --nodes 1.")
+        raise UsageError("--local runs on this machine: use --nodes 1.")
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Submit (or dry-run, or run locally) one entry point; returns the process exit code.
+    """Submit (or dry-run, or run locally) one entry point; returns the process exit code (1 with
+    one ``ERROR:`` line for inconsistent options, a :class:`~dinov2.utils.errors.UsageError` that
+    names the flag; with ``--debug`` that error is raised instead).
 
     Raises:
-        ValueError: inconsistent options (the message names the flag).
         submitit.core.utils.FailedJobError: with ``--local``, the job failed (its log is quoted).
     """
     own, entry_argv = split_command_line(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(own)
+    start_entry_point(tune_allocator=False)
     _validate(args, entry_argv)
     output_dir = Path(args.output_dir).resolve()
     job = EntryPointJob(args.entry_point, [*entry_argv, "--output-dir", str(output_dir)])

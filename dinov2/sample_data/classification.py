@@ -65,7 +65,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +75,8 @@ from scipy import ndimage
 
 from dinov2.data.datalist import write_datalist
 from dinov2.data.transforms import build_preprocessing
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
+from dinov2.utils.errors import UsageError
 
 from .labels import harvard_oxford_label_map
 from .packages import SampleDataError, require_file
@@ -172,15 +173,16 @@ class PatchTaskParams:
 
     def __post_init__(self):
         if self.patch_size < 2 or self.stride < 1:
-            raise ValueError(f"patch_size must be >= 2 and stride >= 1, got {self.patch_size} and {self.stride}")
+            raise UsageError(f"patch_size (--patch-size) must be >= 2 and stride (--stride) >= 1, got {self.patch_size} "
+                             f"and {self.stride}")
         if self.train_hemisphere not in HEMISPHERES:
-            raise ValueError(f"train_hemisphere must be one of {HEMISPHERES}, got {self.train_hemisphere!r}")
+            raise UsageError(f"train_hemisphere (--train-hemisphere) must be one of {HEMISPHERES}, got {self.train_hemisphere!r}")
         low, high = (float(v) for v in self.val_band_mm)
         if not low < high:
-            raise ValueError(f"val_band_mm must be (low, high) with low < high, got {self.val_band_mm}")
+            raise UsageError(f"val_band_mm (--val-band-mm LOW HIGH) must have LOW < HIGH, got {self.val_band_mm}")
         unknown = [t for t in self.templates if t not in TEMPLATES]
         if unknown or not self.templates:
-            raise ValueError(f"templates must be a non-empty subset of {sorted(TEMPLATES)}, got {list(self.templates)}")
+            raise UsageError(f"templates (--templates) must be a non-empty subset of {sorted(TEMPLATES)}, got {list(self.templates)}")
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -261,7 +263,7 @@ def plan_patch_sites(lobes: np.ndarray, regions: np.ndarray, affine: np.ndarray,
         Sites whose centre voxel is cortex, sorted by split, hemisphere and origin.
 
     Raises:
-        ValueError: the validation band cannot hold a single patch.
+        UsageError: (a ``ValueError``) the validation band cannot hold a single patch.
     """
     shape, p, s = lobes.shape, params.patch_size, params.stride
     midline = _midline_index(affine, shape)
@@ -271,8 +273,8 @@ def plan_patch_sites(lobes: np.ndarray, regions: np.ndarray, affine: np.ndarray,
     zs = [(float(v) - affine[2, 3]) / affine[2, 2] for v in params.val_band_mm]
     band = (int(np.ceil(min(zs) - 1e-6)), int(np.floor(max(zs) - 1e-6)) + 1)
     if band[1] - band[0] < p:
-        raise ValueError(f"The validation band {params.val_band_mm} mm spans {band[1] - band[0]} voxel rows, "
-                         f"fewer than the patch size {p}: widen val_band_mm.")
+        raise UsageError(f"The validation band {params.val_band_mm} mm spans {band[1] - band[0]} voxel rows, "
+                         f"fewer than the patch size {p}: widen val_band_mm (--val-band-mm).")
     half = p // 2
     sites = []
     for i in range(offset_x, shape[0] - p + 1, s):
@@ -414,6 +416,7 @@ def write_classification_dataset(out_dir: str | os.PathLike, params: PatchTaskPa
     return datalist
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the dataset and print the datalist path."""
     parser = argparse.ArgumentParser(prog="python -m dinov2.sample_data.classification", description=__doc__.split("\n\n")[0],
@@ -428,15 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         metavar=("LOW", "HIGH"), help="world z range of the validation band")
     parser.add_argument("--templates", nargs="+", choices=sorted(TEMPLATES), default=list(defaults.templates))
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder holds the same recipe")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_entry_point(tune_allocator=False)
     params = PatchTaskParams(args.patch_size, args.stride, args.seed, args.train_hemisphere,
                              tuple(args.val_band_mm), tuple(args.templates))
-    try:
-        path = write_classification_dataset(args.out, params, overwrite=args.overwrite)
-    except (SampleDataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    path = write_classification_dataset(args.out, params, overwrite=args.overwrite)
     print(path)
     return 0
 

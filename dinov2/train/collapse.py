@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from dinov2.utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Config values the advice quotes, by their dotted key (so every message names the key to change).
@@ -44,7 +46,7 @@ MIN_BATCH_FOR_RANK = 4
 SHORT_SCHEDULE_ITERATIONS = 100
 
 
-class CollapseError(RuntimeError):
+class CollapseError(UserError, RuntimeError):
     """The run stopped because the collapse watch raised a warning and ``train.collapse_watch.stop_run`` is true."""
 
 

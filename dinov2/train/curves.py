@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dinov2.train.metrics import METRICS_FILE
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
+from dinov2.utils.errors import UsageError
 
 # (record key, its uniform line's key, label, colour) of each plotted ratio.
 RATIOS = (
@@ -35,13 +37,23 @@ def read_metrics(run_or_file: str | os.PathLike) -> list[dict]:
 
     Raises:
         FileNotFoundError: naming the file and what writes it.
+        UsageError: a line that is not JSON (the message names the file and the line).
     """
     path = Path(run_or_file)
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a pretraining --output-dir (train3d writes "
                                 f"{METRICS_FILE} there at every logging period).")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}, line {number}: not a JSON record ({exc.msg}); give the "
+                             f"{METRICS_FILE} that train3d wrote, or remove the damaged line.") from exc
+    return records
 
 
 def ratio_series(records: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -118,16 +130,15 @@ def learning_svg(records: Sequence[dict], title: str = "", window: int = 5, widt
     return "\n".join(parts)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the learning table of a run and write ``learning_curves.svg`` beside its metrics."""
     parser = argparse.ArgumentParser(prog="python -m dinov2.train.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a pretraining --output-dir (or its training_metrics.json)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        records = read_metrics(args.run)
-    except FileNotFoundError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return 1
+    start_entry_point(tune_allocator=False)
+    records = read_metrics(args.run)
     run = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     print(learning_table(records))
     svg = run / "learning_curves.svg"

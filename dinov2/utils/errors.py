@@ -1,4 +1,10 @@
-"""Turn resource failures (out of memory, full disk) into messages that say what to do.
+"""The errors a user fixes, and resource failures turned into messages that say what to do.
+
+:class:`UserError` is the base of every exception whose message names the flag, config key or
+file at fault and the fix (``DatalistError``, ``CheckpointError``, ``ResourceError``...): every
+entry point (:func:`dinov2.utils.entry_point.entry_point`) prints it as one ``ERROR:`` line and
+exits with code 1, without a traceback. :class:`UsageError` is the plain "bad value" of a flag or
+config key; it is also a ``ValueError``, so code that catches ``ValueError`` still catches it.
 
 Entry points wrap their run in :func:`explained_resource_errors`: the original exception is
 kept as the cause, and a :class:`ResourceError` with advice is raised instead, so a user sees
@@ -11,12 +17,22 @@ import contextlib
 import errno
 from typing import Iterator
 
-import torch
-
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
-class ResourceError(RuntimeError):
+class UserError(Exception):
+    """An error the user fixes (a flag, a config key, a file); the message names which and how.
+
+    Subclasses keep their historical bases too (``class DatalistError(UserError, ValueError)``),
+    so existing ``except ValueError`` code is unaffected.
+    """
+
+
+class UsageError(UserError, ValueError):
+    """A flag or config value that cannot be used as given; the message names it and the fix."""
+
+
+class ResourceError(UserError, RuntimeError):
     """The machine ran out of a resource; the message says which and what to change."""
 
 
@@ -31,6 +47,8 @@ def explain_resource_error(exc: BaseException, memory_advice: str, disk_advice: 
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
         return f"No space left on the device{where}. {disk_advice}"
+    import torch  # noqa: PLC0415 - the error classes above are imported by light modules
+
     oom_type = getattr(torch, "OutOfMemoryError", None)
     text = str(exc).lower()
     is_oom = isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)) or (

@@ -84,7 +84,7 @@ def test_pca_outputs_are_in_the_input_space(input_type, image, anisotropic, tiny
     assert png.mode == "RGB" and png.width > 100 and png.height > 100
 
 
-def test_4d_input_uses_the_chosen_frame_and_rejects_a_missing_one(tiny_checkpoint, tmp_path, caplog):
+def test_4d_input_uses_the_chosen_frame_and_rejects_a_missing_one(tiny_checkpoint, tmp_path, error_line):
     common = ["--pretrained-weights", tiny_checkpoint, "--image-path", SERIES_4D, "--vis-type", "mhsa"]
     assert _run(common + ["--output-dir", tmp_path / "f0"]) == 0
     assert _run(common + ["--output-dir", tmp_path / "f1", "--frame", "1"]) == 0
@@ -95,7 +95,7 @@ def test_4d_input_uses_the_chosen_frame_and_rejects_a_missing_one(tiny_checkpoin
     assert not np.allclose(np.asarray(first.dataobj), np.asarray(second.dataobj))
     assert len(list((tmp_path / "f1").glob("*_attn_head*.nii.gz"))) == 4  # one per head of vit_tiny_3d
     assert _run(common + ["--output-dir", tmp_path / "f9", "--frame", "9"]) == 1
-    assert "has 2 frames" in caplog.text
+    assert "has 2 frames" in error_line()
 
 
 def test_pca_axes_are_orthonormal_and_ordered():
@@ -197,11 +197,14 @@ def test_joint_pca_over_two_images_with_pc0_background(anisotropic, tiny_checkpo
 
 
 # ------------------------------------------------------------------- what --pretrained-weights takes
-def _errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+def _errors(capsys) -> list[str]:
+    """The messages of the ``ERROR:`` lines the command printed to stderr."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line.removeprefix("ERROR: ") for line in err.splitlines() if line.startswith("ERROR:")]
 
 
-def test_finetuned_segmentation_model_is_one_error_line(tmp_path, caplog):
+def test_finetuned_segmentation_model_is_one_error_line(tmp_path, capsys):
     from dinov2.checkpoints.finetuned import save_finetuned
     from dinov2.eval.presets import DatasetPreset, load_preset
     from dinov2.eval.segmentation.model import build_segmentation_model
@@ -213,15 +216,15 @@ def test_finetuned_segmentation_model_is_one_error_line(tmp_path, caplog):
     best = save_finetuned(tmp_path / "best_model.pth", model, {"arch": "vit_tiny_3d", "kwargs": kwargs},
                           {"pretrained_weights": "out/teacher_checkpoint.pth"}, preset, 1, {"name": "d", "value": 0.5})
     assert _run(["--pretrained-weights", best, "--image-path", ANATOMICAL, "--output-dir", tmp_path / "o"]) == 1
-    (error,) = _errors(caplog)
+    (error,) = _errors(capsys)
     assert "\n" not in error and error.startswith(f"{best} is a finetuned segmentation model")
     assert "finetuned from out/teacher_checkpoint.pth: pass that file with --pretrained-weights" in error
 
 
-def test_random_init_baseline_needs_an_architecture_and_is_recorded(tmp_path, caplog):
+def test_random_init_baseline_needs_an_architecture_and_is_recorded(tmp_path, caplog, capsys):
     base = ["--pretrained-weights", "None", "--image-path", ANATOMICAL, "--n-components", "4"]
     assert _run(base + ["--output-dir", tmp_path / "a"]) == 1
-    assert _errors(caplog) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
+    assert _errors(capsys) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
                                "given: set --arch (a registry name, e.g. vit_large_3d)."]
     caplog.clear()
     caplog.set_level(logging.INFO)

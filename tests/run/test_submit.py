@@ -85,9 +85,12 @@ def test_cpu_job_has_one_task_per_node_and_no_gpu(capsys, tmp_path):
     (["train3d", "--output-dir", "o", "--local", "--nodes", "2"], "--nodes 1"),
     (["train3d", "--output-dir", "o", "--partition", "p", "--slurm-param", "novalue", "--dry-run"], "KEY=VALUE"),
 ])
-def test_inconsistent_options_are_refused(argv, message):
-    with pytest.raises(ValueError, match=message):
-        submit.main(argv)
+def test_inconsistent_options_are_refused(argv, message, capsys):
+    assert submit.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and message in err[0], err
+    with pytest.raises(ValueError, match=message):  # --debug: the error itself, with its traceback
+        submit.main([*argv[:1], "--debug", *argv[1:]])
 
 
 def test_task_placement_becomes_torchrun_variables():

@@ -226,7 +226,9 @@ def test_stop_run_stops_every_rank_together(tmp_path, tiny_argv):
                       "evaluation.eval_period_iterations=100")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.count("ERROR dinov2.train: Collapse [teacher_uniform] after 3 iterations") == 1
+    # One ERROR line on stderr (rank 0 speaks for both) and in log.txt.
+    assert result.stderr.count("ERROR: Collapse [teacher_uniform] after 3 iterations") == 1
+    assert (tmp_path / "log.txt").read_text().count("ERROR dinov2.train: Collapse [teacher_uniform]") == 1
     assert [it for it, _ in TrainingCheckpointer(tmp_path).list()] == [2, 3]
     assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1, 2]
 

@@ -40,7 +40,7 @@ def test_context_manager_keeps_the_original_as_cause():
     assert isinstance(info.value.__cause__, MemoryError)
 
 
-def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatch):
+def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatch, error_line):
     from dinov2.train import train3d
 
     def full_disk(*args, **kwargs):
@@ -49,25 +49,33 @@ def test_train3d_reports_a_full_disk_with_the_output_folder(tmp_path, monkeypatc
     monkeypatch.setattr(train3d, "train", full_disk)
     datalist = tmp_path / "list.json"
     datalist.write_text("[]")
-    with pytest.raises(ResourceError, match="No space left") as info:
-        train3d.main(["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"), "--output-dir", str(tmp_path / "run"),
-                      f"train.datalist={datalist}"])
+    argv = ["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"), "--output-dir",
+            str(tmp_path / "run"), f"train.datalist={datalist}"]
+    assert train3d.main(argv) == 1  # one ERROR line, no traceback
+    line = error_line()
+    assert "No space left" in line and "checkpointing.max_to_keep" in line and str(tmp_path / "run") in line
+    assert "No space left" in (tmp_path / "run" / "log.txt").read_text()
+    with pytest.raises(ResourceError, match="No space left") as info:  # --debug: the error itself
+        train3d.main(argv + ["--debug"])
     assert "checkpointing.max_to_keep" in str(info.value) and str(tmp_path / "run") in str(info.value)
 
 
-def test_segmentation_names_a_missing_data_folder(tmp_path, caplog):
+def test_segmentation_names_a_missing_data_folder(tmp_path, error_line):
     from dinov2.eval.segmentation import finetune
 
     assert finetune.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "out"),
                                 "--dataset-name", "brain_tissue", "--base-data-dir",
                                 str(tmp_path / "missing_data")]) == 1
-    assert re.search("--base-data-dir .*missing_data is not a folder", caplog.text)
+    assert re.search("--base-data-dir .*missing_data is not a folder", error_line())
 
 
-def test_train3d_names_a_missing_datalist(tmp_path):
+def test_train3d_names_a_missing_datalist(tmp_path, error_line):
     from dinov2.data.datalist import DatalistError
     from dinov2.train import train3d
 
+    argv = ["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"),
+            "--output-dir", str(tmp_path / "run"), f"train.datalist={tmp_path / 'missing.json'}"]
+    assert train3d.main(argv) == 1
+    assert re.search("missing.json.*python -m dinov2.data.datalist", error_line())
     with pytest.raises(DatalistError, match="missing.json.*python -m dinov2.data.datalist"):
-        train3d.main(["--config-file", str(Path(__file__).parents[2] / "configs" / "tiny_cpu.yaml"),
-                      "--output-dir", str(tmp_path / "run"), f"train.datalist={tmp_path / 'missing.json'}"])
+        train3d.main([*argv, "--debug"])

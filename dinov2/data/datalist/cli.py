@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
+from dinov2.utils.errors import UsageError
+
 from .build import DEFAULT_MODALITY_REGEX, build_finetune_datalist, build_pretrain_datalist
-from .format import SPLITS, DatalistError, Skipped
+from .format import SPLITS, Skipped
 from .load import load_datalist
 from .write import write_datalist, write_skipped_report
 
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check every entry of an existing datalist")
     val.add_argument("datalist")
     val.add_argument("--no-progress", action="store_true")
+    for any_parser in (parser, pre, fin, val):  # before or after the subcommand
+        add_debug_flag(any_parser)
     return parser
 
 
@@ -73,38 +77,37 @@ def _skip_note(skipped: Sequence[Skipped], report: Path | None) -> str:
     return f"; {len(skipped)} skipped, listed in {report}" if report else ""
 
 
+# Every ValueError of building or reading a datalist is about the folders, files or flags given.
+@entry_point(user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code."""
+    """Command-line entry point; returns the process exit code (1, with one ``ERROR:`` line, for
+    a datalist error, a missing file or a bad flag value)."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "pretrain":
-            entries, skipped = build_pretrain_datalist(
-                args.inputs, min_size=args.min_size, progress=not args.no_progress, workers=args.workers
-            )
-            if not entries:
-                logger.error("No usable volume found in %s; nothing written.", args.inputs)
-                return 1
-            out = write_datalist(entries, args.output, relative=args.relative)
-            report = write_skipped_report(skipped, out)
-            print(f"Wrote {len(entries)} volumes to {out}" + _skip_note(skipped, report))
-        elif args.command == "finetune":
-            modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-            datalist, skipped = build_finetune_datalist(
-                args.images, args.labels, args.label_csv, args.label_suffix, modalities, args.modality_regex,
-                args.split, args.seed, args.dataset_percent, progress=not args.no_progress,
-            )
-            if not datalist["training"]:
-                logger.error("No training case left; nothing written.")
-                return 1
-            out = write_datalist(datalist, args.output, relative=args.relative)
-            report = write_skipped_report(skipped, out)
-            print(f"Wrote {out}: " + ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS) + _skip_note(skipped, report))
-        else:
-            data = load_datalist(args.datalist, validate=True, progress=not args.no_progress)
-            count = len(data) if isinstance(data, list) else sum(len(data[s]) for s in SPLITS)
-            print(f"{args.datalist}: all {count} entries are valid")
-    except (DatalistError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    start_entry_point(tune_allocator=False)
+    if args.command == "pretrain":
+        entries, skipped = build_pretrain_datalist(
+            args.inputs, min_size=args.min_size, progress=not args.no_progress, workers=args.workers
+        )
+        if not entries:
+            raise UsageError(f"No usable volume found in {' '.join(args.inputs)} (the warnings above say why each "
+                             "file was skipped); nothing written. Give folders or globs of NIfTI files or DICOM series.")
+        out = write_datalist(entries, args.output, relative=args.relative)
+        report = write_skipped_report(skipped, out)
+        print(f"Wrote {len(entries)} volumes to {out}" + _skip_note(skipped, report))
+    elif args.command == "finetune":
+        modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
+        datalist, skipped = build_finetune_datalist(
+            args.images, args.labels, args.label_csv, args.label_suffix, modalities, args.modality_regex,
+            args.split, args.seed, args.dataset_percent, progress=not args.no_progress,
+        )
+        if not datalist["training"]:
+            raise UsageError(f"No training case left in {args.images} (the warnings above say why cases were "
+                             "skipped); nothing written. Check --labels / --label-suffix / --split.")
+        out = write_datalist(datalist, args.output, relative=args.relative)
+        report = write_skipped_report(skipped, out)
+        print(f"Wrote {out}: " + ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS) + _skip_note(skipped, report))
+    else:
+        data = load_datalist(args.datalist, validate=True, progress=not args.no_progress)
+        count = len(data) if isinstance(data, list) else sum(len(data[s]) for s in SPLITS)
+        print(f"{args.datalist}: all {count} entries are valid")
     return 0

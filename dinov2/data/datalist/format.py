@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from dinov2.utils.errors import UserError
+
 SPLITS = ("training", "validation", "test")
 
 HINT_NOT_FOUND = "check the path; relative paths are resolved against the datalist's folder"
@@ -54,7 +56,7 @@ class Problem:
         return f"{self.where}{target}: {self.reason}\n      hint: {self.hint}"
 
 
-class DatalistError(ValueError):
+class DatalistError(UserError, ValueError):
     """A datalist that cannot be used; lists every problem found at once.
 
     Attributes:

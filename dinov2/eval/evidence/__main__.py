@@ -6,11 +6,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from dinov2.sample_data.packages import SampleDataError
-from dinov2.utils.entry_point import start_entry_point
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 
 from . import __doc__ as PACKAGE_DOC
-from .errors import EvidenceError
 from .folds import DEFAULT_FOLDS
 from .report import format_table
 from .run import DEFAULT_BATCH_SIZE, DEFAULT_BLOCKS, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
@@ -38,20 +36,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: 1 and 4, as DINOv2's linear evaluation; capped at the depth)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_debug_flag(parser)
     return parser
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry; returns the exit code (1 with one ``ERROR:`` line for a user error)."""
+    """Command-line entry; returns the exit code (1 with one ``ERROR:`` line for a user error:
+    an ``EvidenceError``, ``SampleDataError`` or missing file, see :func:`~dinov2.utils.entry_point.entry_point`)."""
     args = get_args_parser().parse_args(argv)
     start_entry_point()
-    try:
-        evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
-                                args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds,
-                                blocks=args.last_blocks)
-    except (EvidenceError, SampleDataError) as exc:
-        print("ERROR: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 1
+    evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
+                            args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds,
+                            blocks=args.last_blocks)
     print(format_table(evidence))
     print(f"Wrote {evidence['files']['json']} and {evidence['files']['markdown']} ({evidence['seconds']} s).")
     return 0

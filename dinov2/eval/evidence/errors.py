@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dinov2.utils.errors import UserError
 
-class EvidenceError(ValueError):
+
+class EvidenceError(UserError, ValueError):
     """The evidence cannot be computed as asked (bad file, bad option); the message says what to change."""
