@@ -90,7 +90,7 @@ def iteration_steps(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         "train.datalist=unused.json", f"student.arch={args.arch}", f"student.patch_size={args.patch_size}",
         f"student.drop_path_rate={args.rate}", "student.drop_path_uniform=true",
         f"crops.global_crops_size={args.global_size}", f"crops.local_crops_size={args.local_size}",
-        f"crops.local_crops_number={args.local_crops}", "compute_precision.dtype=fp32", "train.device=cpu"])
+        f"crops.local_crops_number={args.local_crops}", "compute_precision.dtype=fp32", "device=cpu"])
     model = SSLMetaArch(cfg).train()
     globals_, locals_ = _crops(args, torch.Generator().manual_seed(0))
     samples = [{"global_crops": globals_[2 * i:2 * i + 2],

@@ -38,3 +38,14 @@ def test_configuration_reference_lists_every_packaged_key():
                    if not any(".".join(k.split(".")[:i]) in listed for i in range(1, k.count(".") + 2))]
         assert not missing, f"{path.name}: keys missing from the reference: {missing}"
         assert f"`{path.relative_to(REPO / 'dinov2' / 'configs').as_posix()}`" in text
+
+
+def test_configuration_reference_lists_the_flags_and_the_deprecated_spellings():
+    from dinov2.utils.config import DEPRECATED_KEYS
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    for old, new in DEPRECATED_KEYS.items():
+        assert f"| `{old}` | `{new}` |" in text
+    for command in ("dinov2.train.train3d", "dinov2.eval.segmentation", "dinov2.eval.linear"):
+        assert f"### `python -m {command}`" in text
+    assert "| `--device` | `device` |" in text and "| `--eval-period-iterations` `--eval-iters` |" in text

@@ -82,10 +82,16 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
     preset = DatasetPreset.from_config(ckpt["preset"])
     config = ckpt["config"]
     backbone = backbone_from_spec(ckpt["backbone"])
-    model_cfg = config.get("model", {})
+    # Model keys an older checkpoint's config lacks take the packaged defaults (segmentation_default.yaml).
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from dinov2.utils.config import load_yaml, packaged_config_path  # noqa: PLC0415
+
+    defaults = load_yaml(packaged_config_path("eval/segmentation_default")).model
+    model_cfg = OmegaConf.to_container(OmegaConf.merge(defaults, config.get("model") or {}), resolve=True)
     model = build_segmentation_model(
         backbone, ckpt["head"], preset.in_channels, preset.out_channels,
-        head_options=head_options(model_cfg, ckpt["head"]), merge_mode=model_cfg.get("modality_merge", "concat"))
+        head_options=head_options(model_cfg, ckpt["head"]), merge_mode=model_cfg["modality_merge"])
     model.load_state_dict(ckpt["model"], strict=True)
     info = {k: v for k, v in ckpt.items() if k != "model"}
     return model.to(map_location).eval(), preset, info

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dinov2.data.masking import MaskingGenerator3d
+from dinov2.utils.config import with_packaged_defaults
 
 MaskGenerator = Callable[[int, np.random.Generator], np.ndarray]
 
@@ -300,14 +301,15 @@ def make_collate_fn(
     missing = [key for key in ("mask_ratio_min_max", "mask_sample_probability") if key not in ibot_cfg]
     if missing:
         raise ValueError(f"The ibot config section lacks {missing}; add them to the training YAML.")
+    ibot_cfg = with_packaged_defaults("ibot", ibot_cfg)  # the block-mask keys' defaults live in the YAML
     grid = _tokens_per_side(global_crops_size, int(patch_size))
-    max_tokens = ibot_cfg.get("mask_block_max_tokens", None)
+    max_tokens = ibot_cfg["mask_block_max_tokens"]
     mask_generator = MaskingGenerator3d(
         grid,
-        mode=str(ibot_cfg.get("mask_mode", "random")),
-        min_num_patches=int(ibot_cfg.get("mask_block_min_tokens", 4)),
+        mode=str(ibot_cfg["mask_mode"]),
+        min_num_patches=int(ibot_cfg["mask_block_min_tokens"]),
         max_num_patches=None if max_tokens is None else int(max_tokens),
-        min_aspect=float(ibot_cfg.get("mask_block_min_aspect", 0.3)),
+        min_aspect=float(ibot_cfg["mask_block_min_aspect"]),
     )
     return CollateDataAndCast(
         mask_ratio_tuple=tuple(ibot_cfg["mask_ratio_min_max"]),

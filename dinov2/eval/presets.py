@@ -5,8 +5,10 @@ Shared by segmentation finetuning (:mod:`dinov2.eval.segmentation`) and linear p
 
 A preset is selected with ``--dataset-name`` (a packaged name such as ``btcv``, or the path of a
 YAML file) and merged into the ``dataset`` section of the run's config, so any key can still be
-overridden on the command line (``dataset.roi_size=[64,64,64]``). A new dataset is a new YAML
-file; no code branches on a dataset's name. Keys (see ``dinov2/configs/datasets/*.yaml``):
+overridden on the command line (``dataset.image_size=[64,64,64]``). A new dataset is a new YAML
+file; no code branches on a dataset's name. The keys of a segmentation preset, with their
+defaults, are the ``dataset:`` section of ``dinov2/configs/eval/segmentation_default.yaml``
+(examples in ``dinov2/configs/datasets/*.yaml``):
 
 ================  ==================================================================================
 ``name``          label of the dataset in logs and results
@@ -22,7 +24,8 @@ file; no code branches on a dataset's name. Keys (see ``dinov2/configs/datasets/
                   ``{mode: percentile, range: [lower, upper]}`` (per channel, mapped to [0, 1]),
                   or ``{mode: zscore}`` (per channel over non-zero voxels)
 ``crop_foreground``  crop each volume to the bounding box of non-zero (normalised) image voxels
-``roi_size``      training crop and sliding-window size (3 ints, multiples of the patch size)
+``image_size``    training crop and sliding-window size (3 ints, multiples of the patch size;
+                  ``roi_size`` before, still read from older checkpoints)
 ``sampling``      ``{pos, neg, num_samples}``: crops centred on foreground vs background voxels
 ``augment``       ``{flip_prob, rot90_prob, intensity_prob, scale_intensity, shift_intensity}``
 ================  ==================================================================================
@@ -43,6 +46,59 @@ from dinov2.utils.config import load_yaml, packaged_config_path
 
 LOSSES = ("dice_ce", "dice_sigmoid")
 INTENSITY_MODES = ("window", "percentile", "zscore")
+# Keys of segmentation_default.yaml's `dataset:` section that belong to the run, not the dataset.
+_RUN_KEYS = ("base_data_dir", "percent", "seed")
+
+
+def segmentation_preset_defaults() -> DictConfig:
+    """The defaults of every segmentation preset key (``dataset:`` of ``eval/segmentation_default.yaml``)."""
+    section = load_yaml(packaged_config_path("eval/segmentation_default")).dataset
+    for key in _RUN_KEYS:
+        del section[key]
+    return section
+
+
+# Flags of the dataset, the same in every evaluation entry point (flag dest -> config key).
+DATASET_FLAG_KEYS = {
+    "dataset_name": "dataset.name", "base_data_dir": "dataset.base_data_dir", "dataset_percent": "dataset.percent",
+    "dataset_seed": "dataset.seed", "image_size": "dataset.image_size",
+}
+
+
+def add_dataset_arguments(parser, image_size_help: str, image_size_triple: bool = True) -> None:
+    """``--dataset-name``, ``--base-data-dir``, ``--dataset-percent``, ``--dataset-seed``, ``--image-size``
+    (:data:`DATASET_FLAG_KEYS`).
+
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        image_size_help: what the input size is for in this task.
+        image_size_triple: ``--image-size`` takes 1 or 3 ints; False: one int (a cube), for a command
+            whose ``key=value`` overrides may follow the flag (intermixed parsing).
+    """
+    parser.add_argument("--dataset-name", default=None,
+                        help="dataset preset: a packaged name (dinov2/configs/datasets: btcv, brats, la, brain_tissue, "
+                        "brain_lobes) or a preset YAML path (dataset.name)")
+    parser.add_argument("--base-data-dir", default=None,
+                        help="folder holding the preset's datalist JSON; relative paths are read under it "
+                        "(dataset.base_data_dir)")
+    parser.add_argument("--dataset-percent", type=float, default=None,
+                        help="%% of the training entries kept, nested subsets (dataset.percent)")
+    parser.add_argument("--dataset-seed", type=int, default=None,
+                        help="which training entries --dataset-percent keeps (dataset.seed)")
+    parser.add_argument("--image-size", type=int, nargs="+" if image_size_triple else None, default=None,
+                        metavar="SIZE", help=f"{image_size_help}: {'1 or 3 ints' if image_size_triple else 'the side of a cube'}, "
+                        "multiples of the patch size (dataset.image_size)")
+
+
+def dataset_flags(args) -> dict[str, Any]:
+    """``{config key: value}`` of the dataset flags given (:func:`add_dataset_arguments`)."""
+    flags = {key: getattr(args, dest, None) for dest, key in DATASET_FLAG_KEYS.items()}
+    size = flags["dataset.image_size"]
+    if isinstance(size, (list, tuple)):
+        if len(size) not in (1, 3):
+            raise ValueError(f"--image-size takes 1 or 3 ints, got {size}")
+        flags["dataset.image_size"] = size[0] if len(size) == 1 else list(size)
+    return flags
 
 
 def load_preset(name_or_path: str | os.PathLike) -> DictConfig:
@@ -56,12 +112,15 @@ def load_preset(name_or_path: str | os.PathLike) -> DictConfig:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return load_yaml(path)
     try:
-        return load_yaml(packaged_config_path(f"datasets/{text}"))
+        preset = load_yaml(packaged_config_path(f"datasets/{text}"))
     except FileNotFoundError:
         packaged = sorted(p.stem for p in packaged_config_path("ssl3d_default_config").parent.joinpath("datasets").glob("*.yaml"))
         raise FileNotFoundError(
             f"Unknown dataset '{text}': not a packaged preset ({', '.join(packaged)}) and not a YAML file. "
             "Pass --dataset-name with one of those names or the path of your own preset YAML.") from None
+    if preset.get("name") not in (None, text):
+        raise ValueError(f"Preset dinov2/configs/datasets/{text}.yaml names itself '{preset.name}'; fix the file.")
+    return preset
 
 
 def _triple(value: Any, key: str, kind=float) -> tuple:
@@ -126,10 +185,16 @@ class DatasetPreset:
         Raises:
             ValueError: a key is missing or inconsistent; the message names the key.
         """
-        # Plain containers all the way down (a dict may still hold ListConfig values).
-        raw = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), resolve=True)
-        required = ("name", "modalities", "loss", "spacing", "orientation", "intensity", "roi_size")
-        missing = [k for k in required if raw.get(k) in (None, "???")]
+        # A plain copy (the caller's config is left as it is); plain containers all the way down
+        # (a dict may still hold ListConfig values).
+        given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        given = {k: v for k, v in given.items() if k not in _RUN_KEYS}
+        if "roi_size" in given and "image_size" not in given:  # its name before image_size (older checkpoints)
+            given["image_size"] = given.pop("roi_size")
+        # Keys the preset leaves out take the defaults of segmentation_default.yaml.
+        raw = OmegaConf.to_container(OmegaConf.merge(segmentation_preset_defaults(), given), resolve=True)
+        required = ("name", "modalities", "loss", "spacing", "orientation", "intensity", "image_size")
+        missing = [k for k in required if raw[k] in (None, "???")]
         if missing:
             raise ValueError(f"Dataset preset lacks {', '.join('dataset.' + k for k in missing)}; "
                              "see dinov2/configs/datasets/*.yaml for complete examples.")
@@ -139,7 +204,7 @@ class DatasetPreset:
         loss = raw["loss"]
         if loss not in LOSSES:
             raise ValueError(f"dataset.loss must be one of {LOSSES}, got '{loss}'")
-        classes, regions = raw.get("classes"), raw.get("regions")
+        classes, regions = raw["classes"], raw["regions"]
         if (classes is None) == (regions is None):
             raise ValueError("A dataset preset needs exactly one of dataset.classes (multi-class) and "
                              "dataset.regions (multi-label)")
@@ -158,7 +223,7 @@ class DatasetPreset:
                        for k, vals in regions.items()}
             if any(not v or min(v) < 1 for v in regions.values()):
                 raise ValueError(f"dataset.regions must list positive label values per region, got {regions}")
-        remap = {int(k): int(v) for k, v in (raw.get("remap") or {}).items()}
+        remap = {int(k): int(v) for k, v in (raw["remap"] or {}).items()}
         intensity = dict(raw["intensity"])
         if intensity.get("mode") not in INTENSITY_MODES:
             raise ValueError(f"dataset.intensity.mode must be one of {INTENSITY_MODES}, got {intensity.get('mode')!r}")
@@ -169,24 +234,23 @@ class DatasetPreset:
                                  f"'{intensity['mode']}', got {rng!r}")
             if intensity["mode"] == "percentile" and not 0 <= float(rng[0]) < float(rng[1]) <= 100:
                 raise ValueError(f"dataset.intensity.range percentiles must lie in [0, 100], got {rng}")
-        roi = _triple(raw["roi_size"], "roi_size", int)
+        roi = _triple(raw["image_size"], "image_size", int)
         if min(roi) < 1:
-            raise ValueError(f"dataset.roi_size must be positive, got {roi}")
+            raise ValueError(f"dataset.image_size must be positive, got {roi}")
         spacing = _triple(raw["spacing"], "spacing", float)
-        scale = float(raw.get("resize_scale") or 1.0)
+        scale = float(raw["resize_scale"])
         if scale <= 0:
             raise ValueError(f"dataset.resize_scale (--resize-scale) must be > 0, got {scale}")
         spacing = tuple(s / scale for s in spacing)
-        sampling = {"pos": 1, "neg": 1, "num_samples": 1, **(raw.get("sampling") or {})}
+        sampling = dict(raw["sampling"])
         if sampling["pos"] < 0 or sampling["neg"] < 0 or sampling["pos"] + sampling["neg"] == 0 or sampling["num_samples"] < 1:
             raise ValueError(f"dataset.sampling needs pos, neg >= 0 (not both 0) and num_samples >= 1, got {sampling}")
-        augment = {"flip_prob": 0.0, "rot90_prob": 0.0, "intensity_prob": 0.0, "scale_intensity": 0.0,
-                   "shift_intensity": 0.0, **(raw.get("augment") or {})}
+        augment = dict(raw["augment"])
         return cls(
-            name=str(raw["name"]), datalist=str(raw.get("datalist") or "dataset.json"), modalities=modalities,
+            name=str(raw["name"]), datalist=str(raw["datalist"]), modalities=modalities,
             classes=classes, regions=regions, remap=remap, loss=loss, spacing=spacing,
             orientation=str(raw["orientation"]), intensity=intensity,
-            crop_foreground=bool(raw.get("crop_foreground", True)), roi_size=roi,
+            crop_foreground=bool(raw["crop_foreground"]), roi_size=roi,
             sampling={k: int(v) for k, v in sampling.items()},
             augment={k: float(v) for k, v in augment.items()}, raw=raw,
         )

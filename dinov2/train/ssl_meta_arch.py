@@ -37,6 +37,7 @@ from dinov2.models.build import backbone_kwargs_from_config
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
 from dinov2.optim.param_groups import get_param_groups
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
+from dinov2.utils.config import with_packaged_defaults
 from dinov2.utils.precision import autocast_context, native_bf16_support
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        precision = cfg["compute_precision"]
+        precision = with_packaged_defaults("compute_precision", cfg["compute_precision"])
         if precision["dtype"] not in AUTOCAST_DTYPES:
             raise ValueError(
                 f"compute_precision.dtype='{precision['dtype']}' is unknown; choose one of {', '.join(AUTOCAST_DTYPES)}."
@@ -187,7 +188,7 @@ class SSLMetaArch(nn.Module):
         # Student and teacher start identical (the teacher only lacks stochastic depth).
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        if precision.get("grad_checkpointing", False):
+        if precision["grad_checkpointing"]:
             self.student.backbone.set_grad_checkpointing(True)
 
         c = cfg["centering"]

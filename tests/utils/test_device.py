@@ -10,7 +10,7 @@ from dinov2.utils.device import resolve_device
 
 def test_device_choice():
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="train.device"):
+    with pytest.raises(ValueError, match="config key device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "cpu"

@@ -268,7 +268,7 @@ def build_backbone(pretrained_weights: str | None, arch: str, backbone_kwargs: M
         if img_size is None:
             raise
         side = max(exc.patch_size)
-        raise ValueError(f"The training crop / sliding window {list(exc.spatial)} (--image-size, dataset.roi_size) is "
+        raise ValueError(f"The training crop / sliding window {list(exc.spatial)} (--image-size, dataset.image_size) is "
                          f"not a multiple of the backbone's patch size {side}: pass a multiple of {side}, e.g. "
                          f"--image-size {max(side, round(max(exc.spatial) / side) * side)}.") from exc
 
@@ -300,5 +300,4 @@ HEAD_OPTION_SECTIONS = {"UNETR": "unetr", "ViTAdapterUNETR": "adapter", "Linear"
 
 def head_options(model_cfg: Mapping[str, Any], head_name: str) -> dict:
     """Head keyword arguments from the ``model`` config section (``unetr`` / ``adapter`` / ``linear``)."""
-    section = model_cfg.get(HEAD_OPTION_SECTIONS[canonical_head_name(head_name)]) or {}
-    return dict(section)
+    return dict(model_cfg[HEAD_OPTION_SECTIONS[canonical_head_name(head_name)]])

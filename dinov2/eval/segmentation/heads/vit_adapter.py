@@ -209,7 +209,7 @@ class ViTAdapterUNETRHead(nn.Module):
         bad = [s for s in image.shape[2:] if s % (2 * self.patch_size)]
         if bad:
             raise ValueError(f"ViTAdapterUNETRHead needs every spatial side to be a multiple of 2 x patch "
-                             f"({2 * self.patch_size}), got {tuple(image.shape[2:])}; change dataset.roi_size")
+                             f"({2 * self.patch_size}), got {tuple(image.shape[2:])}; change dataset.image_size (--image-size)")
         b = image.shape[0]
         m = backbone_io.num_modalities
         pyramid = self.spm(image)  # c1..c4 at p/4, p/2, p, 2p
