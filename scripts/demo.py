@@ -145,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     seg_common = [
         "--dataset-name", "brain_tissue", "--base-data-dir", str(seg_list.parent),
         "--segmentation-head", "UNETR", "--epochs", str(profile.seg_epochs),
-        "--epoch-length", str(profile.seg_epoch_length), "--eval-iters", str(profile.seg_eval_iters),
+        "--epoch-length", str(profile.seg_epoch_length), "--eval-period-iterations", str(profile.seg_eval_iters),
         "--warmup-iters", str(max(1, profile.seg_epoch_length // 2)), "--batch-size", "1",
         "--num-workers", "0", "--learning-rate", "1e-3", "--image-size", str(profile.seg_image_size),
         f"model.unetr.feature_size={profile.seg_feature_size}", f"evaluation.overlap={profile.seg_overlap}",
-        "evaluation.sw_batch_size=4", "train.device=cpu", "train.log_every=10",
+        "evaluation.sw_batch_size=4", "--device", "cpu", "train.log_period_iterations=10",
     ]
     seg_runs = {"pretrained": teacher, "random init": "none"}
     seg_dirs = {}

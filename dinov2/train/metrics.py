@@ -71,8 +71,11 @@ def effective_rank(embeddings: Tensor) -> Tensor:
         embeddings: ``(R, E)`` embeddings (e.g. CLS tokens of a batch).
 
     Returns:
-        float32 scalar in ``[1, min(R, E)]``.
+        float32 scalar in ``[1, min(R, E)]``; NaN when an embedding is not finite (the SVD would
+        fail, and the non-finite loss it comes with is what the run must report).
     """
+    if not bool(torch.isfinite(embeddings).all()):
+        return torch.tensor(float("nan"))
     s = torch.linalg.svdvals(embeddings.float())
     p = s / s.sum().clamp_min(1e-12) + 1e-7
     return torch.exp(-(p * torch.log(p)).sum())

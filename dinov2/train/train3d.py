@@ -19,8 +19,9 @@ Launch (details in docs/launching.md)::
 
 Config, merged in this order (later wins): packaged ``data_defaults.yaml`` <-
 ``ssl3d_default_config.yaml`` <- ``--config-file`` (a path, or a packaged name such as
-``train/vit3d_highres``) <- ``key=value`` overrides. The resolved config goes to
-``<output-dir>/config.yaml``. ``train.num_workers`` is lowered to the CPUs available to the
+``train/vit3d_highres``) <- the flags (``--cache-dir``, ``--device``) <- ``key=value`` overrides.
+A key the packaged defaults do not define is an error (docs/configuration.md lists them all).
+The resolved config goes to ``<output-dir>/config.yaml``. ``train.num_workers`` is lowered to the CPUs available to the
 process minus one when it asks for more.
 
 Outputs in ``--output-dir``: ``training_metrics.json`` (one JSON line per logging step),
@@ -42,11 +43,13 @@ import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2 import distributed
 from dinov2.checkpoints.layouts import read_checkpoint
@@ -61,17 +64,10 @@ from dinov2.optim.schedules import build_schedulers
 from dinov2.train.collapse import CollapseError, CollapseWatch
 from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter, progress_line
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.utils.allocator import tune_cpu_allocator
-from dinov2.utils.config import (
-    config_to_dict,
-    load_yaml,
-    merge_configs,
-    packaged_config_path,
-    save_config,
-    unknown_keys,
-)
-from dinov2.utils.device import resolve_device
-from dinov2.utils.errors import ResourceError, explained_resource_errors
+from dinov2.utils.config import ConfigError, config_to_dict, load_config, load_yaml, packaged_config_path, save_config
+from dinov2.utils.device import add_device_argument, resolve_device
+from dinov2.utils.entry_point import add_debug_flag, entry_point, log_formatter, start_entry_point, user_input
+from dinov2.utils.errors import UsageError, UserError, explained_resource_errors
 from dinov2.utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("dinov2.train")
@@ -79,7 +75,11 @@ logger = logging.getLogger("dinov2.train")
 LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")
 
 
-class NonFiniteLossError(FloatingPointError):
+# flag dest -> config key (besides --config-file, --output-dir, --no-resume and key=value overrides)
+FLAG_KEYS = {"cache_dir": "preprocessing.cache.dir", "device": "device"}
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the message names the iteration and the last checkpoint."""
 
 
@@ -99,48 +99,27 @@ def default_config() -> DictConfig:
     return OmegaConf.merge(data, recipe)
 
 
-def _config_file(name: str | None) -> Path | None:
-    if not name:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    try:
-        return packaged_config_path(name)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--config-file {name}: no such file, nor a packaged config. {exc}") from exc
-
-
-def build_config(config_file: str | None = None, overrides: Sequence[str] = (), cache_dir: str | None = None) -> DictConfig:
-    """Resolved training config: defaults <- ``config_file`` <- ``overrides``.
+def build_config(config_file: str | None = None, overrides: Sequence[str] = (), cache_dir: str | None = None,
+                 device: str | None = None) -> DictConfig:
+    """Resolved training config: defaults <- ``config_file`` <- flags <- ``overrides``.
 
     Args:
         config_file: a YAML path or a packaged name (``train/vit3d_highres``).
         overrides: ``key=value`` strings.
         cache_dir: sets ``preprocessing.cache.dir`` (the ``--cache-dir`` flag).
+        device: sets ``device`` (the ``--device`` flag).
 
     Raises:
-        ValueError: keys the defaults do not know (typos) or required values left as ``???``
-            (in the defaults, or in ``config_file`` and not set by ``overrides``).
+        ConfigError: keys the defaults do not know (typos; the message names the key, the file or
+            command line, and the closest known key) or required values left as ``???`` (in the
+            defaults, or in ``config_file`` and not set later).
     """
-    overrides = list(overrides) + ([f"preprocessing.cache.dir={cache_dir}"] if cache_dir else [])
-    default = default_config()
-    path = _config_file(config_file)
-    cfg = merge_configs(default, path, overrides)
-    unknown = unknown_keys(cfg, default)
-    if unknown:
-        raise ValueError(f"Unknown config keys {unknown}: not in dinov2/configs/ssl3d_default_config.yaml or "
-                         "data_defaults.yaml. Fix the spelling in your YAML / overrides.")
-    missing = set(OmegaConf.missing_keys(cfg))
-    if path is not None:
-        # OmegaConf does not let a ``???`` replace a default value in a merge, so a ``???`` in the
-        # config file (e.g. the teacher a stage starts from) is enforced here: overrides must set it.
-        given = {item.split("=", 1)[0].strip() for item in overrides}
-        missing |= {key for key in OmegaConf.missing_keys(load_yaml(path)) if key not in given}
-    missing = sorted(missing)
+    flags = {FLAG_KEYS["cache_dir"]: cache_dir, FLAG_KEYS["device"]: device}
+    cfg = load_config(default_config(), config_file, flags, overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"Config values {missing} are required (??? in the defaults); pass them as key=value, "
-                         f"e.g. {missing[0]}=...")
+        raise ConfigError(f"Config values {missing} are required (??? in the defaults or --config-file); pass them "
+                          f"as key=value, e.g. {missing[0]}=...")
     return cfg
 
 
@@ -158,7 +137,7 @@ def _setup_logging(output_dir: Path, is_main: bool) -> tuple[list[logging.Handle
     previous = (root.level, root.propagate)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     root.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = log_formatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
@@ -166,6 +145,14 @@ def _setup_logging(output_dir: Path, is_main: bool) -> tuple[list[logging.Handle
         handler.setFormatter(fmt)
         root.addHandler(handler)
     return handlers, previous
+
+
+def _log_to_file(handlers: list[logging.Handler], exc: BaseException) -> None:
+    """Record ``exc`` as an ERROR line in ``log.txt`` only (stderr gets the entry point's ``ERROR:`` line)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (exc,), None)
+    for handler in handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _teardown_logging(handlers: list[logging.Handler], previous: tuple[int, bool]) -> None:
@@ -183,7 +170,7 @@ def _iteration_plan(cfg: DictConfig) -> tuple[int, int]:
     if cfg.train.max_iterations is not None:
         total = min(total, int(cfg.train.max_iterations))
     if total < 1:
-        raise ValueError(f"Nothing to train: optim.epochs * train.iterations_per_epoch (or train.max_iterations) = {total}.")
+        raise UsageError(f"Nothing to train: optim.epochs * train.iterations_per_epoch (or train.max_iterations) = {total}.")
     return per_epoch, total
 
 
@@ -192,7 +179,7 @@ def _load_pretrained(arch: SSLMetaArch, path: str) -> None:
     state = {f"backbone.{k}": v for k, v in contents.backbone.items()}
     for head in ("dino_head", "ibot_head"):
         if head not in contents.heads:
-            raise ValueError(f"{path} has no {head}; student.pretrained_weights must be a teacher export with both heads.")
+            raise UsageError(f"{path} has no {head}; student.pretrained_weights must be a teacher export with both heads.")
         state.update({f"{head}.{k}": v for k, v in contents.heads[head].items()})
     arch.load_pretrained_teacher(state)
     logger.info("Student and teacher start from %s (%s)", path, contents.source_format)
@@ -309,7 +296,7 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
         output_dir: the run's folder.
         resume: continue from the latest checkpoint in ``output_dir/checkpoints`` if there is one.
         device: where to compute (from :func:`dinov2.distributed.init_distributed`); by default
-            ``train.device`` resolved for one process.
+            ``device`` resolved for one process.
 
     Returns:
         ``{"iteration", "start_iteration", "last_losses", "checkpoint", "teacher_export"}``.
@@ -328,13 +315,37 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
         torch.set_num_threads(threads)  # train() may run inside a larger program (tests, notebooks)
 
 
-def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _RunPlan:
+    """What a run fixes before its first iteration: processes, device, batch, iterations and periods."""
+
+    rank: int
+    world: int
+    device: torch.device
+    seed: int
+    batch_size: int  # per process
+    global_batch: int  # batch_size * world
+    per_epoch: int
+    max_iter: int
+    log_period: int
+    ckpt_period: int
+    eval_period: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _run_plan(cfg: DictConfig, device: torch.device | None) -> _RunPlan:
+    """The run's plan from the config and the process group.
+
+    Raises:
+        UsageError: nothing to train, or a logging, checkpoint or export period below 1.
+    """
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    is_main = rank == 0
-    device = device if device is not None else resolve_device(str(cfg.train.device))
+    device = device if device is not None else resolve_device(str(cfg.device))
     seed = int(cfg.train.seed)
     batch_size = int(cfg.train.batch_size_per_gpu)
-    global_batch = batch_size * world
     per_epoch, max_iter = _iteration_plan(cfg)
     log_period = int(cfg.train.log_period_iterations)
     ckpt_period = int(cfg.checkpointing.period_iterations)
@@ -342,101 +353,198 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     for key, period in (("train.log_period_iterations", log_period), ("checkpointing.period_iterations", ckpt_period),
                         ("evaluation.eval_period_iterations", eval_period)):
         if period < 1:
-            raise ValueError(f"{key} must be >= 1, got {period} (a large value effectively disables it).")
+            raise UsageError(f"{key} must be >= 1, got {period} (a large value effectively disables it).")
+    return _RunPlan(rank, world, device, seed, batch_size, batch_size * world, per_epoch, max_iter, log_period,
+                    ckpt_period, eval_period)
+
+
+def _prepare_output_dir(cfg: DictConfig, output_dir: Path, resume: bool, is_main: bool) -> TrainingCheckpointer:
+    """The run's checkpointer; rank 0 creates ``output_dir`` and writes ``config.yaml`` there.
+
+    Raises:
+        UsageError: ``resume`` is false and the folder holds checkpoints of an earlier run.
+    """
     checkpointer = TrainingCheckpointer(output_dir, int(cfg.checkpointing.max_to_keep))
     if not resume and checkpointer.list():
         # Mixing a fresh run's checkpoints with an older run's would let a later resume pick the wrong one.
-        raise ValueError(f"{checkpointer.directory} holds checkpoints of an earlier run and --no-resume was given; "
+        raise UsageError(f"{checkpointer.directory} holds checkpoints of an earlier run and --no-resume was given; "
                          "choose another --output-dir or delete that folder.")
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir)
+    return checkpointer
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    arch = SSLMetaArch(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if arch.autocast_dtype == torch.float16 else None
-    schedules = build_schedulers(cfg, per_epoch, global_batch)
 
+def _data_loader(cfg: DictConfig, plan: _RunPlan, start_position: int) -> tuple[Any, Any]:
+    """The pretraining dataset (every rank sees all of it) and this rank's loader from ``start_position``.
+
+    Returns:
+        ``(dataset, loader)``; the loader yields this rank's batches of ``plan.batch_size`` samples.
+    """
+    dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=plan.seed, rank=0, world_size=1)
+    collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
+    loader = build_train_loader(dataset, collate, batch_size=plan.batch_size, run_seed=plan.seed,
+                                start_position=start_position, rank=plan.rank, world_size=plan.world,
+                                num_workers=int(cfg.train.num_workers), prefetch_factor=int(cfg.train.prefetch_factor),
+                                pin_memory=plan.device.type == "cuda")
+    return dataset, loader
+
+
+def _progress_outputs(cfg: DictConfig, plan: _RunPlan, output_dir: Path, start_iter: int
+                      ) -> tuple[MetricsLogger, ProgressBar, ThroughputMeter, CollapseWatch | None]:
+    """The run's reporting (metrics file, progress bar, throughput meter, collapse watch); logs the plan.
+
+    Returns:
+        ``(metrics, bar, meter, watch)``; ``watch`` is None when the collapse watch is off.
+    """
+    metrics = MetricsLogger(output_dir, start_iter, enabled=plan.is_main, tensorboard=bool(cfg.train.tensorboard))
+    bar = ProgressBar(plan.max_iter, start_iter, enabled=plan.is_main and bool(cfg.train.progress_bar))
+    meter = ThroughputMeter()
+    watch = _collapse_watch(cfg, plan.world)
+    logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
+                start_iter, plan.max_iter, plan.global_batch, plan.world, plan.device)
+    logger.info("One line per %d iteration(s) below; 'dino 6.12/6.93' is a loss and its value for a uniform "
+                "prediction (a run that stays there has collapsed), teacher_entropy is shown against ln K",
+                plan.log_period)
+    return metrics, bar, meter, watch
+
+
+def _train_step(arch: SSLMetaArch, optimizer, scaler, schedules: dict, batch: dict, it: int, plan: _RunPlan,
+                monitors: bool, last_checkpoint: Path | None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float], torch.Tensor]:
+    """Iteration ``it``: seeded augmentation draws, scheduled values, forward/backward, optimizer and EMA updates.
+
+    Args:
+        batch: this rank's collated batch.
+        monitors: compute the collapse monitors too (logging iterations with ``train.monitor_collapse``).
+        last_checkpoint: named by the error when the loss is not finite.
+
+    Returns:
+        ``(losses, reduced, values, grad_norm)``: this rank's losses and monitors (0-d tensors), the
+        :data:`LOSS_KEYS` averaged over ranks (shape ``(4,)``, on the CPU), the scheduled values of
+        ``it`` and the gradient norm (0-d).
+
+    Raises:
+        NonFiniteLossError: on every rank together, before the optimizer step.
+    """
+    seed_training_step(plan.seed, it, plan.rank)
+    values = {name: schedules[name][it] for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")}
+    apply_optim_scheduler(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+    losses = arch.forward_backward(batch, values["teacher_temp"], scaler, monitors=monitors)
+    # Reduced on the compute device (NCCL cannot reduce CPU tensors), checked on every rank
+    # so that all ranks stop together.
+    reduced = distributed.all_reduce_mean(torch.stack([losses[k].float() for k in LOSS_KEYS])).cpu()
+    if not torch.isfinite(reduced).all():
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, reduced.tolist()))
+        raise NonFiniteLossError(
+            f"Non-finite loss at iteration {it}: {terms}. The last good checkpoint is "
+            f"{last_checkpoint or 'none (no checkpoint was written yet)'}; lower optim.base_lr or "
+            "optim.clip_grad, or use compute_precision.dtype=fp32, and resume."
+        )
+    grad_norm = arch.optimizer_step(optimizer, scaler)
+    arch.update_teacher(values["momentum"])
+    return losses, reduced, values, grad_norm
+
+
+def _log_period(it: int, plan: _RunPlan, reduced: torch.Tensor, values: dict[str, float], grad_norm: torch.Tensor,
+                losses: dict[str, torch.Tensor], meter: ThroughputMeter, watch: CollapseWatch | None,
+                metrics: MetricsLogger) -> str | None:
+    """End of a logging period: the metrics record, the collapse watch, the progress line (collective).
+
+    Args:
+        reduced: the rank-averaged :data:`LOSS_KEYS`, shape ``(4,)``.
+
+    Returns:
+        The collapse stop message of :func:`_watch_step`, or None.
+    """
+    done = it + 1
+    record = _period_record(it, done, plan.per_epoch, reduced, values, grad_norm, meter, losses, plan.device)
+    stop = _watch_step(watch, record, done, plan.is_main)
+    metrics.log(it, record)
+    logger.info("%s", progress_line(record, done, plan.max_iter))
+    meter.reset()
+    return stop
+
+
+def _export_teacher(arch: SSLMetaArch, cfg: DictConfig, output_dir: Path, done: int, is_main: bool) -> Path | None:
+    """Rank 0 writes ``eval/training_<done>/teacher_checkpoint.pth`` (collective).
+
+    Returns:
+        The export's path on rank 0, None on the other ranks.
+    """
+    export = None
+    teacher = arch.teacher_state_dict()
+    if is_main:
+        export = save_teacher_checkpoint(
+            output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
+        logger.info("Teacher export after %d iterations: %s", done, export)
+    distributed.barrier()
+    return export
+
+
+def _save_checkpoint(checkpointer: TrainingCheckpointer, arch: SSLMetaArch, optimizer, scaler, done: int,
+                     position: int, sampler_seed: int, dataset_size: int, cfg: DictConfig) -> Path | None:
+    """Save the training state after ``done`` iterations, ``position`` samples into the stream (collective).
+
+    Returns:
+        The checkpoint's path where this rank wrote it (rank 0), else None.
+    """
+    state = _training_state(arch, optimizer, scaler, done, position, sampler_seed, dataset_size, cfg)
+    path = checkpointer.save(state)
+    distributed.barrier()
+    return path
+
+
+def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device | None) -> dict[str, Any]:
+    plan = _run_plan(cfg, device)
+    checkpointer = _prepare_output_dir(cfg, output_dir, resume, plan.is_main)
+    torch.manual_seed(plan.seed)  # identical initial weights on every rank
+    arch = SSLMetaArch(cfg, plan.device)
+    scaler = torch.amp.GradScaler(plan.device.type) if arch.autocast_dtype == torch.float16 else None
+    schedules = build_schedulers(cfg, plan.per_epoch, plan.global_batch)
     latest = checkpointer.latest() if resume else None
     distributed.barrier()  # rank 0 may have removed stray temporary files
-    optimizer, start_iter, start_position = _start_or_resume(arch, scaler, cfg, latest, global_batch)
-
-    dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=seed, rank=0, world_size=1)
-    collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
-    loader = build_train_loader(dataset, collate, batch_size=batch_size, run_seed=seed, start_position=start_position,
-                                rank=rank, world_size=world, num_workers=int(cfg.train.num_workers),
-                                prefetch_factor=int(cfg.train.prefetch_factor), pin_memory=device.type == "cuda")
-    metrics = MetricsLogger(output_dir, start_iter, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
-    bar = ProgressBar(max_iter, start_iter, enabled=is_main and bool(cfg.train.progress_bar))
-    meter = ThroughputMeter()
-    watch = _collapse_watch(cfg, world)
-    logger.info("Training iterations %d..%d, global batch %d on %d process(es), device %s",
-                start_iter, max_iter, global_batch, world, device)
-    logger.info("One line per %d iteration(s) below; 'dino 6.12/6.93' is a loss and its value for a uniform "
-                "prediction (a run that stays there has collapsed), teacher_entropy is shown against ln K", log_period)
+    optimizer, start_iter, start_position = _start_or_resume(arch, scaler, cfg, latest, plan.global_batch)
+    dataset, loader = _data_loader(cfg, plan, start_position)
+    metrics, bar, meter, watch = _progress_outputs(cfg, plan, output_dir, start_iter)
 
     last_checkpoint, last_export, reduced = latest, None, None
+    # Only this frame holds the iterator (helpers get batches): `del stream` below then stops the
+    # workers even while an exception's traceback keeps the helpers' frames alive.
     stream = iter(loader)
     arch.train()
     try:
-        for it in range(start_iter, max_iter):
+        for it in range(start_iter, plan.max_iter):
             wait_start = time.perf_counter()
             batch = next(stream)
             data_wait = time.perf_counter() - wait_start
-            seed_training_step(seed, it, rank)
-            values = {name: schedules[name][it] for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")}
-            apply_optim_scheduler(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
             done = it + 1
-            log_now = done % log_period == 0 or done == max_iter
-            losses = arch.forward_backward(batch, values["teacher_temp"], scaler,
-                                           monitors=log_now and bool(cfg.train.monitor_collapse))
-            # Reduced on the compute device (NCCL cannot reduce CPU tensors), checked on every rank
-            # so that all ranks stop together.
-            reduced = distributed.all_reduce_mean(torch.stack([losses[k].float() for k in LOSS_KEYS])).cpu()
-            if not torch.isfinite(reduced).all():
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, reduced.tolist()))
-                raise NonFiniteLossError(
-                    f"Non-finite loss at iteration {it}: {terms}. The last good checkpoint is "
-                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}; lower optim.base_lr or "
-                    "optim.clip_grad, or use compute_precision.dtype=fp32, and resume."
-                )
-            grad_norm = arch.optimizer_step(optimizer, scaler)
-            arch.update_teacher(values["momentum"])
-            meter.add(data_wait, global_batch)
-
-            stop = None
-            if log_now:
-                record = _period_record(it, done, per_epoch, reduced, values, grad_norm, meter, losses, device)
-                stop = _watch_step(watch, record, done, is_main)
-                metrics.log(it, record)
-                logger.info("%s", progress_line(record, done, max_iter))
-                meter.reset()
+            log_now = done % plan.log_period == 0 or done == plan.max_iter
+            losses, reduced, values, grad_norm = _train_step(
+                arch, optimizer, scaler, schedules, batch, it, plan,
+                monitors=log_now and bool(cfg.train.monitor_collapse), last_checkpoint=last_checkpoint)
+            meter.add(data_wait, plan.global_batch)
+            stop = _log_period(it, plan, reduced, values, grad_norm, losses, meter, watch, metrics) if log_now else None
             bar.update({"loss": float(reduced[0]), "collapse": watch.active_short if watch else ""})
             # Export before the checkpoint of the same iteration: a checkpoint at k then implies the
             # export at k exists, even if the run is killed between the two writes. A stopped run
             # saves its last iteration too, to inspect it or to resume with stop_run=false.
-            if stop or done % eval_period == 0 or done == max_iter:
-                teacher = arch.teacher_state_dict()
-                if is_main:
-                    last_export = save_teacher_checkpoint(
-                        output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
-                    logger.info("Teacher export after %d iterations: %s", done, last_export)
-                distributed.barrier()
-            if stop or done % ckpt_period == 0 or done == max_iter:
-                position = start_position + (done - start_iter) * global_batch
-                state = _training_state(arch, optimizer, scaler, done, position, seed, len(dataset), cfg)
-                path = checkpointer.save(state)
-                last_checkpoint = path or last_checkpoint
-                distributed.barrier()
+            if stop or done % plan.eval_period == 0 or done == plan.max_iter:
+                last_export = _export_teacher(arch, cfg, output_dir, done, plan.is_main)
+            if stop or done % plan.ckpt_period == 0 or done == plan.max_iter:
+                position = start_position + (done - start_iter) * plan.global_batch
+                last_checkpoint = _save_checkpoint(checkpointer, arch, optimizer, scaler, done, position, plan.seed,
+                                                   len(dataset), cfg) or last_checkpoint
             if stop:
-                saved = f" Saved: training state {last_checkpoint}, teacher export {last_export}." if is_main else ""
+                saved = (f" Saved: training state {last_checkpoint}, teacher export {last_export}."
+                         if plan.is_main else "")
                 raise CollapseError(stop + saved)
     finally:
         bar.close()
         metrics.close()
         del stream  # stops the loader's worker processes
     return {
-        "iteration": max_iter,
+        "iteration": plan.max_iter,
         "start_iteration": start_iter,
         "last_losses": dict(zip(LOSS_KEYS, reduced.tolist())) if reduced is not None else None,
         "checkpoint": last_checkpoint,
@@ -466,21 +574,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="YAML merged over the packaged defaults (a path or a packaged name like train/vit3d_highres)")
     parser.add_argument("--output-dir", required=True, help="run folder: config, metrics, checkpoints, teacher exports")
     parser.add_argument("--cache-dir", default=None, help="disk cache of preprocessed volumes (preprocessing.cache.dir)")
+    add_device_argument(parser)
     parser.add_argument("--no-resume", action="store_true",
                         help="never resume: start at iteration 0 (refused if the output folder holds checkpoints)")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. optim.epochs=10")
     return parser
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
+    """Pretrain; returns the exit code: 0, or 1 after one ``ERROR:`` line on stderr for a user error
+    (a config key or value, a missing file, a datalist, out of memory, a non-finite loss, a collapse
+    with ``stop_run``), which ``log.txt`` records too. ``--debug`` raises it with its traceback."""
     args = get_args_parser().parse_args(argv)
-    cfg = build_config(args.config_file, args.overrides, args.cache_dir)
-    ctx = distributed.init_distributed(str(cfg.train.device))
+    # Third-party warnings in the one log format; dinov2's own records go through _setup_logging.
+    start_entry_point(logging.WARNING)
+    # Every ValueError or OmegaConf error while building the config is about the YAML or overrides.
+    with user_input(ValueError, OmegaConfBaseException):
+        cfg = build_config(args.config_file, args.overrides, args.cache_dir, args.device)
+    ctx = distributed.init_distributed(str(cfg.device))
     output_dir = Path(args.output_dir)
     if ctx.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     handlers, previous_logging = _setup_logging(output_dir, ctx.is_main_process)
-    tune_cpu_allocator()
     memory_advice = ("Lower train.batch_size_per_gpu, crops.global_crops_size / crops.local_crops_size or "
                      "crops.local_crops_number, or use a smaller student.arch; on GPU, bf16 "
                      "(compute_precision) and gradient checkpointing also save memory.")
@@ -489,18 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with explained_resource_errors(memory_advice, disk_advice):
             train(cfg, output_dir, resume=not args.no_resume, device=ctx.device)
-    except ResourceError as exc:
-        logger.error("%s", exc)
+    except UserError as exc:
+        # ResourceError, NonFiniteLossError, CollapseError (an outcome the user asked for with
+        # stop_run), DatalistError...: the entry point prints one ERROR line on stderr; log.txt
+        # keeps it too. A collapse stops every rank at the same iteration: rank 0 speaks for all.
+        _log_to_file(handlers, exc)
+        if isinstance(exc, CollapseError) and not ctx.is_main_process:
+            return 1
         raise
-    except NonFiniteLossError as exc:
-        logger.error("%s", exc)
-        raise
-    except CollapseError as exc:
-        # An outcome the user asked for (stop_run), not a bug: one line (every rank stopped at the
-        # same iteration; rank 0 speaks for all), no traceback.
-        if ctx.is_main_process:
-            logger.error("%s", exc)
-        return 1
     finally:
         _teardown_logging(handlers, previous_logging)
         distributed.shutdown_distributed()

@@ -115,18 +115,19 @@ def test_linear_probe_beats_chance_on_the_brain_lobe_task_and_caches_features(lo
     assert len(new) == 1 and new[0].startswith("training_")  # the 50 % subset is a new extraction
 
 
-def test_linear_probe_names_the_missing_datalist_and_how_to_make_it(tiny_checkpoint, tmp_path, caplog):
+def test_linear_probe_names_the_missing_datalist_and_how_to_make_it(tiny_checkpoint, tmp_path, error_line):
     code = linear_run.main(["--pretrained-weights", str(tiny_checkpoint), "--output-dir", str(tmp_path / "o"),
                           "--dataset-name", "brain_lobes", "--base-data-dir", str(tmp_path / "nothing")])
     assert code == 1
-    assert "python -m dinov2.sample_data.classification --out" in caplog.text and "datalist.json" in caplog.text
+    line = error_line()
+    assert "python -m dinov2.sample_data.classification --out" in line and "datalist.json" in line
 
 
-def test_image_size_against_the_patch_size(lobe_data, tiny_checkpoint, tmp_path, caplog):
+def test_image_size_against_the_patch_size(lobe_data, tiny_checkpoint, tmp_path, caplog, error_line):
     base = ["--pretrained-weights", str(tiny_checkpoint), "--dataset-name", "brain_lobes",
             "--base-data-dir", str(lobe_data.parent), "--epochs", "1", "--learning-rates", "0.1"]
     assert linear_run.main(base + ["--output-dir", str(tmp_path / "a"), "--image-size", "12"]) == 1
-    assert "--image-size [12, 12, 12] is not a multiple of the backbone's patch size 8" in caplog.text
+    assert "--image-size [12, 12, 12] is not a multiple of the backbone's patch size 8" in error_line()
     caplog.clear()
     # One token per axis still runs, with a warning that the patch features are a single token.
     assert linear_run.main(base + ["--output-dir", str(tmp_path / "b"), "--image-size", "8"]) == 0
@@ -134,8 +135,11 @@ def test_image_size_against_the_patch_size(lobe_data, tiny_checkpoint, tmp_path,
 
 
 # ------------------------------------------------------------------- what --pretrained-weights takes
-def _errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+def _errors(capsys) -> list[str]:
+    """The messages of the ``ERROR:`` lines the command printed to stderr."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line.removeprefix("ERROR: ") for line in err.splitlines() if line.startswith("ERROR:")]
 
 
 def test_random_init_baseline_runs_end_to_end_and_is_recorded(lobe_data, tmp_path, caplog):
@@ -156,20 +160,20 @@ def test_random_init_baseline_runs_end_to_end_and_is_recorded(lobe_data, tmp_pat
     assert caplog.text.count("read from the cache") == 3
 
 
-def test_random_init_without_an_architecture_names_the_flag(lobe_data, tmp_path, caplog):
+def test_random_init_without_an_architecture_names_the_flag(lobe_data, tmp_path, capsys):
     code = linear_run.main(["--pretrained-weights", "none", "--output-dir", str(tmp_path / "o"),
                           "--dataset-name", "brain_lobes", "--base-data-dir", str(lobe_data.parent)])
     assert code == 1
-    assert _errors(caplog) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
+    assert _errors(capsys) == ["--pretrained-weights none builds a random-init backbone, but no architecture was "
                                "given: set --arch (model.arch) (a registry name, e.g. vit_large_3d)."]
 
 
-def test_finetuned_segmentation_model_is_one_error_line(lobe_data, tmp_path, caplog):
+def test_finetuned_segmentation_model_is_one_error_line(lobe_data, tmp_path, capsys):
     best = _best_model(tmp_path / "seg" / "best_model.pth", teacher="out/teacher_checkpoint.pth")
     code = linear_run.main(["--pretrained-weights", str(best), "--output-dir", str(tmp_path / "o"),
                           "--dataset-name", "brain_lobes", "--base-data-dir", str(lobe_data.parent)])
     assert code == 1
-    (error,) = _errors(caplog)
+    (error,) = _errors(capsys)
     assert "\n" not in error and error.startswith(f"{best} is a finetuned segmentation model")
     assert "finetuned from out/teacher_checkpoint.pth: pass that file with --pretrained-weights" in error
 
@@ -188,3 +192,33 @@ def _best_model(path, teacher: str):
     return save_finetuned(path, model, {"arch": "vit_tiny_3d", "kwargs": kwargs},
                           {"pretrained_weights": teacher, "model": {"unetr": {"feature_size": 4}}}, preset, 1,
                           {"name": "dice", "value": 0.5})
+
+
+# ------------------------------------------------------------------------------- one config path
+def test_unknown_key_in_the_config_file_or_an_override_is_one_error_line(tmp_path, error_line):
+    base = ["--pretrained-weights", "none", "--arch", "vit_tiny_3d", "--dataset-name", "brain_lobes",
+            "--output-dir", str(tmp_path / "out")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("features:\n  n_last_block: [1]\n")
+    assert linear_run.main(base + ["--config-file", str(bad)]) == 1
+    line = error_line()
+    assert "'features.n_last_block'" in line and str(bad) in line and "closest known key: 'features.n_last_blocks'" in line
+    assert linear_run.main(base + ["--", "optim.momentumm=0.5"]) == 1
+    assert "'optim.momentumm' (closest known key: 'optim.momentum') on the command line" in error_line()
+    # dataset.preprocessing takes the keys of the pretraining recipe's preprocessing section.
+    assert linear_run.main(base + ["--", "dataset.preprocessing.foreground.treshold=0"]) == 1
+    assert "closest known key: 'dataset.preprocessing.foreground.threshold'" in error_line()
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_keys_and_flags_share_the_vocabulary_of_the_other_entry_points(tmp_path):
+    from dinov2.utils.deprecation import DeprecatedConfigKeyWarning
+
+    parse = linear_run.get_args_parser().parse_args
+    base = ["--pretrained-weights", "none", "--dataset-name", "brain_lobes", "--output-dir", str(tmp_path)]
+    cfg = linear_run.build_config(parse(base + ["--device", "cpu", "--seed", "3", "--dataset-seed", "4",
+                                                "--image-size", "16", "16", "32"]))
+    assert (cfg.device, cfg.seed, cfg.dataset.seed, list(cfg.dataset.image_size)) == ("cpu", 3, 4, [16, 16, 32])
+    assert cfg.model.arch is None and dict(cfg.model.backbone_kwargs) == {}  # defaults from linear_default.yaml
+    with pytest.warns(DeprecatedConfigKeyWarning, match="use 'device'"):
+        assert linear_run.build_config(parse(base + ["train.device=cpu"])).device == "cpu"

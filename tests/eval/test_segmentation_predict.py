@@ -89,19 +89,19 @@ def test_predict_cli_writes_input_space_label_maps(tmp_path, capsys):
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
 
 
-def test_predict_cli_names_the_fix_for_a_folder_without_images(tmp_path, caplog):
+def test_predict_cli_names_the_fix_for_a_folder_without_images(tmp_path, error_line):
     (tmp_path / "data" / "images").mkdir(parents=True)
     assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(tmp_path / "data"),
                          "--output", str(tmp_path / "out")]) == 1
-    assert "sub-folders are not searched; it has images/" in caplog.text
+    assert "sub-folders are not searched; it has images/" in error_line()
     assert not (tmp_path / "out").exists()
 
 
-def test_predict_cli_reports_a_missing_checkpoint(tmp_path, caplog):
+def test_predict_cli_reports_a_missing_checkpoint(tmp_path, error_line):
     path, _ = phantom(tmp_path)
     assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(path),
                          "--output", str(tmp_path / "out")]) == 1
-    assert "missing.pth not found" in caplog.text
+    assert "missing.pth not found" in error_line()
 
 
 def test_predict_cli_no_preview(tmp_path):

@@ -16,7 +16,7 @@ from dinov2.sample_data import write_segmentation_dataset
 RUN = [
     "--pretrained-weights", "none", "--dataset-name", "brain_tissue", "--segmentation-head", "Linear",
     "--epochs", "1", "--epoch-length", "6", "--eval-iters", "3", "--warmup-iters", "1", "--batch-size", "1",
-    "--num-workers", "0", "--image-size", "32", "--resize-scale", "0.5", "train.log_every=1",
+    "--num-workers", "0", "--image-size", "32", "--resize-scale", "0.5", "train.log_period_iterations=1",
     "model.arch=vit_tiny_3d", "model.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2, patch_size: 8}",
     "evaluation.overlap=0",
 ]
@@ -63,7 +63,7 @@ def _teacher(path, seed):
     return save_teacher_checkpoint(path, {f"backbone.{k}": v for k, v in model.state_dict().items()}, config, 0)
 
 
-def test_frozen_backbone_is_not_copied_into_the_resumable_state(tmp_path, monkeypatch, caplog):
+def test_frozen_backbone_is_not_copied_into_the_resumable_state(tmp_path, monkeypatch, error_line):
     data = tmp_path / "data"
     write_segmentation_dataset(data, labels="tissue", seed=0)
     weights = _teacher(tmp_path / "teacher.pth", 0)
@@ -90,6 +90,6 @@ def test_frozen_backbone_is_not_copied_into_the_resumable_state(tmp_path, monkey
     monkeypatch.setattr(train_loop, "atomic_torch_save", original_save)
     other = _teacher(tmp_path / "other.pth", 1)
     assert finetune.main([str(other) if a == str(weights) else a for a in args]) == 1
-    assert "same --pretrained-weights" in caplog.text
+    assert "same --pretrained-weights" in error_line()
     assert finetune.main(args) == 0
     assert json.loads((out / "results.json").read_text())["curves"]["validation"][-1]["iteration"] == 6

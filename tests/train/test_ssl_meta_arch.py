@@ -230,3 +230,13 @@ def test_prototype_norm_is_trained_only_when_asked(train_norm):
         assert head.last_layer.weight_g.requires_grad is train_norm
     names = {n for g in arch.build_optimizer().param_groups for n in g["names"]}
     assert ("dino_head.last_layer.weight_g" in names) is train_norm
+
+
+def test_effective_rank_of_non_finite_embeddings_is_nan_not_an_svd_error():
+    """A step whose teacher output is NaN must reach the run's clear non-finite-loss error."""
+    from dinov2.train.metrics import effective_rank
+
+    x = torch.randn(8, 16)
+    assert 1.0 <= float(effective_rank(x)) <= 8
+    x[3, 2] = float("nan")
+    assert torch.isnan(effective_rank(x))

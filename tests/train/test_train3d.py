@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_highres_stage_starts_from_a_teacher_export(two_iteration_run, tiny_conf
     assert torch.equal(arch.teacher.backbone.norm.weight, teacher["backbone.norm.weight"])
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_argv, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_argv, monkeypatch, error_line):
     real = SSLMetaArch.forward_backward
     calls = {"n": 0}
 
@@ -88,8 +89,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
     monkeypatch.setattr(SSLMetaArch, "forward_backward", poisoned)
     argv = tiny_argv(tmp_path, "train.max_iterations=5", "checkpointing.period_iterations=2",
                      "train.num_workers=0")
-    with pytest.raises(train3d.NonFiniteLossError, match=r"iteration 2:.*ibot_loss=nan.*model_0000002\.pth"):
-        train3d.main(argv)
+    assert train3d.main(argv) == 1  # one ERROR line (log.txt keeps it too), no traceback
+    assert re.search(r"iteration 2:.*ibot_loss=nan.*model_0000002\.pth", error_line())
     assert [it for it, _ in TrainingCheckpointer(tmp_path).list()] == [2]
     assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1]
 
@@ -119,7 +120,7 @@ def test_help_shows_launch_examples_and_the_config_merge_order(capsys):
     assert "python -m dinov2.run.submit train3d" in text
     flat = " ".join(text.split())
     assert ("data_defaults.yaml <- ssl3d_default_config.yaml <- --config-file (a path, or a packaged name such as "
-            "train/vit3d_highres) <- key=value overrides") in flat
+            "train/vit3d_highres) <- the flags (--cache-dir, --device) <- key=value overrides") in flat
     assert "``" not in text and "see the module docstring" not in text
 
 
@@ -180,3 +181,32 @@ def test_metrics_of_a_resumed_run_drop_the_recomputed_iterations(tmp_path):
     MetricsLogger(tmp_path, start_iteration=3)
     assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1, 2]
     assert MetricsLogger(tmp_path / "other", enabled=False).path.parent.exists() is False
+
+
+# ------------------------------------------------------------------------------- one config path
+def test_unknown_key_in_the_config_file_or_an_override_is_one_error_line(tmp_path, tiny_config, small_datalist,
+                                                                         error_line):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_config.read_text() + "\ncentering:\n  student_tempp: 0.1\n")
+    argv = ["--config-file", str(bad), "--output-dir", str(tmp_path / "run"), f"train.datalist={small_datalist}"]
+    assert train3d.main(argv) == 1
+    line = error_line()
+    assert "'centering.student_tempp'" in line and str(bad) in line and "closest known key: 'centering.student_temp'" in line
+    argv = ["--config-file", str(tiny_config), "--output-dir", str(tmp_path / "run"), f"train.datalist={small_datalist}",
+            "train.batch_size_per_gpuu=2"]
+    assert train3d.main(argv) == 1
+    line = error_line()
+    assert ("'train.batch_size_per_gpuu' (closest known key: 'train.batch_size_per_gpu') on the command line"
+            in line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_old_train_device_spelling_still_works_and_warns(tiny_config):
+    from dinov2.utils.deprecation import DeprecatedConfigKeyWarning
+
+    with pytest.warns(DeprecatedConfigKeyWarning, match="'train.device' is deprecated .* use 'device'"):
+        cfg = train3d.build_config(str(tiny_config), ["train.datalist=x.json", "train.device=cpu"])
+    assert cfg.device == "cpu" and "device" not in cfg.train
+    assert train3d.build_config(str(tiny_config), ["train.datalist=x.json"], device="auto").device == "auto"
+    args = train3d.get_args_parser().parse_args(["--output-dir", "o", "--device", "cuda:1"])
+    assert args.device == "cuda:1"

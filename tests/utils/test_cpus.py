@@ -47,3 +47,27 @@ def test_one_cpu_loads_in_the_main_process(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="dinov2"):
         assert cpus.cap_workers(4, "--num-workers") == 0
     assert "--num-workers=4 lowered to 0: 1 CPU available" in caplog.text
+
+
+def test_linear_probe_feature_loader_workers_are_capped(two_cpus, monkeypatch, tmp_path):
+    """The linear probe's extraction loader gets at most CPUs - 1 workers, like the training loaders."""
+    import torch
+
+    from dinov2.eval.linear import features
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_loader(dataset, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(features, "DataLoader", fake_loader)
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(Stop):
+        features.load_or_extract_features(model, [{"image": str(tmp_path / "x.nii.gz"), "label": 0}], split="training",
+                                          checkpoint=None, cache_dir=None, preprocessing=None, image_size=16,
+                                          n_last_blocks=1, num_workers=8)
+    assert seen["num_workers"] == 1

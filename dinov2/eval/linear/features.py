@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dinov2.data.transforms import build_preprocessing, resolve_preprocessing_config
 from dinov2.layers.patch_embed import to_3tuple
+from dinov2.utils.cpus import cap_workers
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def load_or_extract_features(model: torch.nn.Module, entries: Sequence[Mapping[s
         checkpoint: the backbone's file (part of the cache key); None for a random-init backbone.
         cache_dir: folder of ``<split>_<key>.pt`` files; None disables caching.
         preprocessing, image_size, n_last_blocks: see :func:`feature_cache_key`.
-        batch_size, num_workers: of the extraction loader.
+        batch_size, num_workers: of the extraction loader (workers capped at the CPUs available).
         device: where the backbone runs.
 
     Returns:
@@ -225,7 +226,8 @@ def load_or_extract_features(model: torch.nn.Module, entries: Sequence[Mapping[s
             logger.info("Features of %s (%d volumes) read from the cache %s.", split, len(entries), cache_file)
             return FeatureSet(**torch.load(cache_file, map_location="cpu", weights_only=True))
     dataset = ClassificationVolumes(entries, preprocessing, image_size, in_chans=getattr(model, "in_chans", 1))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=cap_workers(num_workers, "features.num_workers"))
     cls_tokens, patch_mean, labels = extract_features(model, loader, n_last_blocks, device)
     features = FeatureSet(cls_tokens, patch_mean, labels, [e["image"] for e in entries])
     logger.info("Extracted features of %s: %d volumes, CLS %s.", split, len(features), tuple(cls_tokens.shape))

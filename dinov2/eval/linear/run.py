@@ -15,7 +15,8 @@ Example on the packaged brain-lobe task (CPU, a minute)::
 
 Any config key can be set as ``key=value`` after the flags (e.g. ``optim.momentum=0.8``); the
 defaults are in ``dinov2/configs/eval/linear_default.yaml`` and the dataset presets in
-``dinov2/configs/datasets/``.
+``dinov2/configs/datasets/``. Merge order: defaults <- preset <- ``--config-file`` <- flags <-
+``key=value``; a key the defaults do not define is an error (docs/configuration.md lists them).
 
 ``--pretrained-weights none`` probes a randomly initialised backbone instead (the baseline a
 pretrained one must beat); its architecture comes from ``--arch`` (``model.arch``) and
@@ -34,34 +35,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
-from dinov2.checkpoints.errors import CheckpointError
-from dinov2.data.datalist import DatalistError, load_finetune_datalist, subset_training
-from dinov2.eval.presets import load_preset
+from dinov2.data.datalist import load_finetune_datalist, subset_training
+from dinov2.eval.presets import add_dataset_arguments, dataset_flags, load_preset
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
 from dinov2.models.build import build_random_backbone, is_random_init
-from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, save_config
-from dinov2.utils.device import resolve_device
-from dinov2.utils.entry_point import start_entry_point
+from dinov2.utils.config import load_config, load_yaml, packaged_config_path, save_config
+from dinov2.utils.device import add_device_argument, resolve_device
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 from dinov2.utils.jsonsafe import json_safe
 
-from .classifiers import ProbeGrid, best_head_logits, setup_grid, train_probe_grid
+from .classifiers import GridResult, HeadRecord, ProbeGrid, best_head_logits, setup_grid, train_probe_grid
 from .features import FeatureSet, load_or_extract_features
 from .metrics import classification_metrics
 
 logger = logging.getLogger("dinov2.eval.linear")
 
 DEFAULT_CONFIG = "eval/linear_default"
-# flag -> config key; None values are not given on the command line and keep the config's.
+# flag dest -> config key; None values are not given on the command line and keep the config's.
+# The dataset flags are dinov2.eval.presets.DATASET_FLAG_KEYS, as in segmentation finetuning.
 FLAG_KEYS = {
     "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "device": "device",
-    "dataset_name": "dataset.name", "base_data_dir": "dataset.base_data_dir", "datalist": "dataset.datalist",
-    "dataset_percent": "dataset.percent", "dataset_seed": "dataset.seed", "image_size": "dataset.image_size",
-    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "batch_size": "optim.batch_size",
-    "learning_rates": "optim.learning_rates", "eval_period_iterations": "evaluation.eval_period_iterations",
-    "num_workers": "features.num_workers", "arch": "model.arch",
+    "datalist": "dataset.datalist", "epochs": "optim.epochs", "epoch_length": "optim.epoch_length",
+    "batch_size": "optim.batch_size", "learning_rates": "optim.learning_rates",
+    "eval_period_iterations": "evaluation.eval_period_iterations", "num_workers": "features.num_workers",
+    "arch": "model.arch", "seed": "seed",
 }
-# Keys of the random-init baseline, named as in segmentation finetuning (linear_default.yaml predates them).
-MODEL_DEFAULTS = {"model": {"arch": None, "backbone_kwargs": {}}}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,60 +72,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default=None, help="registry name of the random-init backbone (with "
                         "--pretrained-weights none), e.g. vit_large_3d; overrides with model.backbone_kwargs.<key>=value")
     parser.add_argument("--output-dir", default=None, help="where results.json and the feature cache go")
-    parser.add_argument("--dataset-name", default=None,
-                        help="preset in dinov2/configs/datasets (e.g. brain_lobes) or a preset YAML")
-    parser.add_argument("--base-data-dir", default=None, help="folder holding the preset's datalist")
+    add_dataset_arguments(parser, "backbone input, every volume resized to it")
     parser.add_argument("--datalist", default=None, help="classification datalist JSON (overrides the preset's)")
-    parser.add_argument("--dataset-percent", type=float, default=None, help="percent of training entries kept")
-    parser.add_argument("--dataset-seed", type=int, default=None, help="which training entries the percent keeps")
-    parser.add_argument("--image-size", type=int, nargs="+", default=None, help="backbone input size (1 or 3 ints)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch")
     parser.add_argument("--batch-size", type=int, default=None, help="feature vectors per classifier step")
     parser.add_argument("--learning-rates", type=float, nargs="+", default=None)
-    parser.add_argument("--eval-period-iterations", type=int, default=None)
+    parser.add_argument("--eval-period-iterations", type=int, default=None,
+                        help="validate every N iterations (evaluation.eval_period_iterations)")
     parser.add_argument("--num-workers", type=int, default=None, help="loader processes of the feature extraction")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda")
+    parser.add_argument("--seed", type=int, default=None, help="run seed: classifier initialisation and batch order")
+    add_device_argument(parser)
     parser.add_argument("opts", nargs="*", default=[], help="key=value config overrides, applied last")
+    add_debug_flag(parser)
     return parser
-
-
-def _flag_config(args: argparse.Namespace) -> DictConfig:
-    cfg = OmegaConf.create()
-    for attr, key in FLAG_KEYS.items():
-        value = getattr(args, attr, None)
-        if value is None:
-            continue
-        if attr == "image_size":
-            value = value[0] if len(value) == 1 else list(value)
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
 
 
 def build_config(args: argparse.Namespace) -> DictConfig:
     """defaults <- dataset preset <- --config-file <- flags <- key=value overrides.
 
     The preset is chosen by ``dataset.name`` wherever it was set (flag, file or override).
+
+    Raises:
+        ConfigError: an unknown key, named with its file or the command line and the closest known key.
+        FileNotFoundError: the config file or the preset does not exist.
     """
-    def merged(base: DictConfig) -> DictConfig:
-        cfg = merge_configs(base, args.config_file)
-        cfg = OmegaConf.merge(cfg, _flag_config(args))
-        return merge_configs(cfg, None, args.opts)
-
-    default = OmegaConf.merge(load_yaml(packaged_config_path(DEFAULT_CONFIG)), MODEL_DEFAULTS)
-    name = merged(default).dataset.name
-    if name:
-        default.dataset = OmegaConf.merge(default.dataset, load_dataset_preset(str(name)))
-    return merged(default)
-
-
-def load_dataset_preset(name: str) -> DictConfig:
-    """A packaged preset (``dinov2/configs/datasets/<name>.yaml``) or a preset YAML file."""
-    preset = load_preset(name)  # the one lookup of presets, shared with segmentation finetuning
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") or path.is_file()) and preset.get("name") not in (None, name):
-        raise ValueError(f"Preset dinov2/configs/datasets/{name}.yaml names itself '{preset.name}'; fix the file.")
-    return preset
+    flags = {key: getattr(args, dest, None) for dest, key in FLAG_KEYS.items()}
+    flags.update(dataset_flags(args))
+    flags = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in flags.items()}
+    # dataset.preprocessing is a partial override of the pretraining recipe's section: its keys are those.
+    reference = load_yaml(packaged_config_path(DEFAULT_CONFIG))
+    reference.dataset.preprocessing = load_yaml(packaged_config_path("data_defaults")).preprocessing
+    return load_config(DEFAULT_CONFIG, args.config_file, flags, args.opts, preset_loader=load_preset,
+                       reference=reference, open_keys=("model.backbone_kwargs",))
 
 
 def _require(cfg: DictConfig, key: str, flag: str) -> Any:
@@ -165,13 +142,15 @@ def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, li
     return num_classes, names
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run the whole evaluation described by a resolved config; returns what results.json holds."""
-    output_dir = Path(str(_require(cfg, "output_dir", "--output-dir")))
-    weights = str(_require(cfg, "pretrained_weights", "--pretrained-weights"))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir)
-    device = resolve_device(str(cfg.device), key="device")
+def _load_splits(cfg: DictConfig) -> tuple[Path, dict[str, list[dict]]]:
+    """The datalist's splits: ``training`` subset to ``dataset.percent``, ``validation`` and ``test`` as listed.
+
+    Returns:
+        ``(datalist_path, splits)``.
+
+    Raises:
+        ValueError: the datalist has no validation entries (they choose the classifier).
+    """
     datalist_path = resolve_datalist(cfg)
     data = load_finetune_datalist(datalist_path, validate=bool(cfg.dataset.validate), progress=False)
     splits = {
@@ -182,10 +161,18 @@ def run(cfg: DictConfig) -> dict:
     if not splits["validation"]:
         raise ValueError(f"{datalist_path} has no 'validation' entries; the probe needs them to choose its "
                          "classifier. Add a validation split to the datalist.")
-    num_classes, class_names = _class_info(cfg, splits)
+    return datalist_path, splits
 
-    size = cfg.dataset.image_size
-    image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
+
+def _frozen_backbone(cfg: DictConfig, weights: str, image_size: tuple[int, int, int],
+                     device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The backbone of :func:`_backbone` on ``device``, in eval mode and without gradients.
+
+    Warns when ``image_size`` gives fewer than 2 tokens along a side.
+
+    Raises:
+        ValueError: ``image_size`` is not a multiple of the patch size.
+    """
     model, backbone_info = _backbone(cfg, weights, image_size)
     model = model.to(device).eval()
     for p in model.parameters():
@@ -202,7 +189,24 @@ def run(cfg: DictConfig) -> dict:
         logger.warning("--image-size %s gives a %s token grid for patch size %s: the patch-token features are a "
                        "single token. Use --image-size %d or more for this backbone.", list(image_size), list(grid),
                        max(model.patch_embed.patch_size), 2 * max(model.patch_embed.patch_size))
+    return model, backbone_info
 
+
+def _split_features(cfg: DictConfig, model: torch.nn.Module, splits: dict[str, list[dict]], checkpoint: str | None,
+                    image_size: tuple[int, int, int], output_dir: Path,
+                    device: torch.device) -> tuple[list[int], dict[str, FeatureSet]]:
+    """Features of every non-empty split, extracted once (or read from the feature cache).
+
+    Args:
+        checkpoint: the backbone's file, part of the cache key; None for a random-init backbone.
+
+    Returns:
+        ``(n_blocks, features)``: the sorted ``features.n_last_blocks``; per split a :class:`FeatureSet`
+        with CLS tokens ``(N, max(n_blocks), E)`` and mean patch tokens ``(N, E)``.
+
+    Raises:
+        ValueError: ``features.n_last_blocks`` asks for more blocks than the backbone has.
+    """
     n_blocks = sorted({int(n) for n in cfg.features.n_last_blocks})
     if n_blocks[-1] > model.depth:
         raise ValueError(f"features.n_last_blocks asks for {n_blocks[-1]} blocks; the backbone has {model.depth}.")
@@ -212,10 +216,19 @@ def run(cfg: DictConfig) -> dict:
     for split, entries in splits.items():
         if entries:
             features[split] = load_or_extract_features(
-                model, entries, split=split, checkpoint=None if backbone_info["random_init"] else weights, cache_dir=cache_dir, preprocessing=preprocessing,
+                model, entries, split=split, checkpoint=checkpoint, cache_dir=cache_dir, preprocessing=preprocessing,
                 image_size=image_size, n_last_blocks=n_blocks[-1], batch_size=int(cfg.features.batch_size),
                 num_workers=int(cfg.features.num_workers), device=device)
+    return n_blocks, features
 
+
+def _train_heads(cfg: DictConfig, features: dict[str, FeatureSet], n_blocks: list[int], num_classes: int,
+                 output_dir: Path) -> tuple[ProbeGrid, GridResult]:
+    """Train the grid of linear heads on the training features, each validation written to ``metrics.jsonl``.
+
+    Returns:
+        ``(grid, result)``: the heads and each head's best validation record.
+    """
     setups = setup_grid(n_blocks, list(cfg.features.pooling), [float(v) for v in cfg.optim.learning_rates])
     with torch.random.fork_rng():  # seeded head initialisation without touching the caller's RNG
         torch.manual_seed(int(cfg.seed))
@@ -232,7 +245,16 @@ def run(cfg: DictConfig) -> dict:
         epoch_length=cfg.optim.epoch_length, batch_size=int(cfg.optim.batch_size),
         eval_period_iterations=cfg.evaluation.eval_period_iterations, momentum=float(cfg.optim.momentum),
         weight_decay=float(cfg.optim.weight_decay), seed=int(cfg.seed), on_eval=log_eval)
-    best = result.best
+    return grid, result
+
+
+def _best_head_metrics(grid: ProbeGrid, best: HeadRecord, features: dict[str, FeatureSet], class_names: list[str],
+                       datalist_path: Path) -> tuple[dict, dict | None]:
+    """Metrics of the best head (restored to its best state) on validation, and on test when there is one.
+
+    Returns:
+        ``(val_metrics, test_metrics)``; ``test_metrics`` is None without test entries.
+    """
     val_metrics = classification_metrics(best_head_logits(grid, best, features["validation"]),
                                          features["validation"].labels, class_names)
     test_metrics = None
@@ -241,9 +263,33 @@ def run(cfg: DictConfig) -> dict:
                                               features["test"].labels, class_names)
     else:
         logger.warning("%s has no 'test' entries: results.json reports validation metrics only.", datalist_path)
+    return val_metrics, test_metrics
+
+
+def _save_best_classifier(best: HeadRecord, num_classes: int, class_names: list[str], path: Path) -> None:
+    """Write ``best_classifier.pth``: the best head's setup, classes and ``LinearProbe`` state at its best iteration."""
     torch.save({"setup": {"n_blocks": best.setup.n_blocks, "pooling": best.setup.pooling, "lr": best.setup.lr},
-                "num_classes": num_classes, "class_names": class_names, "state_dict": best.state},
-               output_dir / "best_classifier.pth")
+                "num_classes": num_classes, "class_names": class_names, "state_dict": best.state}, path)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the whole evaluation described by a resolved config; returns what results.json holds."""
+    output_dir = Path(str(_require(cfg, "output_dir", "--output-dir")))
+    weights = str(_require(cfg, "pretrained_weights", "--pretrained-weights"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir)
+    device = resolve_device(str(cfg.device), key="device")
+    datalist_path, splits = _load_splits(cfg)
+    num_classes, class_names = _class_info(cfg, splits)
+    size = cfg.dataset.image_size
+    image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
+    model, backbone_info = _frozen_backbone(cfg, weights, image_size, device)
+    checkpoint = None if backbone_info["random_init"] else weights
+    n_blocks, features = _split_features(cfg, model, splits, checkpoint, image_size, output_dir, device)
+    grid, result = _train_heads(cfg, features, n_blocks, num_classes, output_dir)
+    best = result.best
+    val_metrics, test_metrics = _best_head_metrics(grid, best, features, class_names, datalist_path)
+    _save_best_classifier(best, num_classes, class_names, output_dir / "best_classifier.pth")
     results = {
         "best_classifier": {"name": best.setup.name, "n_blocks": best.setup.n_blocks, "pooling": best.setup.pooling,
                             "learning_rate": best.setup.lr, "iteration": best.iteration},
@@ -277,7 +323,7 @@ def _backbone(cfg: DictConfig, weights: str, image_size: tuple[int, int, int]) -
                        "iteration": report.iteration}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     # Built at the probe's input size, so the position embedding is used at its native grid.
-    model, kwargs = build_random_backbone(model_cfg.get("arch"), model_cfg.get("backbone_kwargs"), image_size,
+    model, kwargs = build_random_backbone(model_cfg["arch"], model_cfg["backbone_kwargs"], image_size,
                                           flag="--arch (model.arch)", seed=int(cfg.seed))
     return model, {"path": "none", "random_init": True, "source_format": "random_init", "iteration": None,
                    "arch": kwargs.pop("arch"), "kwargs": {k: list(v) if isinstance(v, tuple) else v
@@ -285,15 +331,13 @@ def _backbone(cfg: DictConfig, weights: str, image_size: tuple[int, int, int]) -
                    "seed": int(cfg.seed)}
 
 
+# Every ValueError of this command names a flag, config key or file to fix: one ERROR line.
+@entry_point(user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry; returns the process exit code."""
+    """Command-line entry; returns the process exit code (1 with one ``ERROR:`` line for a user error)."""
     args = get_args_parser().parse_args(argv)
     start_entry_point()
-    try:
-        cfg = build_config(args)
-        run(cfg)
-    except (ValueError, FileNotFoundError, DatalistError, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 1
+    cfg = build_config(args)
+    run(cfg)
     return 0
 

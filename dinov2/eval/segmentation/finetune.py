@@ -6,7 +6,7 @@ Recipe (CPU or one GPU)::
     python -m dinov2.eval.segmentation \\
         --pretrained-weights output/eval/training_12499/teacher_checkpoint.pth \\
         --output-dir seg_out --dataset-name brain_tissue --base-data-dir demo_data \\
-        --segmentation-head UNETR --epochs 10 --epoch-length 50 --eval-iters 100
+        --segmentation-head UNETR --epochs 10 --epoch-length 50 --eval-period-iterations 100
     python -m dinov2.eval.segmentation.predict --checkpoint seg_out/best_model.pth --input scan.nii.gz --output preds
 
 ``--dataset-name`` is a packaged preset (``btcv``, ``brats``, ``la``, ``brain_tissue``) or the
@@ -14,7 +14,7 @@ path of a preset YAML (see :mod:`dinov2.eval.presets`); ``--base-data-dir`` hold
 the datalist JSON it names. ``--pretrained-weights none`` trains from a random initialisation
 (a baseline). Trailing ``key=value`` pairs override any config key. Merge order: packaged
 ``eval/segmentation_default.yaml`` ← preset (as ``dataset``) ← ``--config-file`` ← flags ←
-``key=value``.
+``key=value``; a key the defaults do not define is an error (docs/configuration.md lists them).
 """
 
 from __future__ import annotations
@@ -23,25 +23,31 @@ import argparse
 import logging
 from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from dinov2.eval.presets import load_preset
-from dinov2.utils.config import load_yaml, merge_configs, packaged_config_path, unknown_keys
-from dinov2.utils.entry_point import start_entry_point
+from dinov2.eval.presets import add_dataset_arguments, dataset_flags, load_preset
+from dinov2.utils.config import ConfigError, load_config
+from dinov2.utils.device import add_device_argument
+from dinov2.utils.precision import PRECISIONS
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 
 from .model import HEAD_NAMES, canonical_head_name
 
 logger = logging.getLogger("dinov2.eval.segmentation")
 
-# flag dest -> config key
+DEFAULT_CONFIG = "eval/segmentation_default"
+# flag dest -> config key (the dataset flags: dinov2.eval.presets.DATASET_FLAG_KEYS, as in linear probing)
 FLAG_KEYS = {
-    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "dataset_name": "dataset_name",
-    "base_data_dir": "base_data_dir", "dataset_percent": "dataset_percent", "segmentation_head": "model.head",
-    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length", "eval_iters": "train.eval_iters",
-    "warmup_iters": "optim.warmup_iters", "batch_size": "train.batch_size", "num_workers": "train.num_workers",
-    "learning_rate": "optim.lr", "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale",
-    "seed": "seed", "device": "train.device",
+    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "segmentation_head": "model.head",
+    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length",
+    "eval_period_iterations": "evaluation.eval_period_iterations", "warmup_iters": "optim.warmup_iters",
+    "batch_size": "train.batch_size", "num_workers": "train.num_workers", "learning_rate": "optim.lr",
+    "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale", "seed": "seed", "device": "device",
+    "precision": "compute_precision.dtype", "train_feature_model": "model.train_backbone",
 }
+# Required values and the flag that gives each.
+REQUIRED = {"pretrained_weights": "--pretrained-weights", "output_dir": "--output-dir",
+            "dataset.base_data_dir": "--base-data-dir"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,86 +57,69 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", default=None, help="YAML merged over the defaults and the preset")
     p.add_argument("--pretrained-weights", help="teacher checkpoint (ours or published 3DINO-ViT), or 'none'")
     p.add_argument("--output-dir", help="where config, checkpoints and results.json go")
-    p.add_argument("--dataset-name", help="packaged preset (btcv, brats, la, brain_tissue) or a preset YAML path")
-    p.add_argument("--base-data-dir", help="folder holding the datalist JSON")
-    p.add_argument("--dataset-percent", type=float, help="%% of the training cases to use")
+    add_dataset_arguments(p, "training crop and sliding window", image_size_triple=False)
     p.add_argument("--segmentation-head", choices=HEAD_NAMES, type=canonical_head_name)
-    p.add_argument("--train-feature-model", action="store_true", help="finetune the backbone (layer-wise LR decay)")
+    p.add_argument("--train-feature-model", action="store_true", default=None,
+                   help="finetune the backbone (layer-wise LR decay; model.train_backbone)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--epoch-length", type=int, help="iterations per epoch")
-    p.add_argument("--eval-iters", type=int, help="validate every N iterations")
+    p.add_argument("--eval-period-iterations", "--eval-iters", dest="eval_period_iterations", type=int,
+                   help="validate every N iterations (evaluation.eval_period_iterations)")
     p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--image-size", type=int, help="cubic training crop / sliding window side (dataset.roi_size)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--cache-dir", help="on-disk cache of preprocessed volumes")
     p.add_argument("--resize-scale", type=float, help="resample to preset spacing / scale (2 = twice the voxels per axis)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train and evaluate (train.device; "
-                   "auto = CUDA when available), as in the other entry points")
+    add_device_argument(p)
+    p.add_argument("--precision", choices=("auto", *PRECISIONS),
+                   help="autocast precision of training and evaluation (compute_precision.dtype)")
     p.add_argument("opts", nargs="*", default=[], help="key=value config overrides")
+    add_debug_flag(p)
     return p
 
 
-def build_config(args: argparse.Namespace):
-    """Merge defaults ← preset ← config file ← flags ← ``key=value`` and check required keys."""
-    flags = []
-    for dest, key in FLAG_KEYS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            flags.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")
-    if args.train_feature_model:
-        flags.append("model.train_backbone=true")
-    if args.image_size is not None:
-        flags.append(f"dataset.roi_size=[{args.image_size},{args.image_size},{args.image_size}]")
-    # The preset name may come from the config file or the flags: look for it before merging.
-    probe = merge_configs("eval/segmentation_default", args.config_file, flags + list(args.opts))
-    dataset_name = probe.get("dataset_name")
-    if dataset_name in (None, "???"):
-        raise ValueError("No dataset: pass --dataset-name (a packaged preset or a preset YAML path).")
-    default = OmegaConf.merge(load_yaml(packaged_config_path("eval/segmentation_default")),
-                              {"dataset": load_preset(dataset_name)})
-    cfg = merge_configs(default, args.config_file, flags + list(args.opts))
-    typos = [k for k in unknown_keys(cfg, default) if not k.startswith(("model.backbone_kwargs.", "dataset."))]
-    if typos:
-        logger.warning("Config keys unknown to the defaults (typos?): %s", ", ".join(typos))
-    missing = [k for k in ("pretrained_weights", "output_dir", "base_data_dir") if OmegaConf.is_missing(cfg, k)]
+def build_config(args: argparse.Namespace) -> DictConfig:
+    """Merge defaults ← preset ← config file ← flags ← ``key=value`` and check required keys.
+
+    Raises:
+        ConfigError: an unknown key (named with its file or the command line and the closest
+            known key), no dataset, or a required value not given.
+        FileNotFoundError: the config file or the preset does not exist.
+    """
+    flags = {key: getattr(args, dest, None) for dest, key in FLAG_KEYS.items()}
+    flags.update(dataset_flags(args))
+    cfg = load_config(DEFAULT_CONFIG, args.config_file, flags, args.opts, preset_loader=load_preset,
+                      open_keys=("model.backbone_kwargs",))
+    if OmegaConf.is_missing(cfg, "dataset.name"):
+        raise ConfigError("No dataset: pass --dataset-name (a packaged preset or a preset YAML path).")
+    missing = [k for k in REQUIRED if OmegaConf.is_missing(cfg, k)]
     if missing:
-        raise ValueError(f"Missing {', '.join(missing)}: pass --{missing[0].replace('_', '-')} (or set it in "
-                         "--config-file). Use --pretrained-weights none for a random-initialisation baseline.")
+        raise ConfigError(f"Missing {', '.join(missing)}: pass {REQUIRED[missing[0]]} (or set {missing[0]} in "
+                          "--config-file). Use --pretrained-weights none for a random-initialisation baseline.")
     return cfg
 
 
-def _quote(value: str) -> str:
-    # OmegaConf's dotlist parses unquoted values as YAML; quote paths so ':' or leading digits stay strings.
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
-
-
+# A wrong path, dataset, flag or resume mismatch is the user's to fix: every ValueError of this
+# command is such a message, printed as one ERROR line (as linear, visualisation and predict do).
+@entry_point(user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run finetuning; returns the process exit code."""
+    """Run finetuning; returns the process exit code (1 with one ``ERROR:`` line for a user error)."""
     # Intermixed: key=value overrides may come before, between or after the flags.
     args = get_args_parser().parse_intermixed_args(argv)
     start_entry_point()
-    from dinov2.checkpoints.errors import CheckpointError
     from dinov2.utils.errors import explained_resource_errors
 
     from .train_loop import run_finetuning  # heavy imports after argument parsing
 
-    try:
-        cfg = build_config(args)
-        memory_advice = ("Lower --batch-size, --image-size (training crop and sliding window), "
-                         "evaluation.sw_batch_size or the head's width (model.unetr.feature_size); without "
-                         "--train-feature-model the backbone needs no gradients.")
-        disk_advice = f"Free space under {cfg.output_dir} and the dataset cache (--cache-dir), or use a larger disk."
-        with explained_resource_errors(memory_advice, disk_advice):
-            results = run_finetuning(cfg)
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        # A wrong path, dataset, flag or resume mismatch is the user's to fix: one line that
-        # names the file and the fix, not a traceback (as linear, visualisation and predict do).
-        logger.error("%s", exc)
-        return 1
+    cfg = build_config(args)
+    memory_advice = ("Lower --batch-size, --image-size (training crop and sliding window), "
+                     "evaluation.sw_batch_size or the head's width (model.unetr.feature_size); without "
+                     "--train-feature-model the backbone needs no gradients.")
+    disk_advice = f"Free space under {cfg.output_dir} and the dataset cache (--cache-dir), or use a larger disk."
+    with explained_resource_errors(memory_advice, disk_advice):
+        results = run_finetuning(cfg)
     test = results.get("test")
     if test:
         print(f"test mean foreground Dice {test['summary']['mean_dice']:.4f} "

@@ -41,6 +41,7 @@ from dinov2.utils.io import atomic_torch_save
 from dinov2.utils.jsonsafe import json_safe
 from dinov2.utils.precision import autocast_context, native_bf16_support, recommended_precision
 from dinov2.utils.rng import capture_rng_state, restore_rng_state
+from dinov2.utils.errors import UserError
 
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
 from .inference import predict_probabilities
@@ -49,14 +50,18 @@ from .model import build_backbone, build_segmentation_model, head_options, no_we
 
 logger = logging.getLogger(__name__)
 
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The finetuning loss became NaN or infinite: the user lowers the learning rate or the precision."""
+
+
 BEST_NAME, LAST_NAME, RESULTS_NAME = "best_model.pth", "last_checkpoint.pth", "results.json"
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
-    """``train.amp``: ``auto`` = bf16 (or fp16 without bf16) on CUDA; on CPU bf16 only where it is native."""
+    """``compute_precision.dtype``: ``auto`` = bf16 (or fp16 without bf16) on CUDA; on CPU bf16 only where it is native."""
     if setting not in PRECISION_CHOICES:
-        raise ValueError(f"train.amp must be one of {PRECISION_CHOICES}, got '{setting}'")
+        raise ValueError(f"compute_precision.dtype must be one of {PRECISION_CHOICES}, got '{setting}'")
     if setting != "auto":
         return setting
     if device.type == "cuda":
@@ -163,29 +168,33 @@ def load_resumable_weights(model: torch.nn.Module, resume: dict, pretrained_weig
                          "--train-feature-model setting. Use a new --output-dir, or the original settings.")
 
 
-def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
-    """Train a segmentation head (and optionally the backbone), select on validation, test.
-
-    Args:
-        cfg: resolved config (``dinov2/configs/eval/segmentation_default.yaml`` + preset + user).
+def _prepare_run(cfg: DictConfig) -> tuple[torch.device, Path]:
+    """Check that this is one process, create ``output_dir`` with its ``config.yaml`` and seed the run.
 
     Returns:
-        The content written to ``results.json``.
+        ``(device, output_dir)``.
+
+    Raises:
+        ValueError: launched with torchrun (several processes).
     """
     if get_world_size() > 1:
         raise ValueError("Segmentation finetuning runs as one process (one GPU or the CPU); launch it with "
                          "python -m dinov2.eval.segmentation, not torchrun.")
-    ctx = init_distributed(cfg.train.device)
-    device = ctx.device
+    ctx = init_distributed(str(cfg.device))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
     set_determinism(seed=int(cfg.seed))
-    preset = DatasetPreset.from_config(cfg.dataset)
-    splits = load_splits(preset, cfg.base_data_dir, float(cfg.dataset_percent), int(cfg.seed))
-    logger.info("Dataset %s: %d training, %d validation, %d test cases", preset.name,
-                *(len(splits[s]) for s in ("training", "validation", "test")))
+    return ctx.device, out_dir
 
+
+def _build_model(cfg: DictConfig, preset: DatasetPreset, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The backbone (pretrained, or random with ``none``) under the configured head, on ``device``.
+
+    Returns:
+        ``(model, spec)``: the model maps ``(B, preset.in_channels, *roi_size)`` images to
+        ``(B, preset.out_channels, *roi_size)`` logits; ``spec`` describes the backbone.
+    """
     backbone, spec = build_backbone(cfg.pretrained_weights, cfg.model.arch, cfg.model.backbone_kwargs, preset.roi_size)
     model = build_segmentation_model(backbone, cfg.model.head, preset.in_channels, preset.out_channels,
                                      head_options(cfg.model, cfg.model.head), cfg.model.modality_merge,
@@ -194,28 +203,51 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     logger.info("Model: %s head on %s taps %s, %.2fM trainable parameters (backbone %s)", model.head_name,
                 spec.get("arch") or "backbone", model.taps, n_train / 1e6,
                 "finetuned" if cfg.model.train_backbone else "frozen")
+    return model, spec
 
+
+def _build_datasets(cfg: DictConfig, preset: DatasetPreset, splits: dict) -> tuple[Any, DataLoader]:
+    """The validation dataset and the training loader (datasets cached under ``train.cache_dir`` when set).
+
+    Returns:
+        ``(val_ds, loader)``: whole preprocessed validation volumes; batches of ``train.batch_size``
+        random crops of ``preset.roi_size``.
+    """
     cache_dir = cfg.train.cache_dir
     train_ds = make_dataset(splits["training"], train_transforms(preset), cache_dir and Path(cache_dir) / "train",
                             cfg.train.cache_rate)
     val_ds = make_dataset(splits["validation"], eval_transforms(preset), cache_dir and Path(cache_dir) / "eval",
                           cfg.train.cache_rate)
     loader = build_train_loader(train_ds, int(cfg.train.batch_size), int(cfg.train.num_workers))
+    return val_ds, loader
 
-    oc = cfg.optim
+
+def _build_optimizer(model: torch.nn.Module, oc: DictConfig) -> tuple[torch.optim.Optimizer, CosineScheduler, int]:
+    """AdamW over layer-wise decayed parameter groups and its warm-up + cosine learning rate.
+
+    Returns:
+        ``(optimizer, lr_schedule, total_iters)``.
+
+    Raises:
+        ValueError: ``optim.epochs x optim.epoch_length`` is below 1.
+    """
     total_iters = int(oc.epochs) * int(oc.epoch_length)
     if total_iters < 1:
         raise ValueError(f"optim.epochs x optim.epoch_length must be >= 1, got {oc.epochs} x {oc.epoch_length}")
     groups = get_param_groups(model, lr_decay_rate=float(oc.layerwise_decay), patch_embed_lr_mult=float(oc.patch_embed_lr_mult))
     optimizer = torch.optim.AdamW(groups, lr=float(oc.lr), weight_decay=float(oc.weight_decay))
     lr_schedule = CosineScheduler(float(oc.lr), float(oc.min_lr), total_iters, min(int(oc.warmup_iters), total_iters))
-    precision = resolve_precision(str(cfg.train.amp), device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = build_loss(preset)
-    logger.info("Training %d iterations on %s in %s", total_iters, device, precision)
+    return optimizer, lr_schedule, total_iters
 
+
+def _resume_or_start(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, last_path: Path) -> dict[str, Any]:
+    """Load ``last_checkpoint.pth`` when ``train.resume`` is set and it exists (weights, optimizer, scaler, RNG).
+
+    Returns:
+        The loop state: ``iteration`` (completed), ``best``, ``train_curve``, ``val_curve``.
+    """
     state = {"iteration": 0, "best": {"iteration": None, "mean_dice": -math.inf}, "train_curve": [], "val_curve": []}
-    last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
     if cfg.train.resume and last_path.is_file():
         resume = torch.load(last_path, map_location="cpu", weights_only=False)
         load_resumable_weights(model, resume, str(cfg.pretrained_weights), last_path)
@@ -225,63 +257,133 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
         state = resume["state"]
         restore_rng_state(resume["rng"])
         logger.info("Resumed from %s at iteration %d", last_path, state["iteration"])
+    return state
+
+
+def _train_step(model: torch.nn.Module, batch: dict, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, lr: float, it: int, oc: DictConfig, precision: str,
+                device: torch.device) -> float:
+    """One optimizer step at learning rate ``lr`` on ``batch``.
+
+    Args:
+        batch: ``image`` ``(B, C, *roi_size)`` and ``label`` ``(B, 1, *roi_size)`` class indices, or
+            ``(B, K, *roi_size)`` region masks for a multilabel preset.
+
+    Returns:
+        The loss.
+
+    Raises:
+        NonFiniteLossError: the loss is not finite (before any update).
+    """
+    image, label = batch["image"].to(device), batch["label"].to(device)
+    apply_optim_scheduler(optimizer, lr, float(oc.weight_decay), lr)
+    with autocast_context(precision, device):
+        logits = model(image)
+    loss = loss_fn(logits.float(), label)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"Loss is {loss.item()} at iteration {it}; lower --learning-rate or use --precision fp32.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if oc.clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc.clip_grad))
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def _log_training(state: dict[str, Any], running: list[float], t0: float, done: int, total_iters: int,
+                  lr: float) -> None:
+    """Add the mean loss since the last log (``running``, begun at ``t0``) to the training curve and log it."""
+    mean_loss = float(np.mean(running))
+    state["train_curve"].append({"iteration": done, "loss": mean_loss, "lr": lr})
+    seconds_per_it = (time.perf_counter() - t0) / len(running)
+    logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it, training ETA %s)", done, total_iters, mean_loss,
+                lr, seconds_per_it, format_eta(seconds_per_it * (total_iters - done)))
+
+
+def _validate(model: torch.nn.Module, val_ds: Any, preset: DatasetPreset, cfg: DictConfig, device: torch.device,
+              precision: str, state: dict[str, Any], done: int, best_path: Path, spec: dict,
+              config_dict: dict) -> None:
+    """Validation Dice after ``done`` iterations: add it to the curve; save ``best_model.pth`` when it is the best."""
+    cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False, desc="validation")
+    summary = summarize(cases, preset.channel_names, preset.foreground_channels)
+    state["val_curve"].append({"iteration": done, "mean_dice": summary["mean_dice"], "dice": summary["dice"]})
+    logger.info("validation at %d: mean foreground Dice %.4f %s", done, summary["mean_dice"],
+                {k: round(v, 4) for k, v in summary["dice"].items()})
+    score = summary["mean_dice"] if not math.isnan(summary["mean_dice"]) else -math.inf
+    if score > state["best"]["mean_dice"] or state["best"]["iteration"] is None:
+        state["best"] = {"iteration": done, "mean_dice": score}
+        save_finetuned(best_path, model, spec, config_dict, preset, done,
+                       {"name": "validation mean foreground Dice", "value": score})
+
+
+def _save_last_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                          state: dict[str, Any], cfg: DictConfig, last_path: Path) -> None:
+    """Write the resumable state (:func:`resumable_weights`, optimizer, scaler, loop state, RNG)."""
+    atomic_torch_save({"model": resumable_weights(model, cfg.pretrained_weights), "frozen_from": str(cfg.pretrained_weights),
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                       "rng": capture_rng_state()}, last_path)
+
+
+def _results(cfg: DictConfig, preset: DatasetPreset, model: torch.nn.Module, state: dict[str, Any], best_path: Path,
+             splits: dict, device: torch.device, precision: str) -> dict[str, Any]:
+    """The content of ``results.json``; evaluates the best checkpoint on the test cases (:func:`evaluate_test_set`)."""
+    return {
+        "dataset": preset.name, "head": model.head_name, "pretrained_weights": str(cfg.pretrained_weights),
+        "train_backbone": bool(cfg.model.train_backbone), "dataset_percent": float(cfg.dataset.percent),
+        "channels": preset.channel_names, "foreground_channels": preset.foreground_channels,
+        "curves": {"train": state["train_curve"], "validation": state["val_curve"]},
+        "best": state["best"], "test": evaluate_test_set(best_path, splits, preset, cfg, device, precision),
+    }
+
+
+def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
+    """Train a segmentation head (and optionally the backbone), select on validation, test.
+
+    Args:
+        cfg: resolved config (``dinov2/configs/eval/segmentation_default.yaml`` + preset + user).
+
+    Returns:
+        The content written to ``results.json``.
+    """
+    device, out_dir = _prepare_run(cfg)
+    preset = DatasetPreset.from_config(cfg.dataset)
+    splits = load_splits(preset, cfg.dataset.base_data_dir, float(cfg.dataset.percent), int(cfg.dataset.seed))
+    logger.info("Dataset %s: %d training, %d validation, %d test cases", preset.name,
+                *(len(splits[s]) for s in ("training", "validation", "test")))
+    model, spec = _build_model(cfg, preset, device)
+    val_ds, loader = _build_datasets(cfg, preset, splits)
+    oc = cfg.optim
+    optimizer, lr_schedule, total_iters = _build_optimizer(model, oc)
+    precision = resolve_precision(str(cfg.compute_precision.dtype), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = build_loss(preset)
+    logger.info("Training %d iterations on %s in %s", total_iters, device, precision)
+    last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
+    state = _resume_or_start(cfg, model, optimizer, scaler, last_path)
 
     config_dict = config_to_dict(cfg)
-    eval_every = max(int(cfg.train.eval_iters), 1)
-    log_every = max(int(cfg.train.log_every), 1)
+    eval_every = max(int(cfg.evaluation.eval_period_iterations), 1)
+    log_every = max(int(cfg.train.log_period_iterations), 1)
     batches = infinite_batches(loader, start_pass=state["iteration"])
     running, t0 = [], time.perf_counter()
     model.train()
     for it in range(state["iteration"], total_iters):
         batch = next(batches)
-        image, label = batch["image"].to(device), batch["label"].to(device)
         lr = lr_schedule[it]
-        apply_optim_scheduler(optimizer, lr, float(oc.weight_decay), lr)
-        with autocast_context(precision, device):
-            logits = model(image)
-        loss = loss_fn(logits.float(), label)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Loss is {loss.item()} at iteration {it}; lower --learning-rate or use train.amp=fp32.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if oc.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc.clip_grad))
-        scaler.step(optimizer)
-        scaler.update()
-        running.append(loss.item())
+        running.append(_train_step(model, batch, loss_fn, optimizer, scaler, lr, it, oc, precision, device))
         done = it + 1
         if done % log_every == 0 or done == total_iters:
-            mean_loss = float(np.mean(running))
-            state["train_curve"].append({"iteration": done, "loss": mean_loss, "lr": lr})
-            seconds_per_it = (time.perf_counter() - t0) / len(running)
-            logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it, training ETA %s)", done, total_iters, mean_loss,
-                        lr, seconds_per_it, format_eta(seconds_per_it * (total_iters - done)))
+            _log_training(state, running, t0, done, total_iters, lr)
             running, t0 = [], time.perf_counter()
         if done % eval_every == 0 or done == total_iters:
-            cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False, desc="validation")
-            summary = summarize(cases, preset.channel_names, preset.foreground_channels)
-            state["val_curve"].append({"iteration": done, "mean_dice": summary["mean_dice"], "dice": summary["dice"]})
-            logger.info("validation at %d: mean foreground Dice %.4f %s", done, summary["mean_dice"],
-                        {k: round(v, 4) for k, v in summary["dice"].items()})
-            score = summary["mean_dice"] if not math.isnan(summary["mean_dice"]) else -math.inf
-            if score > state["best"]["mean_dice"] or state["best"]["iteration"] is None:
-                state["best"] = {"iteration": done, "mean_dice": score}
-                save_finetuned(best_path, model, spec, config_dict, preset, done,
-                               {"name": "validation mean foreground Dice", "value": score})
+            _validate(model, val_ds, preset, cfg, device, precision, state, done, best_path, spec, config_dict)
             state["iteration"] = done
-            atomic_torch_save({"model": resumable_weights(model, cfg.pretrained_weights), "frozen_from": str(cfg.pretrained_weights),
-                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                               "rng": capture_rng_state()}, last_path)
+            _save_last_checkpoint(model, optimizer, scaler, state, cfg, last_path)
             model.train()
 
-    results = {
-        "dataset": preset.name, "head": model.head_name, "pretrained_weights": str(cfg.pretrained_weights),
-        "train_backbone": bool(cfg.model.train_backbone), "dataset_percent": float(cfg.dataset_percent),
-        "channels": preset.channel_names, "foreground_channels": preset.foreground_channels,
-        "curves": {"train": state["train_curve"], "validation": state["val_curve"]},
-        "best": state["best"], "test": evaluate_test_set(best_path, splits, preset, cfg, device, precision),
-    }
+    results = _results(cfg, preset, model, state, best_path, splits, device, precision)
     (out_dir / RESULTS_NAME).write_text(json.dumps(json_safe(results), indent=2) + "\n")
     logger.info("Wrote %s", out_dir / RESULTS_NAME)
     return results

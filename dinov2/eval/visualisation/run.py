@@ -42,9 +42,10 @@ import torch
 import yaml
 
 from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
-from dinov2.checkpoints.errors import CheckpointError
 from dinov2.models.build import build_random_backbone, is_random_init
-from dinov2.utils.entry_point import start_entry_point
+from dinov2.utils.device import add_device_argument, resolve_device
+from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
+from dinov2.utils.errors import UsageError
 
 from .attention import display_scale
 from .inputs import VisVolume, load_vis_volume, to_tensor
@@ -180,7 +181,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, nargs="+", default=None,
                         help="resize target / sliding window (1 or 3 ints; default: the model's native size)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (rounded to whole patches)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_device_argument(parser, default="cpu", key=None)
+    add_debug_flag(parser)
     return parser
 
 
@@ -197,42 +199,41 @@ def _backbone_kwargs(items: Sequence[str]) -> dict:
 
 def _backbone(args: argparse.Namespace, image_size) -> torch.nn.Module:
     """The checkpoint's backbone, or the seeded random-init baseline for ``--pretrained-weights none``."""
+    device = resolve_device(args.device, key="--device")
     if not is_random_init(args.pretrained_weights):
-        model, _ = load_pretrained_backbone(args.pretrained_weights, map_location=args.device)
+        model, _ = load_pretrained_backbone(args.pretrained_weights, map_location=device)
         return model
     model, _ = build_random_backbone(args.arch, _backbone_kwargs(args.backbone_kwarg), image_size, flag="--arch",
                                      seed=args.seed)
-    return model.to(args.device)
+    return model.to(device)
 
 
+# Every ValueError of this command names a flag or file to fix: one ERROR line.
+@entry_point(user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry; returns the process exit code."""
+    """Command-line entry; returns the process exit code (1 with one ``ERROR:`` line for a user error)."""
     args = get_args_parser().parse_args(argv)
     start_entry_point()
-    try:
-        if args.mask_path is not None and len(args.mask_path) != len(args.image_path):
-            raise ValueError(f"{len(args.mask_path)} masks for {len(args.image_path)} images: give one per image.")
-        image_size = None
-        if args.image_size is not None:
-            if len(args.image_size) not in (1, 3):
-                raise ValueError(f"--image-size takes 1 or 3 ints, got {args.image_size}")
-            image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-        model = _backbone(args, image_size).eval()
-        masks = args.mask_path or [None] * len(args.image_path)
-        volumes = [load_vis_volume(p, frame=args.frame, mask_path=m) for p, m in zip(args.image_path, masks)]
-        for v in volumes:
-            if v.n_frames > 1:
-                logger.info("%s: 4D series of %d frames; showing frame %d.", v.path, v.n_frames, v.frame)
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.vis_type == "pca":
-            summary = run_pca(model, volumes, output_dir, args.input_type, args.n_components, args.rgb_components,
-                              args.background, image_size, args.overlap)
-        else:
-            summary = run_mhsa(model, volumes, output_dir, args.input_type, image_size, args.overlap)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 1
+    if args.mask_path is not None and len(args.mask_path) != len(args.image_path):
+        raise UsageError(f"{len(args.mask_path)} masks for {len(args.image_path)} images: give one per image.")
+    image_size = None
+    if args.image_size is not None:
+        if len(args.image_size) not in (1, 3):
+            raise UsageError(f"--image-size takes 1 or 3 ints, got {args.image_size}")
+        image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    model = _backbone(args, image_size).eval()
+    masks = args.mask_path or [None] * len(args.image_path)
+    volumes = [load_vis_volume(p, frame=args.frame, mask_path=m) for p, m in zip(args.image_path, masks)]
+    for v in volumes:
+        if v.n_frames > 1:
+            logger.info("%s: 4D series of %d frames; showing frame %d.", v.path, v.n_frames, v.frame)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.vis_type == "pca":
+        summary = run_pca(model, volumes, output_dir, args.input_type, args.n_components, args.rgb_components,
+                          args.background, image_size, args.overlap)
+    else:
+        summary = run_mhsa(model, volumes, output_dir, args.input_type, image_size, args.overlap)
     summary["pretrained_weights"] = os.fspath(args.pretrained_weights)
     summary["random_init"] = is_random_init(args.pretrained_weights)
     with open(Path(args.output_dir) / "summary.json", "w", encoding="utf-8") as fh:
