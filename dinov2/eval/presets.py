@@ -20,9 +20,11 @@ defaults, are the ``dataset:`` section of ``dinov2/configs/eval/segmentation_def
 ``loss``          ``dice_ce`` (softmax, needs ``classes``) or ``dice_sigmoid`` (needs ``regions``)
 ``spacing``       target voxel spacing in mm (3 floats)
 ``orientation``   target axis codes (``RAS``)
-``intensity``     ``{mode: window, range: [a_min, a_max]}`` (CT, mapped to [0, 1] and clipped),
-                  ``{mode: percentile, range: [lower, upper]}`` (per channel, mapped to [0, 1]),
-                  or ``{mode: zscore}`` (per channel over non-zero voxels)
+``intensity``     the pretraining preprocessing's vocabulary: ``{mode: ct_window, lower, upper}``
+                  (a fixed window, e.g. CT HU, mapped to ``[b_min, b_max]`` = [0, 1] and clipped),
+                  ``{mode: percentile, lower, upper}`` (per channel, mapped to [0, 1]), or
+                  ``{mode: zscore}`` (per channel over non-zero voxels). The old spelling
+                  ``{mode: window | percentile, range: [low, high]}`` is read with a warning.
 ``crop_foreground``  crop each volume to the bounding box of non-zero (normalised) image voxels
 ``image_size``    training crop and sliding-window size (3 ints, multiples of the patch size;
                   ``roi_size`` before, still read from older checkpoints)
@@ -43,9 +45,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2.utils.config import load_yaml, packaged_config_path
+from dinov2.utils.deprecation import warn_deprecated_key
 
 LOSSES = ("dice_ce", "dice_sigmoid")
-INTENSITY_MODES = ("window", "percentile", "zscore")
+INTENSITY_MODES = ("ct_window", "percentile", "zscore")
 # Keys of segmentation_default.yaml's `dataset:` section that belong to the run, not the dataset.
 _RUN_KEYS = ("base_data_dir", "percent", "seed")
 
@@ -131,6 +134,48 @@ def _triple(value: Any, key: str, kind=float) -> tuple:
         return tuple(kind(v) for v in values)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"dataset.{key} must hold numbers, got {values}") from exc
+
+
+def _old_intensity_spelling(intensity: dict, source: str) -> dict:
+    """``{mode: window | percentile, range: [low, high]}`` (before one vocabulary) in today's keys, with a warning."""
+    low, high = intensity.pop("range")
+    if intensity.get("mode") == "window":
+        warn_deprecated_key("dataset.intensity.mode=window", "dataset.intensity.mode=ct_window", source)
+        intensity["mode"] = "ct_window"
+    warn_deprecated_key("dataset.intensity.range", "dataset.intensity.lower / upper", source)
+    intensity["lower"], intensity["upper"] = low, high
+    return intensity
+
+
+def intensity_settings(given: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A preset's ``intensity`` section, checked, in the one vocabulary shared with pretraining.
+
+    Args:
+        given: ``{mode, lower, upper, b_min, b_max}`` (``range`` / ``mode: window``: the old spelling).
+        source: the preset, named in warnings.
+
+    Returns:
+        ``{mode, lower, upper, b_min, b_max}`` (``lower``/``upper`` None for ``zscore``).
+
+    Raises:
+        ValueError: an unknown mode, or bounds that are missing or out of order; names the key.
+    """
+    intensity = {k: v for k, v in dict(given).items()}
+    if intensity.get("range") is not None:
+        intensity = _old_intensity_spelling(intensity, source)
+    intensity.pop("range", None)
+    mode = intensity.get("mode")
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"dataset.intensity.mode must be one of {INTENSITY_MODES}, got {mode!r}")
+    if mode in ("ct_window", "percentile"):
+        low, high = intensity.get("lower"), intensity.get("upper")
+        if low is None or high is None or not float(low) < float(high):
+            raise ValueError(f"dataset.intensity.lower < upper is required for mode '{mode}', got {low!r} and {high!r}")
+        if mode == "percentile" and not 0 <= float(low) < float(high) <= 100:
+            raise ValueError(f"dataset.intensity percentiles must lie in [0, 100], got {low} and {high}")
+    if not float(intensity["b_min"]) < float(intensity["b_max"]):
+        raise ValueError(f"dataset.intensity needs b_min < b_max, got {intensity['b_min']} and {intensity['b_max']}")
+    return intensity
 
 
 @dataclass(frozen=True)
@@ -224,16 +269,7 @@ class DatasetPreset:
             if any(not v or min(v) < 1 for v in regions.values()):
                 raise ValueError(f"dataset.regions must list positive label values per region, got {regions}")
         remap = {int(k): int(v) for k, v in (raw["remap"] or {}).items()}
-        intensity = dict(raw["intensity"])
-        if intensity.get("mode") not in INTENSITY_MODES:
-            raise ValueError(f"dataset.intensity.mode must be one of {INTENSITY_MODES}, got {intensity.get('mode')!r}")
-        if intensity["mode"] in ("window", "percentile"):
-            rng = intensity.get("range")
-            if not isinstance(rng, (list, tuple)) or len(rng) != 2 or not float(rng[0]) < float(rng[1]):
-                raise ValueError(f"dataset.intensity.range must be [low, high] with low < high for mode "
-                                 f"'{intensity['mode']}', got {rng!r}")
-            if intensity["mode"] == "percentile" and not 0 <= float(rng[0]) < float(rng[1]) <= 100:
-                raise ValueError(f"dataset.intensity.range percentiles must lie in [0, 100], got {rng}")
+        intensity = intensity_settings(raw["intensity"], str(raw["name"]))
         roi = _triple(raw["image_size"], "image_size", int)
         if min(roi) < 1:
             raise ValueError(f"dataset.image_size must be positive, got {roi}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinov2.eval.presets import DatasetPreset, load_preset, region_decoding_table
-from dinov2.eval.segmentation.data import LabelToRegionsd
+from dinov2.eval.segmentation.data import LabelToRegionsd, intensity_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # as every segmentation test (tests/eval/conftest.py)
 
@@ -28,10 +28,29 @@ def test_preset_from_a_yaml_path_and_resize_scale(tmp_path):
     assert preset.datalist == "dataset.json"
 
 
+def test_intensity_speaks_the_pretraining_vocabulary_and_reads_the_old_spelling_with_a_warning(tmp_path):
+    path = tmp_path / "mine.yaml"
+    base = "name: mine\nmodalities: [CT]\nclasses: [bg, organ]\nloss: dice_ce\nspacing: [1, 1, 2]\norientation: RAS\n"
+    path.write_text(base + "intensity: {mode: ct_window, lower: -100, upper: 200}\nimage_size: 32\n")
+    new = DatasetPreset.from_config(load_preset(path)).intensity
+    assert new == {"mode": "ct_window", "lower": -100, "upper": 200, "b_min": 0.0, "b_max": 1.0}
+    path.write_text(base + "intensity: {mode: window, range: [-100, 200]}\nimage_size: 32\n")
+    with pytest.warns(FutureWarning, match="dataset.intensity.mode=ct_window"):
+        old = DatasetPreset.from_config(load_preset(path)).intensity
+    assert old == new
+    # the same transform as before the vocabulary changed: the window mapped to [0, 1], clipped
+    image = torch.tensor([[-300.0, -100.0, 50.0, 200.0, 900.0]]).view(1, 5, 1, 1)
+    scaled = intensity_transform(DatasetPreset.from_config(load_preset(path)))({"image": image})["image"]
+    assert torch.allclose(torch.as_tensor(scaled).flatten(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"loss": "dice_ce", "classes": None}, "needs dataset.classes"),
     ({"classes": ["bg", "x"]}, "exactly one"),
-    ({"intensity": {"mode": "percentile", "range": [99, 1]}}, "low < high"),
+    ({"intensity": {"mode": "percentile", "lower": 99, "upper": 1}}, "lower < upper"),
+    ({"intensity": {"mode": "ct_window", "lower": -100}}, "lower < upper"),
+    ({"intensity": {"mode": "percentile", "lower": 1, "upper": 120}}, r"\[0, 100\]"),
+    ({"intensity": {"mode": "window"}}, "ct_window"),
     ({"spacing": [1, 1]}, "3 values"),
 ])
 def test_inconsistent_presets_are_rejected(change, message):

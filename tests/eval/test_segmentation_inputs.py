@@ -35,7 +35,7 @@ def tiny_preset(**changes) -> DatasetPreset:
     raw = dict(load_preset("brain_tissue"))
     size_key = "image_size" if "image_size" in raw else "roi_size"
     raw.update({size_key: [16, 16, 16], "classes": ["background", "bright"],
-                "intensity": {"mode": "percentile", "range": [0, 100]}, "datalist": "dataset.json"})
+                "intensity": {"mode": "percentile", "lower": 0, "upper": 100}, "datalist": "dataset.json"})
     raw.update(changes)
     return DatasetPreset.from_config(raw)
 

@@ -26,7 +26,7 @@ LPI_PERMUTED_AFFINE = np.array([
 
 def tiny_preset() -> DatasetPreset:
     raw = dict(load_preset("brain_tissue"))
-    raw.update(roi_size=[16, 16, 16], classes=["background", "bright"], intensity={"mode": "percentile", "range": [0, 100]})
+    raw.update(roi_size=[16, 16, 16], classes=["background", "bright"], intensity={"mode": "percentile", "lower": 0, "upper": 100})
     return DatasetPreset.from_config(raw)
 
 

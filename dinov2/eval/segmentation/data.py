@@ -133,12 +133,14 @@ def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad
 
 def intensity_transform(preset: DatasetPreset) -> MapTransform:
     """The preset's intensity normalisation of ``image``."""
-    mode, rng = preset.intensity["mode"], preset.intensity.get("range")
-    if mode == "window":
-        return ScaleIntensityRanged(keys="image", a_min=float(rng[0]), a_max=float(rng[1]), b_min=0.0, b_max=1.0, clip=True)
-    if mode == "percentile":
-        return ScaleIntensityRangePercentilesd(keys="image", lower=float(rng[0]), upper=float(rng[1]), b_min=0.0,
-                                               b_max=1.0, clip=True, channel_wise=True)
+    i = preset.intensity
+    if i["mode"] == "ct_window":
+        return ScaleIntensityRanged(keys="image", a_min=float(i["lower"]), a_max=float(i["upper"]),
+                                    b_min=float(i["b_min"]), b_max=float(i["b_max"]), clip=True)
+    if i["mode"] == "percentile":
+        return ScaleIntensityRangePercentilesd(keys="image", lower=float(i["lower"]), upper=float(i["upper"]),
+                                               b_min=float(i["b_min"]), b_max=float(i["b_max"]), clip=True,
+                                               channel_wise=True)
     return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
 
 
