@@ -118,6 +118,28 @@ def report_user_error(exc: BaseException, file=None) -> int:
     return 1
 
 
+class FlagError(UsageError):
+    """A command-line flag argparse rejected (unknown flag, bad choice, missing value)."""
+
+
+@contextlib.contextmanager
+def flag_errors_as_user_errors() -> Iterator[None]:
+    """While a command runs, argparse's rejections raise :class:`FlagError` instead of printing
+    the usage block and exiting with code 2, so a bad flag ends like every other user error:
+    one ``ERROR:`` line and exit code 1 (``--help`` still prints the full usage)."""
+    import argparse  # noqa: PLC0415
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        raise FlagError(f"{parser.prog}: {message} (see {parser.prog} --help)")
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
 def user_error_behind(exc: BaseException, caught: tuple[type[BaseException], ...] = USER_ERRORS) -> BaseException | None:
     """The user error a library wrapped in a ``RuntimeError`` (MONAI's ``Compose`` re-raises a
     transform's error as ``RuntimeError("applying transform ...")``), found along the
@@ -159,7 +181,8 @@ def entry_point(main: _Main | None = None, *, user_errors: tuple[type[BaseExcept
             if debug:
                 return fn(argv, *args, **kwargs)
             try:
-                return fn(argv, *args, **kwargs)
+                with flag_errors_as_user_errors():
+                    return fn(argv, *args, **kwargs)
             except caught as exc:
                 return report_user_error(exc)
             except RuntimeError as exc:

@@ -201,3 +201,20 @@ def test_a_user_error_wrapped_in_a_runtime_error_is_still_one_line(capsys):
 
     with pytest.raises(RuntimeError, match="programming error"):
         bug([])
+
+
+@pytest.mark.parametrize("module, argv, needle", [
+    ("dinov2.train.train3d", ["--no-such-flag"], "the following arguments are required: --output-dir"),
+    ("dinov2.eval.segmentation.predict", ["--checkpoint", "m.pth", "--input", "x", "--output", "o",
+                                          "--precision", "fp8"], "invalid choice: 'fp8'"),
+    ("dinov2.eval.evidence.__main__", ["--teacher", "t.pth", "--cv-folds", "four"], "invalid int value: 'four'"),
+])
+def test_a_bad_flag_is_one_error_line_with_exit_code_1(module, argv, needle, capsys):
+    import argparse
+    import importlib
+
+    main = importlib.import_module(module).main
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR: ") and needle in err[0] and "--help" in err[0]
+    assert argparse.ArgumentParser.error.__module__ == "argparse"  # restored after the command
