@@ -26,7 +26,7 @@ import torch
 from dinov2.eval.presets import DatasetPreset
 from dinov2.utils.io import atomic_torch_save
 
-from .layouts import FINETUNED_SEGMENTATION_FORMAT
+from .layouts import FINETUNED_SEGMENTATION_FORMAT, load_torch_file
 
 if TYPE_CHECKING:
     from dinov2.eval.segmentation.model import SegmentationModel
@@ -60,13 +60,11 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
 
     Raises:
         FileNotFoundError: no such file.
+        CheckpointError: not a torch checkpoint (a text file, an image, a truncated copy).
         ValueError: not a finetuned-segmentation checkpoint (e.g. a pretraining teacher file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} not found. Pass the best_model.pth written by "
-                                "python -m dinov2.eval.segmentation in its --output-dir.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    expected = "the best_model.pth written by python -m dinov2.eval.segmentation in its --output-dir"
+    path, ckpt = load_torch_file(path, "cpu", True, expected=expected, hint="Check the path given with --checkpoint.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a finetuned segmentation checkpoint (no format '{FORMAT}'). A pretraining "
                          "checkpoint must be finetuned first with python -m dinov2.eval.segmentation.")

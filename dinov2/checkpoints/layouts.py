@@ -113,20 +113,39 @@ def _describe_non_checkpoint(path: Path) -> str:
     return "it is a text file"
 
 
-def _load_file(path: str | os.PathLike, map_location, weights_only: bool) -> tuple[Path, Any]:
-    """``torch.load`` with errors that name the file."""
+TEACHER_FILE = "the .pth file written by training (teacher_checkpoint.pth)"
+
+
+def load_torch_file(path: str | os.PathLike, map_location="cpu", weights_only: bool = True,
+                    expected: str = TEACHER_FILE, hint: str = HINT) -> tuple[Path, Any]:
+    """``torch.load`` with errors that name the file, say what it is instead, and what to pass.
+
+    Args:
+        path: the file.
+        map_location, weights_only: of ``torch.load``.
+        expected: what the caller wants, for the messages (e.g. "the best_model.pth of ...").
+        hint: where the path came from (flag or config key), appended to the messages.
+
+    Returns:
+        ``(path, loaded object)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a file, not a torch.save archive (a text file, a NIfTI image, ...),
+            truncated, or refused by safe loading.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}. {HINT}")
+        raise FileNotFoundError(f"Checkpoint file not found: {path}. {hint}")
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint path {path} is not a file. {HINT}")
+        raise CheckpointError(f"Checkpoint path {path} is not a file. {hint}")
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as fh:
             if fh.read(len(_LEGACY_TORCH_HEADER)) != _LEGACY_TORCH_HEADER:
                 raise CheckpointError(
                     f"{path} is not a PyTorch checkpoint ({_describe_non_checkpoint(path)}). "
-                    f"Pass the .pth file written by training (teacher_checkpoint.pth). {HINT}")
+                    f"Pass {expected}. {hint}")
     # No mmap: parameters backed by the file would crash (SIGBUS) if it were overwritten in place.
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
@@ -230,7 +249,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: b
         CheckpointError: not a checkpoint, unreadable, newer format, no tensors in it, or a
             finetuned segmentation model (the message names the teacher it came from).
     """
-    path, obj = _load_file(path, map_location, weights_only)
+    path, obj = load_torch_file(path, map_location, weights_only)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors. {HINT}")
     finetuned = _finetuned_segmentation_error(path, obj)

@@ -46,6 +46,35 @@ def test_predict_missing_input_and_bad_frame(tmp_path, error_line):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind, content, needle", [
+    ("missing", None, "Checkpoint file not found"),
+    ("text", b"not a checkpoint\n", "it is a text file"),
+    ("random bytes", bytes(range(256)) * 4, "is not a PyTorch checkpoint"),
+    ("truncated", None, "is not a PyTorch checkpoint"),
+])
+def test_predict_checkpoint_that_is_not_a_finetuned_model(kind, content, needle, tmp_path, error_line):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    checkpoint = tmp_path / "best_model.pth"
+    if content is not None:
+        checkpoint.write_bytes(content)
+    elif kind == "truncated":
+        torch.save({"format": "x", "model": {"w": torch.zeros(1000)}}, checkpoint)
+        checkpoint.write_bytes(checkpoint.read_bytes()[:200])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.random.rand(16, 16, 16).astype("float32"), np.eye(4)), scans / "a.nii.gz")
+    assert predict.main([*map(str, ["--checkpoint", checkpoint, "--input", scans, "--output", tmp_path / "out"])]) == 1
+    line = error_line()
+    assert str(checkpoint) in line and needle in line and "--checkpoint" in line
+    assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+    shutil.rmtree(scans)
+
+
 # ---------------------------------------------------------------------- python -m dinov2.eval.linear
 def test_linear_missing_datalist_and_bad_value(tmp_path, error_line):
     base = ["--pretrained-weights", "none", "--arch", "vit_tiny_3d", "--output-dir", tmp_path / "o"]
