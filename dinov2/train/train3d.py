@@ -181,7 +181,10 @@ def _load_pretrained(arch: SSLMetaArch, path: str) -> None:
         if head not in contents.heads:
             raise UsageError(f"{path} has no {head}; student.pretrained_weights must be a teacher export with both heads.")
         state.update({f"{head}.{k}": v for k, v in contents.heads[head].items()})
-    arch.load_pretrained_teacher(state)
+    try:
+        arch.load_pretrained_teacher(state)
+    except ValueError as exc:  # another architecture or heads: name the file the user gave
+        raise UsageError(f"student.pretrained_weights={path}: {exc}") from exc
     logger.info("Student and teacher start from %s (%s)", path, contents.source_format)
 
 

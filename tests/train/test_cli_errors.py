@@ -93,3 +93,20 @@ def test_curves_missing_run_and_damaged_metrics(tmp_path, error_line):
     assert "training_metrics.json, line 2" in error_line(only=True)
     with pytest.raises(ValueError, match="line 2"):
         curves.main([str(tmp_path), "--debug"])
+
+
+def test_train3d_pretrained_teacher_of_another_architecture_names_the_file(tmp_path, tiny_argv, error_line):
+    from omegaconf import OmegaConf
+
+    from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.utils.config import merge_configs, packaged_config_path
+
+    other = merge_configs(OmegaConf.load(packaged_config_path("ssl3d_default_config")), TINY_CONFIG,
+                          ["train.datalist=unused.json", "dino.head_n_prototypes=512"])
+    teacher = save_teacher_checkpoint(tmp_path / "other" / "teacher_checkpoint.pth",
+                                      SSLMetaArch(other).teacher.state_dict(), OmegaConf.to_container(other), 0)
+    argv = tiny_argv(tmp_path / "run", f"student.pretrained_weights={teacher}", "train.max_iterations=1")
+    assert train3d.main(argv) == 1
+    line = error_line()
+    assert f"student.pretrained_weights={teacher}" in line and "does not fit" in line
