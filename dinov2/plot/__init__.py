@@ -15,7 +15,8 @@ Reads what the run already wrote and renders one PNG per concern into ``RUN_DIR/
 * a linear-probe run (``metrics.jsonl``, :mod:`dinov2.eval.linear`): ``probe_grid.png``
   (validation accuracy of every head of the grid over iterations, the best one highlighted).
 
-matplotlib is an optional extra (``pip install matplotlib``); without it the command says so
+Pretraining, segmentation finetuning and the linear probe call :func:`plot_at_end` when they
+finish, so the PNGs are there without asking. matplotlib is an optional extra (``pip install matplotlib``); without it the command says so
 in one line and nothing else breaks.
 
 From Python::
@@ -25,6 +26,6 @@ From Python::
 """
 
 from .errors import PlotError
-from .run import plot_run
+from .run import plot_at_end, plot_run
 
-__all__ = ["PlotError", "plot_run"]
+__all__ = ["PlotError", "plot_at_end", "plot_run"]

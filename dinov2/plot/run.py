@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .finetuning import probe_grid_figure, segmentation_figure
 from .pretraining import pretraining_figures
 
 PLOTS_DIR = "plots"
+logger = logging.getLogger("dinov2.plot")
 
 
 def _json(path: Path) -> dict:
@@ -65,4 +67,27 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if not written:
         raise PlotError(f"Nothing to plot in {run_dir}: no {METRICS_FILE} (pretraining), results.json with curves "
                         "(segmentation) or metrics.jsonl (linear probe). Pass a run's --output-dir.")
+    return written
+
+
+def plot_at_end(run_dir: str | os.PathLike) -> list[Path]:
+    """What a run does when it ends: write its PNGs, or say in one log line why not.
+
+    A run's results are complete before this is called, so a plotting problem (matplotlib not
+    installed, or anything else) is logged with the command that retries it and never fails the
+    run.
+
+    Returns:
+        The written PNG paths (empty when none were written).
+    """
+    try:
+        written = plot_run(run_dir)
+    except PlotError as exc:
+        logger.info("No PNG curves: %s", " ".join(str(exc).split()))
+        return []
+    except Exception as exc:  # noqa: BLE001 - the run is done; say what failed and how to retry
+        logger.warning("Could not write the PNG curves (%s: %s); the run's results are complete. Retry with "
+                       "python -m dinov2.plot %s", type(exc).__name__, exc, run_dir)
+        return []
+    logger.info("Curves as PNG in %s (python -m dinov2.plot %s redraws them)", written[0].parent, run_dir)
     return written

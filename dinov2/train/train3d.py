@@ -313,9 +313,14 @@ def train(cfg: DictConfig, output_dir: str | Path, resume: bool = True,
     if cfg.train.cpu_threads is not None:
         torch.set_num_threads(int(cfg.train.cpu_threads))
     try:
-        return _train(cfg, Path(output_dir), resume, device)
+        result = _train(cfg, Path(output_dir), resume, device)
     finally:
         torch.set_num_threads(threads)  # train() may run inside a larger program (tests, notebooks)
+    if distributed.is_main_process():
+        from dinov2.plot import plot_at_end  # noqa: PLC0415 - plot reads train's metrics: no import cycle
+
+        plot_at_end(output_dir)
+    return result
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ def test_short_finetune_learns_tissue(finetuned):
     assert summary["dice"]["background"] > 0.9
 
 
+def test_the_run_draws_its_curves_when_it_ends(finetuned):
+    assert (finetuned / "plots" / "finetuning.png").stat().st_size > 5000
+
+
 def test_results_hold_curves_and_per_case_metrics(finetuned):
     results = json.loads((finetuned / "results.json").read_text())
     assert [v["iteration"] for v in results["curves"]["validation"]] == [20, 40]

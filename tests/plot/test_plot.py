@@ -101,3 +101,27 @@ def test_without_matplotlib_the_command_says_what_to_install(tmp_path, monkeypat
         plot_run(run)
     assert main([str(run)]) == 1
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_plot_at_end_never_fails_a_finished_run(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from dinov2.plot import plot_at_end, run as run_module
+
+    run = _pretraining_run(tmp_path)
+    with caplog.at_level(logging.INFO, logger="dinov2.plot"):
+        assert [p.name for p in plot_at_end(run)][:2] == ["losses.png", "learning.png"]
+    assert "Curves as PNG in" in caplog.text
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a font cache problem")
+
+    monkeypatch.setattr(run_module, "pretraining_figures", broken)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinov2.plot"):
+        assert plot_at_end(run) == []
+    assert "a font cache problem" in caplog.text and f"python -m dinov2.plot {run}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinov2.plot"):
+        assert plot_at_end(tmp_path / "empty") == []
+    assert "No PNG curves" in caplog.text

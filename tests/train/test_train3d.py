@@ -41,6 +41,8 @@ def test_two_iterations_write_every_output(two_iteration_run):
     assert lines[0]["teacher_temp"] == pytest.approx(0.04) and lines[1]["teacher_temp"] > 0.04
     assert OmegaConf.load(run / "config.yaml").student.arch == "vit_tiny_3d"
     assert (run / "log.txt").read_text().count("Saved training state") == 2
+    # the run draws its curves when it ends (python -m dinov2.plot)
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {"losses.png", "learning.png", "collapse_monitors.png"}
     # max_to_keep=1: only the latest full state survives.
     checkpointer = TrainingCheckpointer(run)
     assert [it for it, _ in checkpointer.list()] == [2]

@@ -39,6 +39,7 @@ from dinov2.data.datalist import load_finetune_datalist, subset_training
 from dinov2.eval.presets import add_dataset_arguments, dataset_flags, load_preset
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
 from dinov2.models.build import build_random_backbone, is_random_init
+from dinov2.plot import plot_at_end
 from dinov2.utils.config import load_config, load_yaml, packaged_config_path, save_config
 from dinov2.utils.device import add_device_argument, resolve_device
 from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
@@ -312,6 +313,7 @@ def run(cfg: DictConfig) -> dict:
     logger.info("Best head %s (validation accuracy %.4f). %s: accuracy %.4f, balanced accuracy %.4f, macro AUROC %.4f. "
                 "Results in %s", best.setup.name, best.val_accuracy, "Test" if test_metrics else "Validation",
                 summary["accuracy"], summary["balanced_accuracy"], summary["auroc_macro"], output_dir / "results.json")
+    plot_at_end(output_dir)
     return results
 
 

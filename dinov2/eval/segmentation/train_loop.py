@@ -34,6 +34,7 @@ from dinov2.distributed import get_world_size, init_distributed
 from dinov2.eval.presets import DatasetPreset
 from dinov2.optim.param_groups import apply_optim_scheduler, get_param_groups
 from dinov2.optim.schedules import CosineScheduler
+from dinov2.plot import plot_at_end
 from dinov2.train.metrics import format_eta
 from dinov2.utils.config import config_to_dict, save_config
 from dinov2.utils.cpus import cap_workers
@@ -386,6 +387,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     results = _results(cfg, preset, model, state, best_path, splits, device, precision)
     (out_dir / RESULTS_NAME).write_text(json.dumps(json_safe(results), indent=2) + "\n")
     logger.info("Wrote %s", out_dir / RESULTS_NAME)
+    plot_at_end(out_dir)
     return results
 
 
