@@ -129,7 +129,8 @@ def test_load_pretrain_computes_missing_shape_and_spacing(mixed_folder, tmp_path
 
 def test_cli_pretrain_and_validate(mixed_folder, tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert dl.main(["pretrain", str(mixed_folder), "-o", str(out), "--min-size", "16", "--no-progress"]) == 0
+    # 4 files skipped: the datalist of the others is written, the exit code says something was skipped
+    assert dl.main(["pretrain", str(mixed_folder), "-o", str(out), "--min-size", "16", "--no-progress"]) == 1
     assert len(json.loads(out.read_text())) == 3 and "Wrote 3 volumes" in capsys.readouterr().out
     report = Path(str(out) + ".skipped.tsv").read_text().splitlines()
     assert report[0] == "path\treason" and len(report) == 5 and any("broken.nii.gz" in line for line in report)
@@ -230,7 +231,8 @@ def test_cli_finetune_end_to_end(tmp_path, nifti_writer):
     argv = ["finetune", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
             "--split", "0.6", "0.2", "0.2", "--seed", "0", "--dataset-percent", "50",
             "-o", str(out), "--relative", "--no-progress"]
-    assert dl.main(argv) == 0
+    assert dl.main(argv) == 1  # case09 skipped (listed in list.json.skipped.tsv); the other nine written
+    assert "case09" in Path(str(out) + ".skipped.tsv").read_text()
     data = dl.load_finetune_datalist(out, progress=False)
     assert [len(data[s]) for s in dl.SPLITS] == [3, 2, 2]  # 9 good cases -> 5/2/2, half of 5 training -> 3
     assert "case09" not in json.dumps(data) and data["meta"]["dataset_percent"] == 50
@@ -338,3 +340,11 @@ def test_valid_finetune_datalist_loads_with_absolute_paths(tmp_path, nifti_write
     with pytest.raises(dl.DatalistError, match=r"training\[0\]\.label"):
         dl.load_finetune_datalist(path, progress=False)
     assert dl.load_finetune_datalist(path, validate=False, progress=False)["training"][0]["label"].endswith("a.nii.gz")
+
+
+def test_cli_build_without_skips_exits_0_and_writes_no_skip_report(tmp_path, nifti_writer):
+    for name in ("a", "b"):
+        nifti_writer(tmp_path / "scans" / f"{name}.nii.gz", (16, 16, 16))
+    out = tmp_path / "p.json"
+    assert dl.main(["pretrain", str(tmp_path / "scans"), "-o", str(out), "--min-size", "16", "--no-progress"]) == 0
+    assert len(json.loads(out.read_text())) == 2 and not Path(str(out) + ".skipped.tsv").exists()

@@ -80,8 +80,10 @@ def _skip_note(skipped: Sequence[Skipped], report: Path | None) -> str:
 # Every ValueError of building or reading a datalist is about the folders, files or flags given.
 @entry_point(user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (1, with one ``ERROR:`` line, for
-    a datalist error, a missing file or a bad flag value)."""
+    """Command-line entry point; returns the process exit code: 1, with one ``ERROR:`` line, for
+    a datalist error, a missing file or a bad flag value; 1 also when a build skipped a file (the
+    datalist of the others is written, and ``<datalist>.skipped.tsv`` lists each skipped file
+    and why), so a batch script notices; 0 when every file was used."""
     args = _parser().parse_args(argv)
     start_entry_point(tune_allocator=False)
     if args.command == "pretrain":
@@ -94,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = write_datalist(entries, args.output, relative=args.relative)
         report = write_skipped_report(skipped, out)
         print(f"Wrote {len(entries)} volumes to {out}" + _skip_note(skipped, report))
+        return 1 if skipped else 0
     elif args.command == "finetune":
         modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
         datalist, skipped = build_finetune_datalist(
@@ -106,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = write_datalist(datalist, args.output, relative=args.relative)
         report = write_skipped_report(skipped, out)
         print(f"Wrote {out}: " + ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS) + _skip_note(skipped, report))
+        return 1 if skipped else 0
     else:
         data = load_datalist(args.datalist, validate=True, progress=not args.no_progress)
         count = len(data) if isinstance(data, list) else sum(len(data[s]) for s in SPLITS)
