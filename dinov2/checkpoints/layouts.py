@@ -136,7 +136,7 @@ def load_torch_file(path: str | os.PathLike, map_location="cpu", weights_only: b
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}. {hint}")
+        raise FileNotFoundError(f"Checkpoint file not found: {path}. Pass {expected}. {hint}")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint path {path} is not a file. {hint}")
     is_zip = zipfile.is_zipfile(path)

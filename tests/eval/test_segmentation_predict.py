@@ -101,7 +101,8 @@ def test_predict_cli_reports_a_missing_checkpoint(tmp_path, error_line):
     path, _ = phantom(tmp_path)
     assert predict.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input", str(path),
                          "--output", str(tmp_path / "out")]) == 1
-    assert "missing.pth not found" in error_line()
+    line = error_line()
+    assert "not found: " in line and "missing.pth" in line and "best_model.pth written by" in line
 
 
 def test_predict_cli_no_preview(tmp_path):
