@@ -98,3 +98,5 @@ def test_evidence_missing_teacher_and_bad_folds(tmp_path, error_line):
     teacher = tmp_path / "teacher_checkpoint.pth"
     _check(evidence_main, ["--teacher", teacher], str(teacher), error_line)
     _check(evidence_main, ["--teacher", teacher, "--cv-folds", "1"], "--cv-folds", error_line, EvidenceError)
+    # the same --device flag and check as every other command (dinov2.utils.device)
+    _check(evidence_main, ["--teacher", teacher, "--device", "cuda:99"], "--device=cuda:99", error_line)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from dinov2.utils.device import add_device_argument
 from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 
 from . import __doc__ as PACKAGE_DOC
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="read each network's features from its last N blocks (concatenated), one row per N "
                              "(default: 1 and 4, as DINOv2's linear evaluation; capped at the depth)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per forward pass")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_device_argument(parser, default="cpu", key=None)
     add_debug_flag(parser)
     return parser
 

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dinov2.utils.device import resolve_device
+
 from .backbones import Teacher, load_teacher, random_backbone, same_architecture
 from .baselines import POOLING_GRIDS, raw_features
 from .dense_task import build_dense_task
@@ -95,13 +97,6 @@ def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
     features = {s: raw_features(task.splits[s], best, patch) for s in SPLITS}
     return {**probe_scores(features, task, tried[best]), "pooling": best, "features": best ** 3,
             "cv_by_pooling": {str(g): r["cv_balanced_accuracy"] for g, r in tried.items()}}
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvidenceError(f"--device {name} but CUDA is not available on this machine; use --device cpu.")
-    return device
 
 
 def _check_patch_size(teacher: Teacher, patch_size: int, step: int) -> None:
@@ -207,7 +202,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         teachers: teacher checkpoints (several = several pretraining seeds; one architecture).
         random_seeds: random-init backbones of that architecture (seeds 0 .. n-1).
         output_dir: where evidence.json / evidence.md go (default ``<first teacher's folder>/evidence``).
-        device: ``cpu`` or ``cuda[:i]``; features are computed there in float32.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<i>`` (:func:`~dinov2.utils.device.resolve_device`);
+            features are computed there in float32.
         dense_window: window side of the dense task in voxels (a multiple of the patch size).
         batch_size: patches per forward pass (dense windows: a quarter of it).
         patch_size: side ``N`` of the patch task's input cubes, centred on classification_sample's
@@ -234,7 +230,7 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
                             f"{batch_size} and {cv_folds}.")
     if not blocks or min(blocks) < 1:
         raise EvidenceError(f"--last-blocks takes block counts >= 1 (e.g. --last-blocks 1 4), got {list(blocks)}.")
-    device = _device(device)
+    device = resolve_device(device, key="--device")
     loaded = [load_teacher(p) for p in teachers]
     spec = same_architecture(loaded)
     patch = check_sizes(loaded[0], dense_window, patch_size)
