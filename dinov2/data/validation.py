@@ -43,7 +43,7 @@ import numpy as np
 from monai.transforms import LoadImage, LoadImaged
 
 from dinov2.utils.entry_point import user_error_behind
-from dinov2.utils.errors import UserError
+from dinov2.utils.errors import UserError, exception_chain
 
 from .image_io import ImageHeaderError, VolumeHeader, read_header, same_grid
 from .readers import image_readers
@@ -92,15 +92,6 @@ def find_input_error(exc: BaseException | None) -> InputVolumeError | None:
     return None if exc is None else user_error_behind(exc, (InputVolumeError,))
 
 
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        out.append(exc)
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
 def explain_read_error(exc: BaseException) -> str | None:
     """What a reader exception means, in words, or None when it is not a known read failure.
 
@@ -108,7 +99,7 @@ def explain_read_error(exc: BaseException) -> str | None:
     MONAI's and this package's wrappers (``RuntimeError("applying transform LoadImaged")``,
     :class:`~dinov2.data.image_io.ImageHeaderError`) are seen through.
     """
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         words = _explain_one(cause)
         if words is not None:
             return words

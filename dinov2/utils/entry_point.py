@@ -33,7 +33,7 @@ import sys
 import warnings
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from .errors import UsageError, UserError
+from .errors import UsageError, UserError, exception_chain
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -144,14 +144,7 @@ def user_error_behind(exc: BaseException, caught: tuple[type[BaseException], ...
     """The user error a library wrapped in a ``RuntimeError`` (MONAI's ``Compose`` re-raises a
     transform's error as ``RuntimeError("applying transform ...")``), found along the
     ``__cause__`` / ``__context__`` chain; None when there is none."""
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, caught):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(exc) if isinstance(e, caught)), None)
 
 
 def entry_point(main: _Main | None = None, *, user_errors: tuple[type[BaseException], ...] = ()):

@@ -36,6 +36,20 @@ class ResourceError(UserError, RuntimeError):
     """The machine ran out of a resource; the message says which and what to change."""
 
 
+def exception_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and what it was raised from, outermost first (``__cause__``, else ``__context__``).
+
+    Libraries wrap errors (MONAI's ``Compose`` re-raises a transform's error as
+    ``RuntimeError("applying transform ...")``); the chain is where the original one is found.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        chain.append(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def explain_resource_error(exc: BaseException, memory_advice: str, disk_advice: str) -> str | None:
     """Advice for an out-of-memory or no-space error, or None for any other exception.
 

@@ -433,19 +433,21 @@ def _raw_task(split) -> TaskData:
     return attach_folds(TaskData("patch", {"training": training, "test": test}), 4)
 
 
+def _bright_octant_cubes(n: int, side: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, 1, side^3)`` noise cubes whose label (0..4) says which octant is bright, and the labels."""
+    labels = torch.arange(n) % 5
+    x = 0.3 * torch.randn(n, 1, side, side, side, generator=g)
+    h = side // 2
+    for i, c in enumerate(labels.tolist()):
+        a, b, d = (c >> 2) & 1, (c >> 1) & 1, c & 1
+        x[i, 0, h * a:h * a + h, h * b:h * b + h, h * d:h * d + h] += 1.0
+    return x, labels
+
+
 def test_raw_baseline_chooses_its_pooling_by_cross_validation():
     """Labels in which octant is bright: invisible to one mean (g=1), plain at g=2 (and at g=4)."""
     g = torch.Generator().manual_seed(1)
-
-    def split(n: int) -> TaskSplit:
-        labels = torch.arange(n) % 5
-        x = 0.3 * torch.randn(n, 1, 16, 16, 16, generator=g)
-        for i, c in enumerate(labels.tolist()):
-            a, b, d = (c >> 2) & 1, (c >> 1) & 1, c & 1
-            x[i, 0, 8 * a:8 * a + 8, 8 * b:8 * b + 8, 8 * d:8 * d + 8] += 1.0
-        return TaskSplit(x, labels)
-
-    task = _raw_task(split)
+    task = _raw_task(lambda n: TaskSplit(*_bright_octant_cubes(n, 16, g)))
     raw = raw_scores(task, PATCH)
     assert raw["pooling"] == 2 and raw["features"] == 8
     assert raw["cv_by_pooling"]["1"] < 0.5 < raw["cv_by_pooling"]["2"]
@@ -458,11 +460,7 @@ def test_raw_baseline_pools_the_whole_wide_cube():
     g = torch.Generator().manual_seed(2)
 
     def split(n: int) -> TaskSplit:
-        labels = torch.arange(n) % 5
-        x = 0.3 * torch.randn(n, 1, 32, 32, 32, generator=g)
-        for i, c in enumerate(labels.tolist()):
-            a, b, d = (c >> 2) & 1, (c >> 1) & 1, c & 1
-            x[i, 0, 16 * a:16 * a + 16, 16 * b:16 * b + 16, 16 * d:16 * d + 16] += 1.0
+        x, labels = _bright_octant_cubes(n, 32, g)
         x[:, :, 8:24, 8:24, 8:24] = 0.3 * torch.randn(n, 1, 16, 16, 16, generator=g)  # centre: noise only
         return TaskSplit(x, labels)
 
