@@ -306,9 +306,14 @@ def main_segmentation(argv: Sequence[str]):
     return _run_sibling_script("benchmark_segmentation.py", argv, "The segmentation benchmark is not available")
 
 
+def main_preflight(argv: Sequence[str]):
+    """``benchmark.py preflight``: ``scripts/benchmark_preflight.py`` (what the input pre-flight costs)."""
+    return _run_sibling_script("benchmark_preflight.py", argv, "The pre-flight benchmark is not available")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "model": main_model, "data": main_data, "train": main_train, "segmentation": main_segmentation,
-    "drop-path": main_drop_path,
+    "drop-path": main_drop_path, "preflight": main_preflight,
 }
 
 

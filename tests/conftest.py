@@ -33,6 +33,21 @@ def _no_debug_environment(monkeypatch):
     monkeypatch.delenv("DINOV2_DEBUG", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """The pre-flight cache (and any other user cache) of the tests lives in a temporary folder,
+    never in the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("DINOV2_CACHE_DIR")
+    os.environ["DINOV2_CACHE_DIR"] = str(tmp_path_factory.mktemp("dinov2_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DINOV2_CACHE_DIR", None)
+    else:
+        os.environ["DINOV2_CACHE_DIR"] = previous
+
+
 @pytest.fixture()
 def error_line(capsys):
     """Read what an entry point printed to stderr and return its one ``ERROR:`` line.

@@ -64,13 +64,13 @@ def segmentation_preset_defaults() -> DictConfig:
 # Flags of the dataset, the same in every evaluation entry point (flag dest -> config key).
 DATASET_FLAG_KEYS = {
     "dataset_name": "dataset.name", "base_data_dir": "dataset.base_data_dir", "dataset_percent": "dataset.percent",
-    "dataset_seed": "dataset.seed", "image_size": "dataset.image_size",
+    "dataset_seed": "dataset.seed", "image_size": "dataset.image_size", "skip_bad_inputs": "dataset.skip_bad_inputs",
 }
 
 
 def add_dataset_arguments(parser, image_size_help: str, image_size_triple: bool = True) -> None:
-    """``--dataset-name``, ``--base-data-dir``, ``--dataset-percent``, ``--dataset-seed``, ``--image-size``
-    (:data:`DATASET_FLAG_KEYS`).
+    """``--dataset-name``, ``--base-data-dir``, ``--dataset-percent``, ``--dataset-seed``, ``--image-size``,
+    ``--skip-bad-inputs`` (:data:`DATASET_FLAG_KEYS`).
 
     Args:
         parser: an ``argparse.ArgumentParser``.
@@ -91,6 +91,9 @@ def add_dataset_arguments(parser, image_size_help: str, image_size_triple: bool 
     parser.add_argument("--image-size", type=int, nargs="+" if image_size_triple else None, default=None,
                         metavar="SIZE", help=f"{image_size_help}: {'1 or 3 ints' if image_size_triple else 'the side of a cube'}, "
                         "multiples of the patch size (dataset.image_size)")
+    parser.add_argument("--skip-bad-inputs", action="store_true", default=None,
+                        help="leave datalist entries with a file that cannot be used out (listed in "
+                        "<output-dir>/skipped.tsv) instead of failing (dataset.skip_bad_inputs)")
 
 
 def dataset_flags(args) -> dict[str, Any]:

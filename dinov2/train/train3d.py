@@ -58,6 +58,7 @@ from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.data.collate import make_collate_fn
 from dinov2.data.datasets import build_pretrain_dataset
 from dinov2.data.loader import build_train_loader, seed_training_step
+from dinov2.data.preflight import PreflightCache, checked_pretrain_entries
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.optim.param_groups import apply_optim_scheduler
 from dinov2.optim.schedules import build_schedulers
@@ -76,7 +77,7 @@ LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")
 
 
 # flag dest -> config key (besides --config-file, --output-dir, --no-resume and key=value overrides)
-FLAG_KEYS = {"cache_dir": "preprocessing.cache.dir", "device": "device"}
+FLAG_KEYS = {"cache_dir": "preprocessing.cache.dir", "device": "device", "skip_bad_inputs": "train.skip_bad_inputs"}
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -100,7 +101,7 @@ def default_config() -> DictConfig:
 
 
 def build_config(config_file: str | None = None, overrides: Sequence[str] = (), cache_dir: str | None = None,
-                 device: str | None = None) -> DictConfig:
+                 device: str | None = None, skip_bad_inputs: bool | None = None) -> DictConfig:
     """Resolved training config: defaults <- ``config_file`` <- flags <- ``overrides``.
 
     Args:
@@ -108,13 +109,15 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
         overrides: ``key=value`` strings.
         cache_dir: sets ``preprocessing.cache.dir`` (the ``--cache-dir`` flag).
         device: sets ``device`` (the ``--device`` flag).
+        skip_bad_inputs: True sets ``train.skip_bad_inputs`` (the ``--skip-bad-inputs`` flag).
 
     Raises:
         ConfigError: keys the defaults do not know (typos; the message names the key, the file or
             command line, and the closest known key) or required values left as ``???`` (in the
             defaults, or in ``config_file`` and not set later).
     """
-    flags = {FLAG_KEYS["cache_dir"]: cache_dir, FLAG_KEYS["device"]: device}
+    flags = {FLAG_KEYS["cache_dir"]: cache_dir, FLAG_KEYS["device"]: device,
+             FLAG_KEYS["skip_bad_inputs"]: True if skip_bad_inputs else None}
     cfg = load_config(default_config(), config_file, flags, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -383,13 +386,32 @@ def _prepare_output_dir(cfg: DictConfig, output_dir: Path, resume: bool, is_main
     return checkpointer
 
 
-def _data_loader(cfg: DictConfig, plan: _RunPlan, start_position: int) -> tuple[Any, Any]:
+def _checked_inputs(cfg: DictConfig, output_dir: Path, plan: _RunPlan) -> list[dict]:
+    """The datalist's entries after the pre-flight: every problem at once before the first iteration.
+
+    Every rank runs it (the same files give the same answer, so all ranks keep the same entries;
+    after rank 0 the others mostly read the cache). ``train.skip_bad_inputs`` leaves bad volumes
+    out and lists them in ``<output_dir>/skipped.tsv``.
+
+    Raises:
+        DatalistError: every bad entry (unless skipped), or no entry left.
+    """
+    return checked_pretrain_entries(
+        cfg.train.datalist, skip=bool(cfg.train.skip_bad_inputs), report_dir=output_dir,
+        read_voxels=bool(cfg.train.preflight), cache=PreflightCache(),
+        progress=plan.is_main and bool(cfg.train.progress_bar))
+
+
+def _data_loader(cfg: DictConfig, plan: _RunPlan, start_position: int, entries: list[dict]) -> tuple[Any, Any]:
     """The pretraining dataset (every rank sees all of it) and this rank's loader from ``start_position``.
+
+    Args:
+        entries: the checked datalist entries (:func:`_checked_inputs`).
 
     Returns:
         ``(dataset, loader)``; the loader yields this rank's batches of ``plan.batch_size`` samples.
     """
-    dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=plan.seed, rank=0, world_size=1)
+    dataset = build_pretrain_dataset(cfg, entries, seed=plan.seed, rank=0, world_size=1)
     collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
     loader = build_train_loader(dataset, collate, batch_size=plan.batch_size, run_seed=plan.seed,
                                 start_position=start_position, rank=plan.rank, world_size=plan.world,
@@ -506,6 +528,7 @@ def _save_checkpoint(checkpointer: TrainingCheckpointer, arch: SSLMetaArch, opti
 def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device | None) -> dict[str, Any]:
     plan = _run_plan(cfg, device)
     checkpointer = _prepare_output_dir(cfg, output_dir, resume, plan.is_main)
+    entries = _checked_inputs(cfg, output_dir, plan)
     torch.manual_seed(plan.seed)  # identical initial weights on every rank
     arch = SSLMetaArch(cfg, plan.device)
     scaler = torch.amp.GradScaler(plan.device.type) if arch.autocast_dtype == torch.float16 else None
@@ -513,7 +536,7 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     latest = checkpointer.latest() if resume else None
     distributed.barrier()  # rank 0 may have removed stray temporary files
     optimizer, start_iter, start_position = _start_or_resume(arch, scaler, cfg, latest, plan.global_batch)
-    dataset, loader = _data_loader(cfg, plan, start_position)
+    dataset, loader = _data_loader(cfg, plan, start_position, entries)
     metrics, bar, meter, watch = _progress_outputs(cfg, plan, output_dir, start_iter)
 
     last_checkpoint, last_export, reduced = latest, None, None
@@ -583,6 +606,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="run folder: config, metrics, checkpoints, teacher exports")
     parser.add_argument("--cache-dir", default=None, help="disk cache of preprocessed volumes (preprocessing.cache.dir)")
     add_device_argument(parser)
+    parser.add_argument("--skip-bad-inputs", action="store_true",
+                        help="leave volumes that cannot be used out (listed in <output-dir>/skipped.tsv) instead of "
+                             "failing (train.skip_bad_inputs)")
     parser.add_argument("--no-resume", action="store_true",
                         help="never resume: start at iteration 0 (refused if the output folder holds checkpoints)")
     add_debug_flag(parser)
@@ -600,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point(logging.WARNING)
     # Every ValueError or OmegaConf error while building the config is about the YAML or overrides.
     with user_input(ValueError, OmegaConfBaseException):
-        cfg = build_config(args.config_file, args.overrides, args.cache_dir, args.device)
+        cfg = build_config(args.config_file, args.overrides, args.cache_dir, args.device, args.skip_bad_inputs)
     ctx = distributed.init_distributed(str(cfg.device))
     output_dir = Path(args.output_dir)
     if ctx.is_main_process:

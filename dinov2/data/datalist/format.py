@@ -13,9 +13,9 @@ them. A file or case left out while building a datalist is a :class:`Skipped`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from dinov2.utils.errors import UserError
 
@@ -44,12 +44,15 @@ class Problem:
         path: the file involved (absolute), or ``None`` for structural problems.
         reason: what is wrong.
         hint: how to fix it.
+        entry: the entry at fault (its index, or ``(split, index)``), set where a caller may
+            leave the entry out (``--skip-bad-inputs``); not part of equality.
     """
 
     where: str
     path: str | None
     reason: str
     hint: str
+    entry: Any = field(default=None, compare=False)
 
     def __str__(self) -> str:
         target = f" '{self.path}'" if self.path else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -133,7 +134,8 @@ def check_finetune_entry(entry: Any, where: str, base: Path, label_required: boo
     return problems
 
 
-def load_pretrain_datalist(path: str | os.PathLike, validate: bool = True, progress: bool = True) -> list[dict]:
+def load_pretrain_datalist(path: str | os.PathLike, validate: bool = True, progress: bool = True,
+                           collect: list[Problem] | None = None) -> list[dict]:
     """Load a pretraining datalist; fill in missing shape/spacing; optionally check every entry.
 
     Args:
@@ -141,6 +143,9 @@ def load_pretrain_datalist(path: str | os.PathLike, validate: bool = True, progr
         validate: read every header: the file exists and reads, is 3D/4D, and any stated
             shape/spacing still match the file.
         progress: show a progress bar while reading headers.
+        collect: when a list, problems of the files (not of the datalist's structure) are
+            appended to it, each with its entry's index in ``Problem.entry``, instead of raised;
+            the returned list then keeps every entry, in order (a bad one without shape/spacing).
 
     Returns:
         Entries with absolute ``image`` paths and ``shape``/``spacing`` filled in.
@@ -158,36 +163,47 @@ def load_pretrain_datalist(path: str | os.PathLike, validate: bool = True, progr
             f'{{"image": "vol.nii.gz"}}, got {type(data).__name__}.',
         )
     base = path.parent.resolve()
-    problems, out, cache = [], [], {}
+    structural, problems, out, cache = [], [], [], {}
     with logging_redirect_tqdm():
         for i, entry in enumerate(progress_bar(data, len(data), "validating datalist", progress and validate)):
             where = f"[{i}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
                 reason = "entry is not an object with an 'image' path"
                 hint = 'write entries like {"image": "vol.nii.gz"}'
-                problems.append(Problem(where, None, reason, hint))
+                structural.append(Problem(where, None, reason, hint))
                 continue
-            image = resolve_path(entry["image"], base)
-            resolved = dict(entry, image=image)
+            resolved = dict(entry, image=resolve_path(entry["image"], base))
             if validate or "shape" not in entry or "spacing" not in entry:
-                result = _header(image, cache)
-                problem = _header_problem(where, image, result)
-                if problem:
-                    problems.append(problem)
-                    continue
-                if "shape" in entry and list(entry["shape"]) != list(result.shape):
-                    reason = f"stated shape {entry['shape']} but the file has {list(result.shape)}"
-                    problems.append(Problem(where, image, reason, HINT_STALE))
-                elif "spacing" in entry and not _spacing_matches(entry["spacing"], result.spacing):
-                    actual = [round(s, 6) for s in result.spacing]
-                    reason = f"stated spacing {entry['spacing']} but the file has {actual}"
-                    problems.append(Problem(where, image, reason, HINT_STALE))
-                resolved.setdefault("shape", [int(s) for s in result.shape])
-                resolved.setdefault("spacing", [round(float(s), 6) for s in result.spacing])
+                problem = _pretrain_entry_problem(where, resolved, entry, cache)
+                if problem is not None:
+                    problems.append(Problem(*problem, entry=i))
             out.append(resolved)
-    if problems:
-        raise DatalistError(path, problems)
+    if structural or (problems and collect is None):
+        raise DatalistError(path, structural + problems)
+    if collect is not None:
+        collect.extend(problems)
     return out
+
+
+def _pretrain_entry_problem(where: str, resolved: dict, entry: dict, cache: dict) -> tuple | None:
+    """Check one entry's header against the file; fills ``resolved``'s shape/spacing when it reads.
+
+    Returns:
+        ``(where, path, reason, hint)`` of its problem, or None.
+    """
+    image = resolved["image"]
+    result = _header(image, cache)
+    problem = _header_problem(where, image, result)
+    if problem:
+        return problem.where, problem.path, problem.reason, problem.hint
+    resolved.setdefault("shape", [int(s) for s in result.shape])
+    resolved.setdefault("spacing", [round(float(s), 6) for s in result.spacing])
+    if "shape" in entry and list(entry["shape"]) != list(result.shape):
+        return where, image, f"stated shape {entry['shape']} but the file has {list(result.shape)}", HINT_STALE
+    if "spacing" in entry and not _spacing_matches(entry["spacing"], result.spacing):
+        actual = [round(s, 6) for s in result.spacing]
+        return where, image, f"stated spacing {entry['spacing']} but the file has {actual}", HINT_STALE
+    return None
 
 
 def _spacing_matches(stated: Any, actual: Sequence[float]) -> bool:
@@ -198,7 +214,8 @@ def _spacing_matches(stated: Any, actual: Sequence[float]) -> bool:
     return len(values) == len(actual) and bool(np.allclose(values, actual, rtol=1e-4, atol=1e-5))
 
 
-def load_finetune_datalist(path: str | os.PathLike, validate: bool = True, progress: bool = True) -> dict[str, Any]:
+def load_finetune_datalist(path: str | os.PathLike, validate: bool = True, progress: bool = True,
+                           collect: list[Problem] | None = None) -> dict[str, Any]:
     """Load a finetuning datalist and (optionally) check every entry of every split.
 
     Checks: each image/modality/label exists and its header reads; images are 3D/4D; labels are
@@ -210,6 +227,9 @@ def load_finetune_datalist(path: str | os.PathLike, validate: bool = True, progr
         path: JSON dict with ``training`` (required), ``validation`` and ``test`` lists.
         validate: read headers and run the checks above (structure is always checked).
         progress: show a progress bar while reading headers.
+        collect: when a list, problems of the files (not of the datalist's structure) are
+            appended to it, each with ``Problem.entry = (split, index)``, instead of raised; every
+            entry is then returned, in order.
 
     Returns:
         The dict with absolute paths; missing ``validation``/``test`` become empty lists;
@@ -247,7 +267,8 @@ def load_finetune_datalist(path: str | os.PathLike, validate: bool = True, progr
                 where = f"{split}[{i}]"
                 bar.update(1)
                 if validate:
-                    problems.extend(check_finetune_entry(entry, where, base, split != "test", cache))
+                    found = check_finetune_entry(entry, where, base, split != "test", cache)
+                    problems.extend(Problem(*astuple(p)[:4], entry=(split, i)) for p in found)
                 elif not isinstance(entry, dict) or "image" not in entry:
                     problems.append(Problem(where, None, "entry is not an object with an 'image' key", HINT_ENTRY))
                     continue
@@ -260,11 +281,14 @@ def load_finetune_datalist(path: str | os.PathLike, validate: bool = True, progr
                 elif key in training_images:
                     reason = f"same image as {training_images[key]}: evaluation would measure memorisation"
                     hint = "remove the case from one of the two splits"
-                    problems.append(Problem(where, str(resolved["image"]), reason, hint))
+                    problems.append(Problem(where, str(resolved["image"]), reason, hint, entry=(split, i)))
                 resolved_split.append(resolved)
             out[split] = resolved_split
-    if problems:
+    structural = [p for p in problems if p.path is None]
+    if structural or (problems and collect is None):
         raise DatalistError(path, problems)
+    if collect is not None:
+        collect.extend(problems)
     return out
 
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinov2.checkpoints.backbone_reader import load_pretrained_backbone
 from dinov2.data.datalist import load_finetune_datalist, subset_training
+from dinov2.data.preflight import PreflightCache, checked_finetune_datalist
 from dinov2.eval.presets import add_dataset_arguments, dataset_flags, load_preset
 from dinov2.layers.patch_embed import PatchGridError, to_3tuple
 from dinov2.models.build import build_random_backbone, is_random_init
@@ -143,8 +144,12 @@ def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, li
     return num_classes, names
 
 
-def _load_splits(cfg: DictConfig) -> tuple[Path, dict[str, list[dict]]]:
+def _load_splits(cfg: DictConfig, output_dir: Path) -> tuple[Path, dict[str, list[dict]]]:
     """The datalist's splits: ``training`` subset to ``dataset.percent``, ``validation`` and ``test`` as listed.
+
+    With ``dataset.validate``, the pre-flight (:mod:`dinov2.data.preflight`) checks every file
+    first (``dataset.preflight``: every image read in full); ``dataset.skip_bad_inputs`` leaves bad
+    entries out and lists them in ``<output_dir>/skipped.tsv``.
 
     Returns:
         ``(datalist_path, splits)``.
@@ -153,7 +158,13 @@ def _load_splits(cfg: DictConfig) -> tuple[Path, dict[str, list[dict]]]:
         ValueError: the datalist has no validation entries (they choose the classifier).
     """
     datalist_path = resolve_datalist(cfg)
-    data = load_finetune_datalist(datalist_path, validate=bool(cfg.dataset.validate), progress=False)
+    if cfg.dataset.validate:
+        # channels None: a 4D file is accepted (the probe takes its first frame, with a warning)
+        data = checked_finetune_datalist(datalist_path, channels=None, skip=bool(cfg.dataset.skip_bad_inputs),
+                                         report_dir=output_dir, read_voxels=bool(cfg.dataset.preflight),
+                                         cache=PreflightCache(), progress=False)
+    else:
+        data = load_finetune_datalist(datalist_path, validate=False, progress=False)
     splits = {
         "training": subset_training(data["training"], float(cfg.dataset.percent), int(cfg.dataset.seed)),
         "validation": data["validation"],
@@ -280,7 +291,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir)
     device = resolve_device(str(cfg.device), key="device")
-    datalist_path, splits = _load_splits(cfg)
+    datalist_path, splits = _load_splits(cfg, output_dir)
     num_classes, class_names = _class_info(cfg, splits)
     size = cfg.dataset.image_size
     image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)

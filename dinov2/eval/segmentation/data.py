@@ -39,10 +39,10 @@ from monai.transforms import (
 )
 
 from dinov2.data.datalist import load_finetune_datalist, subset_training
-from dinov2.data.datalist.format import DatalistError, Problem
+from dinov2.data.preflight import LabelRule, PreflightCache, checked_finetune_datalist
 from dinov2.data.readers import image_readers
 from dinov2.data.transforms import ReplaceNonFinited
-from dinov2.data.validation import InputVolumeError, LoadVolumed, read_label_map
+from dinov2.data.validation import LoadVolumed
 from dinov2.eval.presets import DatasetPreset
 
 logger = logging.getLogger(__name__)
@@ -234,50 +234,9 @@ def label_classes(preset: DatasetPreset) -> tuple[set[int], str]:
     return allowed, words
 
 
-def check_labels(splits: dict[str, list[dict]], preset: DatasetPreset, datalist: str | os.PathLike,
-                 workers: int | None = None) -> None:
-    """Read every label map of ``splits`` and check it against the preset's classes and its image's grid.
-
-    Runs before training, so a label value that is not a class of the task (an unmapped BraTS 3,
-    a label map of another dataset) is found before hours of training, not as a shape error in a
-    loss. Files are read in a few threads (decompression releases the GIL).
-
-    Raises:
-        DatalistError: one error listing every bad label map (values, classes, both files on a grid
-            mismatch).
-    """
-    allowed, words = label_classes(preset)
-    fix = (f"correct the label map, or map its values onto the classes of preset '{preset.name}' with "
-           "dataset.remap={stored: class}")
-    jobs = [(f"{split} case {e['name']}: label", e["label"], e["image"] if isinstance(e["image"], str) else e["image"][0])
-            for split, entries in splits.items() for e in entries if isinstance(e.get("label"), str)]
-    if not jobs:
-        return
-
-    def check(job):
-        where, label, image = job
-        try:
-            read_label_map(label, allowed, words, image=image, fix=fix)
-        except InputVolumeError as exc:
-            return Problem(where, str(exc.path), exc.problem, exc.fix)
-        return None
-
-    workers = workers or min(8, os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            problems = [p for p in pool.map(check, jobs) if p is not None]
-    else:
-        problems = [p for p in map(check, jobs) if p is not None]
-    if problems:
-        count = f"{len(problems)} label map{'s' if len(problems) > 1 else ''}"
-        raise DatalistError(datalist, problems, summary=f"Datalist {datalist}: {count} do not fit the task of preset "
-                            f"'{preset.name}' (classes: {words}); fix them before training:")
-
-
 def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset_percent: float = 100.0,
-                seed: int = 0, validate: bool = True) -> dict[str, list[dict]]:
+                seed: int = 0, validate: bool = True, *, skip_bad: bool = False,
+                report_dir: str | os.PathLike | None = None, read_voxels: bool = True) -> dict[str, list[dict]]:
     """Training (optionally subset), validation and test entries with absolute paths.
 
     Args:
@@ -285,14 +244,26 @@ def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset
         base_data_dir: folder of the datalist.
         dataset_percent: keep this percentage of the training cases (nested, seeded).
         seed: seed of the subset.
-        validate: check every file of the datalist (headers, grids) and every label map's values
-            against the preset's classes (:func:`check_labels`).
+        validate: the pre-flight (:mod:`dinov2.data.preflight`): every file's header and grid,
+            and (``read_voxels``) every image and label map read in full: truncated files,
+            volumes without a finite voxel, label values that are not classes of the preset.
+        skip_bad: leave cases with a bad file out (``skipped.tsv`` in ``report_dir``) instead of failing.
+        report_dir: the run folder.
+        read_voxels: read every file in full during validation (False: headers and grids only).
 
     Raises:
         DatalistError: every bad entry (files, grids, label values) at once.
     """
     path = resolve_datalist(preset, base_data_dir)
-    datalist = load_finetune_datalist(path, validate=validate, progress=False)
+    if validate:
+        allowed, words = label_classes(preset)
+        fix = (f"correct the label map, or map its values onto the classes of preset '{preset.name}' with "
+               "dataset.remap={stored: class}")
+        datalist = checked_finetune_datalist(
+            path, channels=preset.in_channels, labels=LabelRule(tuple(sorted(allowed)), words, fix), skip=skip_bad,
+            report_dir=report_dir, read_voxels=read_voxels, cache=PreflightCache(), progress=False)
+    else:
+        datalist = load_finetune_datalist(path, validate=False, progress=False)
     training = datalist["training"]
     if dataset_percent < 100:
         training = subset_training(training, dataset_percent, seed)
@@ -305,8 +276,6 @@ def load_splits(preset: DatasetPreset, base_data_dir: str | os.PathLike, dataset
     }
     if not splits["validation"]:
         raise ValueError(f"{path} has no 'validation' cases; model selection needs at least one.")
-    if validate:
-        check_labels(splits, preset, path)
     return splits
 
 

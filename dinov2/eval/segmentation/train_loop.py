@@ -350,7 +350,9 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     """
     device, out_dir = _prepare_run(cfg)
     preset = DatasetPreset.from_config(cfg.dataset)
-    splits = load_splits(preset, cfg.dataset.base_data_dir, float(cfg.dataset.percent), int(cfg.dataset.seed))
+    splits = load_splits(preset, cfg.dataset.base_data_dir, float(cfg.dataset.percent), int(cfg.dataset.seed),
+                         skip_bad=bool(cfg.dataset.skip_bad_inputs), report_dir=out_dir,
+                         read_voxels=bool(cfg.dataset.preflight))
     logger.info("Dataset %s: %d training, %d validation, %d test cases", preset.name,
                 *(len(splits[s]) for s in ("training", "validation", "test")))
     model, spec = _build_model(cfg, preset, device)
