@@ -19,30 +19,52 @@ world_size=1``, preferably with the disk cache, which every rank then shares and
 
 The frame pick and the augmentation run after the cache and draw from generators that
 :meth:`PretrainDataset3d.reseed` resets per worker (``dinov2.data.seeding.WorkerInitFn``).
+
+A volume that cannot be read mid-run (a file changed, cut short or removed on a shared filesystem
+while a week-long run reads it) does not end the run: the sample of entry ``i`` is taken from the
+first readable entry among ``i + 1, i + 2, ...`` (cyclically), the file is logged once, and the run
+stops with :class:`TooManyBadInputsError` only when more than ``max_bad_fraction`` of the volumes
+are unreadable. The replacement depends on the index and on which files are bad, not on which
+worker met them first, and it is augmented with the random state the loader set for the sample's
+position, so a resumed run draws the very samples the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import json
+import logging
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from nibabel.filebasedimages import ImageFileError
 from monai.data import CacheDataset, Dataset as MonaiDataset, PersistentDataset, partition_dataset
 from omegaconf import DictConfig
 
 from dinov2 import distributed
 from dinov2.data.seeding import WorkerSeeds, child_sequence, derive_seeds
-from dinov2.data.validation import InputVolumeError
+from dinov2.data.validation import InputVolumeError, find_input_error, read_error
 from dinov2.data.transforms import (
     build_preprocessing,
     pick_frame,
     preprocessing_cache_key,
     resolve_preprocessing_config,
 )
+from dinov2.utils.errors import UsageError, UserError, exception_chain
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BAD_FRACTION = 0.05
+_SHOWN_BAD = 10  # files listed by name in TooManyBadInputsError
+# What a reader raises on a damaged, truncated or vanished file when no InputVolumeError was made of it.
+_READ_ERRORS = (EOFError, OSError, zlib.error, gzip.BadGzipFile, ImageFileError)
 
 
 def normalise_datalist(datalist: str | os.PathLike | Sequence[Mapping[str, Any] | str]) -> list[dict]:
@@ -132,6 +154,96 @@ def _write_cache_description(folder: Path, config: dict) -> None:
     os.replace(tmp, target)
 
 
+class TooManyBadInputsError(UserError):
+    """More volumes could not be read during the run than ``train.max_bad_input_fraction`` tolerates.
+
+    Made from its message alone (see :func:`too_many_bad_inputs`): torch re-creates an exception
+    raised in a DataLoader worker as ``type(exc)(text)`` in the main process (``text`` = "Caught
+    ... in DataLoader worker process N. Original Traceback ..." followed by this message), and a
+    one-argument constructor keeps it a :class:`~dinov2.utils.errors.UserError` there instead of
+    a bare ``RuntimeError``. The worker's traceback is cut off again here, so the entry point's
+    one ``ERROR:`` line is the message itself.
+    """
+
+    def __init__(self, message: str = ""):
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def too_many_bad_inputs(bad: Sequence[InputVolumeError], total: int, fraction: float) -> TooManyBadInputsError:
+    """The error for ``bad`` unreadable volumes out of ``total``, listing at most 10 of them.
+
+    Args:
+        bad: the read errors, in datalist order.
+        total: volumes in the dataset.
+        fraction: the tolerated share (``train.max_bad_input_fraction``).
+    """
+    shown = "; ".join(f"{e.path} ({e.problem})" for e in bad[:_SHOWN_BAD])
+    if len(bad) > _SHOWN_BAD:
+        shown += f"; and {len(bad) - _SHOWN_BAD} more"
+    return TooManyBadInputsError(
+        f"{len(bad)} of {total} pretraining volumes could not be read, more than train.max_bad_input_fraction "
+        f"({fraction:g}, at most {tolerated_bad_inputs(fraction, total)} volumes) tolerates: {shown}. Check these "
+        "files and the filesystem they are on, fix them or remove them from the datalist, and start the run again: "
+        "it resumes from its last checkpoint. Or raise train.max_bad_input_fraction to replace more unreadable "
+        "volumes by readable ones."
+    )
+
+
+def tolerated_bad_inputs(fraction: float, total: int) -> int:
+    """Unreadable volumes a run of ``total`` volumes survives: ``floor(fraction * total)``."""
+    # The epsilon keeps e.g. 0.29 * 100 (28.999999999999996 in floating point) at 29.
+    return math.floor(fraction * total + 1e-9)
+
+
+def _check_bad_fraction(value: Any) -> float:
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if isinstance(value, bool) or not 0.0 <= fraction < 1.0:  # also rejects NaN
+        raise UsageError(
+            f"train.max_bad_input_fraction (max_bad_fraction) must be a number in [0, 1), got {value!r}: the share "
+            "of volumes that may turn out unreadable during the run before it stops (0 stops at the first one)."
+        )
+    return fraction
+
+
+def _about_another_file(exc: OSError, image: str) -> bool:
+    """Whether an ``OSError`` is not about reading ``image``: a full disk, or another file (the disk cache)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(exc.filename, (str, bytes, os.PathLike)):
+        return False  # no file named: a reader's own error while decoding the image
+    name, image = os.path.abspath(os.fsdecode(exc.filename)), os.path.abspath(image)
+    return name != image and not name.startswith(image + os.sep)  # a DICOM folder's files are the image
+
+
+def unreadable_input(exc: BaseException, image: str) -> InputVolumeError | None:
+    """The :class:`InputVolumeError` (naming ``image``, in words) for a failure to read ``image``.
+
+    Args:
+        exc: what reading the entry raised; MONAI's ``RuntimeError("applying transform ...")``
+            wrapper is seen through.
+        image: the entry's image path.
+
+    Returns:
+        The error, or None when ``exc`` is not a read failure of ``image`` (a bug, a full disk,
+        an unwritable cache folder): such errors must end the run, not skip the volume.
+    """
+    found = find_input_error(exc)
+    if found is not None:
+        return found
+    for cause in exception_chain(exc):
+        if isinstance(cause, OSError) and _about_another_file(cause, image):
+            return None
+        if isinstance(cause, _READ_ERRORS):
+            return read_error(image, exc)
+    return None
+
+
 class PretrainDataset3d(torch.utils.data.Dataset):
     """Cached preprocessed volumes of this rank, returned as DINO multi-crop samples.
 
@@ -144,6 +256,10 @@ class PretrainDataset3d(torch.utils.data.Dataset):
         rank: global rank; default from ``dinov2.distributed``.
         world_size: number of processes; default from ``dinov2.distributed``.
         progress: show a progress bar while filling the in-memory cache.
+        max_bad_fraction: share of the volumes, in ``[0, 1)``, that may turn out unreadable while
+            the run reads them (``train.max_bad_input_fraction``): each is replaced by the next
+            readable entry (see :meth:`readable_record`); one more than
+            ``floor(max_bad_fraction * len(self))`` raises :class:`TooManyBadInputsError`.
 
     Example:
         >>> ds = PretrainDataset3d([{"image": "brain.nii.gz"}], DataAugmentationDINO3d())  # doctest: +SKIP
@@ -160,7 +276,11 @@ class PretrainDataset3d(torch.utils.data.Dataset):
         rank: int | None = None,
         world_size: int | None = None,
         progress: bool = False,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ) -> None:
+        self.max_bad_fraction = _check_bad_fraction(max_bad_fraction)
+        # {index: why its volume cannot be read}, met by this process (each loader worker has its own).
+        self._bad: dict[int, InputVolumeError] = {}
         self.rank = distributed.get_rank() if rank is None else int(rank)
         self.world_size = distributed.get_world_size() if world_size is None else int(world_size)
         self.seed = int(seed)
@@ -208,9 +328,79 @@ class PretrainDataset3d(torch.utils.data.Dataset):
         """The cached preprocessing output ``{"image": Tensor(T, H, W, D), "spacing", "source"}``."""
         return self._base[index]
 
+    @property
+    def unreadable(self) -> dict[int, InputVolumeError]:
+        """The entries this process could not read, ``{index: error}`` (a copy)."""
+        return dict(self._bad)
+
     def __getitem__(self, index: int) -> dict:
-        volume = pick_frame(self.record(index)["image"], self._frame_rng)
+        """DINO crops of entry ``index``, or of its replacement when its volume cannot be read.
+
+        Returns:
+            The augmentation's dict, e.g. ``{"global_crops": [Tensor(1, G, G, G)] * 2,
+            "local_crops": [Tensor(1, L, L, L)] * N}``.
+
+        Raises:
+            TooManyBadInputsError: more unreadable volumes than ``max_bad_fraction`` tolerates.
+        """
+        record = self.readable_record(index)
+        # Drawn only now, after a successful read: a replacement is augmented with the random state
+        # the loader set for this position, whatever failed before it.
+        volume = pick_frame(record["image"], self._frame_rng)
         return self.augmentation(volume)
+
+    def readable_record(self, index: int) -> dict:
+        """:meth:`record` of ``index``, or of the first readable of ``index + 1, index + 2, ...`` (mod ``len``).
+
+        The replacement depends only on ``index`` and on which files are unreadable (not on which
+        worker met them first), so a resumed run gets the samples the uninterrupted one got.
+        Entries found unreadable before are skipped without reading them again (a file that comes
+        back later stays replaced in this process). Each new unreadable file is logged once.
+
+        Returns:
+            ``{"image": Tensor(T, H, W, D), "spacing", "source"}`` of the entry used.
+
+        Raises:
+            TooManyBadInputsError: more unreadable volumes than ``max_bad_fraction`` tolerates.
+            Any other error of the read (a bug, a full disk) unchanged.
+        """
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"Index {index} is out of range for a dataset of {n} volumes.")
+        index, fresh = int(index) % n, []
+        for candidate in ((index + k) % n for k in range(n)):  # bounded: never loops forever
+            if candidate in self._bad:
+                continue
+            try:
+                record = self.record(candidate)
+            except Exception as exc:  # noqa: BLE001 - only read failures of the file are absorbed
+                error = unreadable_input(exc, self.entries[candidate]["image"])
+                if error is None:
+                    raise
+                self._add_unreadable(candidate, error)
+                fresh.append(candidate)
+                continue
+            self._log_replaced(fresh, candidate)
+            return record
+        raise self._too_many()  # every entry unreadable (unreachable while max_bad_fraction < 1)
+
+    def _add_unreadable(self, index: int, error: InputVolumeError) -> None:
+        self._bad[index] = error
+        if len(self._bad) > tolerated_bad_inputs(self.max_bad_fraction, len(self)):
+            raise self._too_many()
+
+    def _too_many(self) -> TooManyBadInputsError:
+        return too_many_bad_inputs([self._bad[i] for i in sorted(self._bad)], len(self), self.max_bad_fraction)
+
+    def _log_replaced(self, indices: Sequence[int], used: int) -> None:
+        """One warning per newly unreadable entry; ``used`` replaces each (they lie between it and the request)."""
+        for index in indices:
+            logger.warning(
+                "%s Entry %d (%s) is used in its place; %d of %d volumes unreadable so far in this process "
+                "(the run stops above %d: train.max_bad_input_fraction).",
+                self._bad[index], used, self.entries[used]["image"], len(self._bad), len(self),
+                tolerated_bad_inputs(self.max_bad_fraction, len(self)),
+            )
 
 
 def build_pretrain_dataset(
@@ -221,10 +411,10 @@ def build_pretrain_dataset(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> PretrainDataset3d:
-    """Dataset from a training config's ``crops:`` and ``preprocessing:`` sections.
+    """Dataset from a training config's ``crops:``, ``preprocessing:`` and ``train.max_bad_input_fraction``.
 
     Args:
-        cfg: training config; absent sections take the packaged defaults.
+        cfg: training config; absent sections (and keys) take the packaged defaults.
         datalist: entries or datalist JSON path.
         seed: run seed.
         rank: global rank (default from ``dinov2.distributed``).
@@ -236,6 +426,9 @@ def build_pretrain_dataset(
     from dinov2.data.augmentations import DataAugmentationDINO3d
 
     augmentation = DataAugmentationDINO3d.from_config(cfg.get("crops") or {}, seed=seed)
+    train = cfg.get("train") or {}
+    fraction = train.get("max_bad_input_fraction", DEFAULT_MAX_BAD_FRACTION)
     return PretrainDataset3d(
-        datalist, augmentation, cfg.get("preprocessing"), seed=seed, rank=rank, world_size=world_size
+        datalist, augmentation, cfg.get("preprocessing"), seed=seed, rank=rank, world_size=world_size,
+        max_bad_fraction=DEFAULT_MAX_BAD_FRACTION if fraction is None else fraction,
     )
