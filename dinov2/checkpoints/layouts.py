@@ -233,13 +233,15 @@ def _split_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: bool = True) -> CheckpointContents:
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: bool = True,
+                    hint: str = HINT) -> CheckpointContents:
     """Load a checkpoint file and split it into backbone, heads and the rest.
 
     Args:
         path: ``.pth`` file in any supported layout (see the module docstring).
         map_location: passed to ``torch.load``.
         weights_only: safe loading (default). Set False only for files you trust.
+        hint: where the path came from (flag or config key), appended to the messages.
 
     Returns:
         :class:`CheckpointContents` with flat, prefix-free backbone names.
@@ -249,9 +251,9 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: b
         CheckpointError: not a checkpoint, unreadable, newer format, no tensors in it, or a
             finetuned segmentation model (the message names the teacher it came from).
     """
-    path, obj = load_torch_file(path, map_location, weights_only)
+    path, obj = load_torch_file(path, map_location, weights_only, hint=hint)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors. {HINT}")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors. {hint}")
     finetuned = _finetuned_segmentation_error(path, obj)
     if finetuned is not None:  # checked first: its head.* keys would otherwise fail key normalisation obscurely
         raise finetuned
@@ -264,7 +266,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: b
     state = obj[wrapper] if wrapper else obj
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path} contains no tensors (top-level keys: {preview_keys(top_level)}). {HINT}")
+        raise CheckpointError(f"{path} contains no tensors (top-level keys: {preview_keys(top_level)}). {hint}")
     tensors, stripped, chunked = normalize_state_dict_keys(tensors)
     # A whole meta-architecture (student.* and teacher.*) saved as one state dict: take the teacher.
     for role in ("teacher.", "student."):

@@ -49,6 +49,7 @@ from monai.data import CacheDataset, Dataset as MonaiDataset, PersistentDataset,
 from omegaconf import DictConfig
 
 from dinov2 import distributed
+from dinov2.data.dicom_series import volume_source
 from dinov2.data.seeding import WorkerSeeds, child_sequence, derive_seeds
 from dinov2.data.validation import InputVolumeError, find_input_error, read_error
 from dinov2.data.transforms import (
@@ -98,7 +99,7 @@ def normalise_datalist(datalist: str | os.PathLike | Sequence[Mapping[str, Any] 
                 f"Datalist entry {position} needs an 'image' path (one file or DICOM folder per volume), got {entry!r}."
             )
         item["image"] = os.fspath(image)
-        if not os.path.exists(item["image"]):
+        if not volume_source(item["image"]).exists():  # FOLDER::SERIES: the folder
             raise FileNotFoundError(f"Datalist entry {position}: image {item['image']} does not exist. Fix the datalist.")
         if os.path.isfile(item["image"]) and os.path.getsize(item["image"]) == 0:
             raise InputVolumeError(item["image"], f"datalist entry {position} is an empty file (0 bytes)",

@@ -9,14 +9,20 @@ rather than the hours it would take to decompress every voxel. Everything here r
 * ``spacing`` holds the three spatial voxel sizes in mm (a 4th NIfTI "zoom" is time, not space);
 * ``affine`` maps voxel indices to RAS+ world millimetres (DICOM's LPS is flipped to RAS, as
   MONAI does with ``affine_lps_to_ras=True``); ``None`` when a DICOM lacks orientation tags.
+
+DICOM series folders (which files, in which order, ``FOLDER::SERIES`` choices) are read by
+:mod:`dinov2.data.dicom_series`; the slice-spacing rules shared with multi-frame files are here
+(:func:`slice_step_from_positions`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +42,13 @@ NON_IMAGE_SUFFIXES = frozenset(
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # DICOMDIR (Media Storage Directory) files carry the DICM magic but hold no pixels.
 _MEDIA_STORAGE_DIRECTORY_UID = "1.2.840.10008.1.3.10"
+# A step between slices may differ from the median by this fraction before it is reported: scanners
+# round positions to a few decimals, so exact equality would warn on nearly every series.
+UNEVEN_SPACING_TOLERANCE = 0.01
+# A gap this many times the median step means slices are missing (one missing slice doubles it).
+MISSING_SLICE_FACTOR = 1.5
+
+logger = logging.getLogger("dinov2.data.image_io")
 
 
 class ImageHeaderError(UserError, ValueError):
@@ -43,13 +56,21 @@ class ImageHeaderError(UserError, ValueError):
 
     Attributes:
         path: the file or folder.
-        reason: what is wrong, without the path (datalist reports print the path themselves).
+        problem: what is wrong, without the path.
+        fix: what to do about it ("" when the generic advice, export the file again, applies).
+        reason: ``problem`` and ``fix`` in one line, without the path (datalist reports print
+            the path themselves).
     """
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str = ""):
         self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.problem = problem
+        self.fix = fix
+        self.reason = f"{problem}; {fix}" if fix else problem
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # keep the fields when sent between processes (datalist workers)
+        return self.__class__, (self.path, self.problem, self.fix)
 
 
 @dataclass(frozen=True)
@@ -122,8 +143,9 @@ def read_header(path: str | os.PathLike) -> VolumeHeader:
     """Read the grid of a NIfTI file, a DICOM series folder or a multi-frame DICOM file.
 
     Args:
-        path: a ``.nii``/``.nii.gz`` file, a folder holding the slices of one DICOM series, or a
-            DICOM file with ``NumberOfFrames > 1``.
+        path: a ``.nii``/``.nii.gz`` file, a folder holding the slices of a DICOM series (one
+            series of several chosen as ``FOLDER::SERIES``, see :mod:`dinov2.data.dicom_series`),
+            or a DICOM file with ``NumberOfFrames > 1``.
 
     Returns:
         The :class:`VolumeHeader`; no voxel data is read.
@@ -131,9 +153,12 @@ def read_header(path: str | os.PathLike) -> VolumeHeader:
     Raises:
         ImageHeaderError: missing file, unreadable or inconsistent header, unsupported format.
     """
+    # Imported here because dicom_series builds on this module's header helpers.
+    from .dicom_series import read_series_header, split_series_choice  # noqa: PLC0415
+
     path = Path(path)
-    if path.is_dir():
-        return read_dicom_folder_header(path)
+    if split_series_choice(path)[0].is_dir():
+        return read_series_header(path)
     if not path.exists():
         raise ImageHeaderError(path, "file not found")
     if is_nifti_path(path):
@@ -228,30 +253,6 @@ def is_image_dataset(dataset: Dataset) -> bool:
     return "Rows" in dataset and "Columns" in dataset
 
 
-def read_dicom_folder_header(folder: str | os.PathLike) -> VolumeHeader:
-    """Grid of the DICOM series whose slices fill ``folder`` (not its subfolders).
-
-    Raises:
-        ImageHeaderError: no DICOM files, unreadable slices, several series in the folder,
-            inconsistent slice sizes, duplicate or unevenly spaced slice positions.
-    """
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_candidate(p))
-    if not files:
-        raise ImageHeaderError(folder, "folder holds no DICOM files (.dcm or files with the DICM preamble)")
-    readable, errors = read_dicom_slice_headers(files)
-    if errors:
-        names = ", ".join(e.path.name for e in errors[:5])
-        raise ImageHeaderError(folder, f"{len(errors)} DICOM file(s) unreadable ({names}): {errors[0].reason}")
-    slices = [(p, ds) for p, ds in readable if is_image_dataset(ds)]
-    if any(is_multiframe(ds) for _, ds in slices):
-        raise ImageHeaderError(
-            folder,
-            "folder mixes multi-frame DICOM files with other files; list each multi-frame file as its own volume",
-        )
-    return dicom_series_header(folder, slices)
-
-
 def _float_list(value, count: int) -> list[float] | None:
     if value is None:
         return None
@@ -291,23 +292,73 @@ def _affine_ras(
     return _LPS_TO_RAS @ lps
 
 
-def _slice_step_from_positions(path: Path, positions: np.ndarray, normal: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean slice spacing and the world step between consecutive slices, positions pre-sorted."""
+def slice_step_from_positions(path: Path, positions: np.ndarray, normal: np.ndarray) -> tuple[float, np.ndarray]:
+    """Slice spacing and the world step between slices, from their positions.
+
+    Args:
+        path: the series (for messages).
+        positions: ``(N, 3)`` ImagePositionPatient of the slices (LPS mm), sorted along ``normal``.
+        normal: ``(3,)`` unit slice normal (row cosine x column cosine).
+
+    Returns:
+        ``(spacing, step)``: spacing in mm and the ``(3,)`` LPS step from one slice to the next.
+        Even spacing gives the mean step; uneven spacing without a gap gives the median step and
+        one warning (the voxels then lie on a grid of median steps).
+
+    Raises:
+        ImageHeaderError: two slices at one position, or a gap of missing slices.
+    """
     distances = positions @ normal
     gaps = np.diff(distances)
-    if np.any(np.abs(gaps) < 1e-4):
+    if np.any(gaps < 1e-4):
         raise ImageHeaderError(
-            path, "two slices share one position: the folder likely holds several acquisitions; split them into folders"
+            path, f"{len(gaps) + 1 - len(np.unique(np.round(distances, 4)))} slice(s) share a position with another",
+            "the series holds several acquisitions (echoes, time points); split them into folders",
         )
-    gaps = np.abs(gaps)
-    if gaps.max() - gaps.min() > 0.1 * gaps.mean() + 1e-3:
-        raise ImageHeaderError(
-            path,
-            f"uneven slice spacing ({gaps.min():.3g}..{gaps.max():.3g} mm): a slice may be missing, or the "
-            "series has a gantry tilt; fix the series or convert it to NIfTI (e.g. dcm2niix)",
-        )
-    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    median = float(np.median(gaps))
+    missing = np.flatnonzero(gaps > MISSING_SLICE_FACTOR * median)
+    if missing.size:
+        raise ImageHeaderError(path, _missing_slices_problem(positions, gaps, missing, median),
+                               "copy the complete series again, or remove it from the input")
+    span = positions[-1] - positions[0]
+    deviation = float(np.max(np.abs(gaps - median)))
+    if deviation <= UNEVEN_SPACING_TOLERANCE * median:
+        step = span / (len(positions) - 1)
+    else:
+        _warn_uneven(path, gaps, median)
+        # Along the same direction (a gantry tilt's shear included), one median step long.
+        step = span / (distances[-1] - distances[0]) * median
     return float(np.linalg.norm(step)), step
+
+
+def _missing_slices_problem(positions: np.ndarray, gaps: np.ndarray, missing: np.ndarray, median: float) -> str:
+    """Where slices are missing, as the positions either side of each gap (LPS mm, as in the tags)."""
+    def where(i: int) -> str:
+        before, after = (", ".join(f"{v:.4g}" for v in positions[j]) for j in (i, i + 1))
+        return f"({before}) to ({after}), a {gaps[i]:.4g} mm gap"
+
+    shown = "; ".join(where(int(i)) for i in missing[:3])
+    if missing.size > 3:
+        shown += f"; and {missing.size - 3} more"
+    count = int(sum(round(gaps[i] / median) - 1 for i in missing))
+    return (f"about {count} slice(s) missing (the slices are {median:.4g} mm apart but jump from ImagePositionPatient "
+            f"{shown})")
+
+
+_warned_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _warn_uneven(path: Path, gaps: np.ndarray, median: float) -> None:
+    """Log once per series and process: the header and the voxel reader both meet the same series."""
+    key = os.fspath(path)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    logger.warning("%s: uneven slice spacing (%.4g to %.4g mm between neighbouring slices); the volume is read on a "
+                   "uniform grid of the median step, %.4g mm, so slices may lie up to %.3g mm off their position.",
+                   key, float(gaps.min()), float(gaps.max()), median, float(np.max(np.abs(np.cumsum(gaps - median)))))
 
 
 def _fallback_slice_spacing(path: Path, *datasets: Dataset | None) -> float:
@@ -319,47 +370,6 @@ def _fallback_slice_spacing(path: Path, *datasets: Dataset | None) -> float:
                     return value
     raise ImageHeaderError(
         path, "slice spacing unknown: no ImagePositionPatient on the slices and no SpacingBetweenSlices/SliceThickness"
-    )
-
-
-def dicom_series_header(folder: str | os.PathLike, slices: Sequence[tuple[Path, Dataset]]) -> VolumeHeader:
-    """Grid of one DICOM series from the parsed headers of its single-frame slices.
-
-    Args:
-        folder: the series folder (reported as the volume's path).
-        slices: ``(file, dataset)`` for every image slice in the folder.
-
-    Raises:
-        ImageHeaderError: see :func:`read_dicom_folder_header`.
-    """
-    folder = Path(folder)
-    if len(slices) < 2:
-        raise ImageHeaderError(folder, f"{len(slices)} DICOM image slice(s): a 3D series needs at least 2")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
-    if len(series) > 1:
-        raise ImageHeaderError(
-            folder, f"folder holds {len(series)} DICOM series; move each series into its own folder"
-        )
-    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
-    if len(sizes) > 1:
-        raise ImageHeaderError(folder, f"slices differ in size (rows, columns): {sorted(sizes)}")
-    if any(int(ds.get("SamplesPerPixel", 1) or 1) != 1 for _, ds in slices):
-        raise ImageHeaderError(folder, "colour DICOM (SamplesPerPixel > 1) is not a grey-level volume")
-    rows, columns = sizes.pop()
-    first = slices[0][1]
-    dx, dy = _in_plane_spacing(folder, first, None)
-    orientation = _float_list(first.get("ImageOrientationPatient"), 6)
-    positions = [_float_list(ds.get("ImagePositionPatient"), 3) for _, ds in slices]
-    affine = None
-    if orientation is not None and all(p is not None for p in positions):
-        normal = np.cross(orientation[:3], orientation[3:])
-        ordered = np.asarray(sorted(positions, key=lambda p: float(np.dot(p, normal))))
-        dz, step = _slice_step_from_positions(folder, ordered, normal)
-        affine = _affine_ras(orientation, list(ordered[0]), dx, dy, step)
-    else:
-        dz = _fallback_slice_spacing(folder, first)
-    return VolumeHeader(
-        path=folder, shape=(columns, rows, len(slices)), spacing=(dx, dy, dz), affine=affine, format="dicom-series"
     )
 
 
@@ -393,7 +403,7 @@ def dicom_multiframe_header(path: str | os.PathLike, dataset: Dataset) -> Volume
     if orientation is not None and len(positions) == frames and all(p is not None for p in positions):
         normal = np.cross(orientation[:3], orientation[3:])
         ordered = np.asarray(sorted(positions, key=lambda p: float(np.dot(p, normal))))
-        dz, step = _slice_step_from_positions(path, ordered, normal)
+        dz, step = slice_step_from_positions(path, ordered, normal)
         affine = _affine_ras(orientation, list(ordered[0]), dx, dy, step)
     else:
         dz = _fallback_slice_spacing(path, dataset, shared)

@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.data.datalist.format import SPLITS, DatalistError, Problem
 from dinov2.data.datalist.load import load_finetune_datalist, load_pretrain_datalist, progress_bar
+from dinov2.data.dicom_series import volume_source
 from dinov2.data.validation import InputVolumeError, read_label_map, read_volume, warn_nonfinite
 
 logger = logging.getLogger("dinov2.data.preflight")
@@ -102,6 +103,7 @@ def default_cache_path() -> Path:
 def _file_state(path: str) -> list[int] | None:
     """(size, mtime_ns) of a file; for a DICOM folder the count, total size and newest mtime of
     its files; None when it does not exist (never cached)."""
+    path = os.fspath(volume_source(path))  # FOLDER::SERIES: the folder's state
     try:
         if os.path.isdir(path):
             stats = [e.stat() for e in os.scandir(path) if e.is_file()]
@@ -348,8 +350,27 @@ def _finetune_checks(data: dict, bad: set, channels: int | None, labels: LabelRu
     return checks
 
 
+def _class_index_problems(data: dict, class_count: int) -> list[Problem]:
+    """Entries of a classification datalist whose label is not a class index ``0..class_count-1``."""
+    problems = []
+    for split in SPLITS:
+        for i, entry in enumerate(data.get(split, [])):
+            label = entry.get("label")
+            if label is None or (isinstance(label, int) and not isinstance(label, bool) and label < class_count):
+                continue  # no label (test entries), or a class of the task (negative ones are found earlier)
+            image = entry["image"][0] if isinstance(entry["image"], list) else entry["image"]
+            if isinstance(label, int) and not isinstance(label, bool):
+                reason = f"label {label} is not a class of this task (class indices 0..{class_count - 1})"
+                hint = "correct the label, or set dataset.num_classes / dataset.classes to the task's classes"
+            else:
+                reason = f"label {label!r} is not a class index"
+                hint = "a classification datalist gives each entry an integer class index as its label"
+            problems.append(Problem(f"{split}[{i}].label", image, reason, hint, entry=(split, i)))
+    return problems
+
+
 def checked_finetune_datalist(datalist: str | os.PathLike, *, channels: int | None = 1,
-                              labels: LabelRule | None = None, skip: bool = False,
+                              labels: LabelRule | None = None, class_count: int | None = None, skip: bool = False,
                               report_dir: str | os.PathLike | None = None, read_voxels: bool = True,
                               cache: PreflightCache | None = None, progress: bool = True) -> dict[str, Any]:
     """A finetuning datalist after the pre-flight: headers and grids, then every image and label map in full.
@@ -359,6 +380,7 @@ def checked_finetune_datalist(datalist: str | os.PathLike, *, channels: int | No
         channels: image channels of the model (a one-file entry must give them: a 3D volume for 1,
             a 4D series of that many frames otherwise); None accepts any number of frames.
         labels: the task's classes, checked in every label-map file; None: label values unchecked.
+        class_count: classification: every label must be a class index below it (None: unchecked).
         skip: leave entries with a bad file out (``skipped.tsv`` in ``report_dir``) instead of failing.
         report_dir: the run folder.
         read_voxels: also read every file in full (False: headers and grids only).
@@ -373,6 +395,8 @@ def checked_finetune_datalist(datalist: str | os.PathLike, *, channels: int | No
     """
     header_problems: list[Problem] = []
     data = load_finetune_datalist(datalist, validate=True, progress=progress, collect=header_problems)
+    if class_count is not None:
+        header_problems += _class_index_problems(data, class_count)
     bad_headers = {p.entry for p in header_problems}
     checks = _finetune_checks(data, bad_headers, channels, labels) if read_voxels else []
     result = run_preflight(checks, cache=cache, progress=progress)

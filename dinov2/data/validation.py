@@ -45,6 +45,7 @@ from monai.transforms import LoadImage, LoadImaged
 from dinov2.utils.entry_point import user_error_behind
 from dinov2.utils.errors import UserError, exception_chain
 
+from .dicom_series import volume_source
 from .image_io import ImageHeaderError, VolumeHeader, read_header, same_grid
 from .readers import image_readers
 
@@ -174,7 +175,7 @@ def _gzip_problem(path: Path) -> str | None:
 
 def _file_problem(path: Path, role: str) -> InputVolumeError | None:
     """Missing or empty file (or empty DICOM folder) without opening it."""
-    if not path.exists():
+    if not volume_source(path).exists():  # FOLDER::SERIES names a series of an existing folder
         return InputVolumeError(path, f"the {role} file does not exist", "check the path")
     if path.is_file() and path.stat().st_size == 0:
         return InputVolumeError(path, f"the {role} file is empty (0 bytes)", _RECOPY)
@@ -188,8 +189,9 @@ def _header_or_error(path: Path, role: str) -> VolumeHeader | InputVolumeError:
         words = explain_read_error(exc)
         if words is not None:
             return InputVolumeError(path, f"the {role} cannot be read: {words}", _RECOPY)
-        # image_io's reasons are already words ("file is truncated: ...", "folder holds 2 DICOM series")
-        return InputVolumeError(path, f"the {role} cannot be read: {exc.reason}", _RECOPY)
+        # image_io's problems are already words ("file is truncated: ...", "folder holds 2 DICOM series"),
+        # some with their own fix (choose a series), which beats the generic one.
+        return InputVolumeError(path, f"the {role} cannot be read: {exc.problem}", exc.fix or _RECOPY)
 
 
 def _effective_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -178,7 +178,7 @@ def _iteration_plan(cfg: DictConfig) -> tuple[int, int]:
 
 
 def _load_pretrained(arch: SSLMetaArch, path: str) -> None:
-    contents = read_checkpoint(path)
+    contents = read_checkpoint(path, hint="Check student.pretrained_weights: a teacher_checkpoint.pth of an earlier run.")
     state = {f"backbone.{k}": v for k, v in contents.backbone.items()}
     for head in ("dino_head", "ibot_head"):
         if head not in contents.heads:
@@ -621,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Pretrain; returns the exit code: 0, or 1 after one ``ERROR:`` line on stderr for a user error
     (a config key or value, a missing file, a datalist, out of memory, a non-finite loss, a collapse
     with ``stop_run``), which ``log.txt`` records too. ``--debug`` raises it with its traceback."""
-    args = get_args_parser().parse_args(argv)
+    # Intermixed: key=value overrides may come before, between or after the flags.
+    args = get_args_parser().parse_intermixed_args(argv)
     # Third-party warnings in the one log format; dinov2's own records go through _setup_logging.
     start_entry_point(logging.WARNING)
     # Every ValueError or OmegaConf error while building the config is about the YAML or overrides.

@@ -81,8 +81,9 @@ def test_dicom_folder_problems_are_skipped_with_reasons(tmp_path, dicom_series_w
     dicom_series_writer(tmp_path / "single", rows=8, columns=8, n_slices=1)
     entries, skipped = dl.build_pretrain_datalist([tmp_path], progress=False)
     reasons = {Path(s.path).name: s.reason for s in skipped}
-    assert "2 DICOM series" in reasons["two"]
-    assert "uneven slice spacing" in reasons["gap"]
+    # Two series in one folder are two volumes, FOLDER::SeriesInstanceUID each.
+    assert sorted(e["image"].split("::")[0] for e in entries if "::" in e["image"]) == [str(tmp_path / "two")] * 2
+    assert "slice(s) missing" in reasons["gap"]
     assert "at least 2" in reasons["single"]
     # Without ImagePositionPatient the slice spacing comes from SliceThickness.
     assert _by_name(entries)["no_position"]["spacing"] == [0.9, 0.8, 3.5]

@@ -23,11 +23,11 @@ from typing import Any, Iterable, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dinov2.data.dicom_series import folder_series_headers
 from dinov2.data.image_io import (
     ImageHeaderError,
     VolumeHeader,
     dicom_multiframe_header,
-    dicom_series_header,
     is_dicom_candidate,
     is_image_dataset,
     is_multiframe,
@@ -109,7 +109,8 @@ def _collect_candidates(
 
 
 def _dicom_folder_volumes(folder: Path, files: list[Path]) -> tuple[list[VolumeHeader], list[Skipped]]:
-    """Volumes in one folder: each multi-frame file, plus the folder itself as one series."""
+    """Volumes in one folder: each multi-frame file, plus the folder as one series (``FOLDER::UID`` each when
+    it holds several)."""
     readable, errors = read_dicom_slice_headers(files)
     volumes, skipped = [], []
     if errors:
@@ -132,10 +133,11 @@ def _dicom_folder_volumes(folder: Path, files: list[Path]) -> tuple[list[VolumeH
             reason = "folder mixes multi-frame files and single slices; move the slices into their own folder"
             skipped.append(Skipped(str(folder), reason))
         else:
-            try:
-                volumes.append(dicom_series_header(folder, slices))
-            except ImageHeaderError as exc:
-                skipped.append(Skipped(str(folder), exc.reason))
+            for result in folder_series_headers(folder, slices):
+                if isinstance(result, ImageHeaderError):
+                    skipped.append(Skipped(str(result.path), result.reason))
+                else:
+                    volumes.append(result)
     return volumes, skipped
 
 
@@ -504,7 +506,10 @@ def build_finetune_datalist(
             pair = {"image": entry["image"], "label": entry["label"]}
             problems = check_finetune_entry(pair, "case", Path("/"), True, cache)
             if problems:
-                skipped.append(Skipped(entry["name"], "; ".join(f"{p.where} {p.reason}" for p in problems)))
+                # the row names the file at fault (the case name when no file is involved)
+                at_fault = next((p.path for p in problems if p.path), None) or entry["name"]
+                reasons = "; ".join(f"{p.where} {p.path + ': ' if p.path else ''}{p.reason}" for p in problems)
+                skipped.append(Skipped(at_fault, f"case {entry['name']}: {reasons}"))
             else:
                 good.append(entry)
     datalist: dict[str, Any] = split_entries(good, split, seed)

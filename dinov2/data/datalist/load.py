@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dinov2.data.dicom_series import volume_source
 from dinov2.data.image_io import ImageHeaderError, VolumeHeader, read_header, same_grid
 
 from .format import (
@@ -71,7 +72,7 @@ def _header(path: str, cache: dict) -> VolumeHeader | ImageHeaderError:
 
 def _header_problem(where: str, path: str, result: VolumeHeader | ImageHeaderError) -> Problem | None:
     if isinstance(result, ImageHeaderError):
-        if not Path(path).exists():
+        if not volume_source(path).exists():  # FOLDER::SERIES: the folder
             return Problem(where, path, "file not found", HINT_NOT_FOUND)
         from dinov2.data.validation import explain_read_error  # noqa: PLC0415 - imports MONAI, only needed here
 

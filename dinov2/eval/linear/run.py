@@ -130,14 +130,23 @@ def resolve_datalist(cfg: DictConfig) -> Path:
     return datalist
 
 
-def _class_info(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[int, list[str]]:
+def _stated_class_count(cfg: DictConfig) -> int | None:
+    """The number of classes the config states (``dataset.num_classes``, else ``dataset.classes``), or None."""
+    if cfg.dataset.num_classes is not None:
+        return int(cfg.dataset.num_classes)
+    return len(cfg.dataset.classes) if cfg.dataset.classes is not None else None
+
+
+def _class_info(cfg: DictConfig, splits: dict[str, list[dict]], datalist: Path) -> tuple[int, list[str]]:
+    """``(number of classes, class names)``; labels were checked by the pre-flight when the config states the classes."""
     labels = [e["label"] for entries in splits.values() for e in entries]
     bad = [v for v in labels if isinstance(v, bool) or not isinstance(v, int)]
     if bad:
-        raise ValueError(f"Labels must be class indices (int), found {bad[:3]}: this is not a classification datalist.")
-    num_classes = int(cfg.dataset.num_classes) if cfg.dataset.num_classes is not None else max(labels) + 1
+        raise ValueError(f"{datalist}: labels must be class indices (int), found {bad[:3]}: this is not a "
+                         "classification datalist.")
+    num_classes = _stated_class_count(cfg) or max(labels) + 1
     if max(labels) >= num_classes:
-        raise ValueError(f"Label {max(labels)} found but dataset.num_classes is {num_classes}.")
+        raise ValueError(f"{datalist}: label {max(labels)} found but dataset.num_classes is {num_classes}.")
     names = list(cfg.dataset.classes) if cfg.dataset.classes is not None else [str(c) for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"dataset.classes has {len(names)} names for {num_classes} classes.")
@@ -160,9 +169,10 @@ def _load_splits(cfg: DictConfig, output_dir: Path) -> tuple[Path, dict[str, lis
     datalist_path = resolve_datalist(cfg)
     if cfg.dataset.validate:
         # channels None: a 4D file is accepted (the probe takes its first frame, with a warning)
-        data = checked_finetune_datalist(datalist_path, channels=None, skip=bool(cfg.dataset.skip_bad_inputs),
-                                         report_dir=output_dir, read_voxels=bool(cfg.dataset.preflight),
-                                         cache=PreflightCache(), progress=False)
+        data = checked_finetune_datalist(datalist_path, channels=None, class_count=_stated_class_count(cfg),
+                                         skip=bool(cfg.dataset.skip_bad_inputs), report_dir=output_dir,
+                                         read_voxels=bool(cfg.dataset.preflight), cache=PreflightCache(),
+                                         progress=False)
     else:
         data = load_finetune_datalist(datalist_path, validate=False, progress=False)
     splits = {
@@ -292,7 +302,7 @@ def run(cfg: DictConfig) -> dict:
     save_config(cfg, output_dir)
     device = resolve_device(str(cfg.device), key="device")
     datalist_path, splits = _load_splits(cfg, output_dir)
-    num_classes, class_names = _class_info(cfg, splits)
+    num_classes, class_names = _class_info(cfg, splits, datalist_path)
     size = cfg.dataset.image_size
     image_size = to_3tuple(OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
     model, backbone_info = _frozen_backbone(cfg, weights, image_size, device)

@@ -16,7 +16,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from torch import nn
 
-from dinov2.data.image_io import is_nifti_path
+from dinov2.data.image_io import is_nifti_path, read_header
 from dinov2.data.validation import CheckedVolume, InputVolumeError, check_same_grid, find_input_error, read_volume
 from dinov2.eval.presets import region_decoding_table
 
@@ -103,8 +103,9 @@ def check_case(image_paths: Sequence[str | os.PathLike], preset, frame: int | No
                frame_flag: str | None = "--frame") -> list[CheckedVolume]:
     """Check the input files of one case before prediction (:func:`dinov2.data.validation.read_volume`).
 
-    A case is one NIfTI file (3D; or 4D with ``frame`` chosen; or 4D whose frames are the model's
-    channels) or one 3D file per modality, all on one grid.
+    A case is one volume (a NIfTI file: 3D; or 4D with ``frame`` chosen; or 4D whose frames are the
+    model's channels; or a DICOM series folder, ``FOLDER::SERIES``, or multi-frame DICOM file) or
+    one 3D volume per modality, all on one grid.
 
     Raises:
         InputVolumeError: the first problem found, naming its file.
@@ -113,10 +114,6 @@ def check_case(image_paths: Sequence[str | os.PathLike], preset, frame: int | No
     if not paths:
         raise ValueError("A case needs at least one image file.")
     channels = preset.in_channels
-    for path in paths:
-        if not is_nifti_path(path):
-            raise InputVolumeError(path, "prediction reads NIfTI files (.nii, .nii.gz) only: the label map is written "
-                                   "with the input's NIfTI header", "convert it to NIfTI (e.g. dcm2niix)")
     if len(paths) == 1:
         return [read_volume(paths[0], frame=frame, channels=channels, frame_flag=frame_flag)]
     if len(paths) != channels:
@@ -139,6 +136,38 @@ def _save_atomically(image: nib.Nifti1Image, output_path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def label_image(labels: np.ndarray, reference_path: str | os.PathLike) -> nib.Nifti1Image:
+    """NIfTI of ``labels`` in the space of the input ``reference_path``.
+
+    Args:
+        labels: integer ``(X, Y, Z)`` on the input's voxel grid.
+        reference_path: the (first) input: a NIfTI file lends its header (orientation codes, units);
+            a DICOM input its RAS affine (scanner coordinates, as the header reader computes it).
+
+    Returns:
+        uint8 (int16 beyond 255 labels) NIfTI image with the input's shape and affine.
+    """
+    if is_nifti_path(reference_path):
+        reference = nib.load(reference_path)
+        shape, affine, header = tuple(reference.shape[:3]), reference.affine, reference.header.copy()
+    else:
+        volume = read_header(reference_path)
+        shape, affine, header = volume.spatial_shape, volume.affine, None
+        if affine is None:  # no orientation tags: the voxel size is all there is
+            affine = np.diag([*volume.spacing[:3], 1.0])
+    if labels.shape != shape:
+        raise RuntimeError(f"Inverted prediction has shape {labels.shape} but {reference_path} has {shape}; please "
+                           "report this with the input's header.")
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
+    out = nib.Nifti1Image(labels.astype(dtype), affine, header)
+    out.header.set_data_dtype(dtype)
+    out.header.set_slope_inter(1, 0)
+    if header is None:  # DICOM patient coordinates are the scanner's
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+    return out
 
 
 def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_path: str | os.PathLike,
@@ -190,15 +219,7 @@ def predict_case(model: nn.Module, preset, image_paths: Sequence[str], output_pa
                               applied_operations=list(image.applied_operations))
     inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
     labels = labels_from_probabilities(torch.as_tensor(inverted), preset).numpy()
-    reference = nib.load(image_paths[0])
-    if labels.shape != tuple(reference.shape[:3]):
-        raise RuntimeError(f"Inverted prediction has shape {labels.shape} but {image_paths[0]} has "
-                           f"{tuple(reference.shape[:3])}; please report this with the file's header.")
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
-    header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1, 0)
-    out = nib.Nifti1Image(labels.astype(dtype), reference.affine, header)
+    out = label_image(labels, image_paths[0])
     output_path = Path(output_path)
     _save_atomically(out, output_path)
     return output_path

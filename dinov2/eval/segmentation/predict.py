@@ -6,10 +6,12 @@ Usage::
     python -m dinov2.eval.segmentation.predict --checkpoint best_model.pth --input scans/ --output preds --tta-flip
     python -m dinov2.eval.segmentation.predict --checkpoint best_model.pth --input dataset.json --output preds  # multi-modal
 
-``--input`` is a NIfTI file, a folder of NIfTI files (one case each, single-modality models), or
-a finetuning datalist JSON (its ``test`` entries, or every entry of a plain list; ``image`` may
-list one file per modality); several may be given. Each output ``<case>_seg.nii.gz`` has the
-shape, affine and orientation of its input; beside it, ``<case>_seg.png`` shows axial, coronal
+``--input`` is a NIfTI file, a folder of NIfTI files (one case each, single-modality models), a
+DICOM series folder (``FOLDER::SERIES`` picks one of several series; the case is named after the
+folder), or a finetuning datalist JSON (its ``test`` entries, or every entry of a plain list;
+``image`` may list one file per modality); several may be given. Each output
+``<case>_seg.nii.gz`` has the shape, affine and orientation of its input (a DICOM input's: the
+series' space); beside it, ``<case>_seg.png`` shows axial, coronal
 and sagittal slices of the input with the labels over them (``--no-preview`` skips it). The
 checkpoint alone describes the model and the preprocessing. A 4D input is segmented one frame at a
 time: ``--frame N`` (or, for a model of C channels, a 4D file of C frames gives them all).
@@ -38,7 +40,9 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dinov2.data.image_io import is_nifti_path, strip_image_suffix
+from dinov2.data.datalist.format import DatalistError
+from dinov2.data.dicom_series import volume_name, volume_source
+from dinov2.data.image_io import is_dicom_candidate, is_nifti_path
 from dinov2.data.validation import find_input_error
 from dinov2.utils.config import with_packaged_defaults
 from dinov2.utils.device import add_device_argument, resolve_device
@@ -50,15 +54,31 @@ logger = logging.getLogger("dinov2.eval.segmentation.predict")
 SKIPPED_NAME = "skipped.tsv"
 
 
+def _is_dicom_folder(path: Path) -> bool:
+    """A folder of DICOM files and no NIfTI file: one case, its series (read_volume refuses several)."""
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file()]
+    return not any(is_nifti_path(p) for p in files) and any(is_dicom_candidate(p) for p in files)
+
+
 def list_cases(input_path: str | Path) -> list[tuple[str, list[str]]]:
-    """``(case name, [files])`` for a NIfTI file, a folder of NIfTI files, or a datalist JSON.
+    """``(case name, [files])`` for a NIfTI file, a folder of NIfTI files, a DICOM series folder (or
+    ``FOLDER::SERIES``, or a multi-frame DICOM file), or a datalist JSON.
+
+    A DICOM case is named after its folder (``FOLDER_SERIES`` with a series choice), so its label
+    map is ``<folder>_seg.nii.gz``, in the series' space.
 
     Raises:
         FileNotFoundError: the input does not exist or holds no NIfTI file.
+        DatalistError: a ``.json`` input that is not JSON, or an entry without an ``image`` path.
     """
     path = Path(input_path)
-    if not path.exists():
-        raise FileNotFoundError(f"--input {path} does not exist; pass a NIfTI file, a folder of them, or a datalist JSON.")
+    if not volume_source(path).exists():
+        raise FileNotFoundError(f"--input {path} does not exist; pass a NIfTI file, a folder of them, a DICOM series "
+                                "folder, or a datalist JSON.")
+    if not path.exists() or _is_dicom_folder(path):  # FOLDER::SERIES, or the slices of a series
+        return [(volume_name(path), [str(path)])]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
         if not files:
@@ -66,21 +86,36 @@ def list_cases(input_path: str | Path) -> list[tuple[str, list[str]]]:
             hint = f" (sub-folders are not searched; it has {', '.join(subfolders)})" if subfolders else ""
             raise FileNotFoundError(f"No .nii/.nii.gz file directly in {path}{hint}. Pass the folder that holds the "
                                     "images, one NIfTI file, or a datalist JSON whose 'test' entries list them.")
-        return [(strip_image_suffix(p.name), [str(p)]) for p in files]
+        return [(volume_name(p), [str(p)]) for p in files]
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = ""
+            if isinstance(exc, json.JSONDecodeError):
+                where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            raise DatalistError(path, [], summary=f"--input {path} is not a valid JSON datalist{where}; fix the file "
+                                "or rebuild it with python -m dinov2.data.datalist.") from exc
         entries = data.get("test") or [] if isinstance(data, dict) else data
         if not entries:
             raise FileNotFoundError(f"{path} has no 'test' entries to predict.")
+        if not isinstance(entries, list):
+            raise DatalistError(path, [], summary=f"--input {path}: expected a list of entries (or a dict with a "
+                                f"'test' list), got {type(entries).__name__}.")
         cases = []
-        for entry in entries:
-            images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        for i, entry in enumerate(entries):
+            image = entry.get("image") if isinstance(entry, dict) else None
+            images = image if isinstance(image, list) else [image]
+            if not images or not all(isinstance(p, str) and p for p in images):
+                where = f"test[{i}]" if isinstance(data, dict) else f"[{i}]"
+                raise DatalistError(path, [], summary=f"--input {path}: entry {where} has no 'image' path (or list of "
+                                    'paths); write entries like {"image": "case1.nii.gz"}.')
             images = [str(p if Path(p).is_absolute() else path.parent / p) for p in images]
-            cases.append((entry.get("name") or strip_image_suffix(Path(images[0]).name), images))
+            cases.append((entry.get("name") or volume_name(images[0]), images))
         return cases
-    if not is_nifti_path(path):
-        raise FileNotFoundError(f"--input {path} is neither a NIfTI file, a folder nor a datalist JSON.")
-    return [(strip_image_suffix(path.name), [str(path)])]
+    if not (is_nifti_path(path) or is_dicom_candidate(path)):
+        raise FileNotFoundError(f"--input {path} is neither a NIfTI file, a DICOM file, a folder nor a datalist JSON.")
+    return [(volume_name(path), [str(path)])]
 
 
 def collect_cases(inputs: Sequence[str | Path]) -> list[tuple[str, list[str]]]:

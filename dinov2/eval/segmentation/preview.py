@@ -7,7 +7,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import LoadImage
 
+from dinov2.data.image_io import is_nifti_path
+from dinov2.data.readers import image_readers
 from dinov2.eval.presets import DatasetPreset
 
 from ..visualisation.montage import label_montage
@@ -33,12 +36,22 @@ def label_names(preset: DatasetPreset) -> dict[int, str]:
     return {}  # region tasks write label values (e.g. BraTS 1, 2, 4); the legend shows the values
 
 
+def _input_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(voxels, affine)`` of the input: float32 ``(X, Y, Z[, T])`` and its ``(4, 4)`` affine."""
+    if is_nifti_path(path):
+        image = nib.load(str(path))
+        return np.asarray(image.dataobj, dtype=np.float32), image.affine
+    # DICOM (series folder, FOLDER::SERIES, multi-frame): read as the prediction read it.
+    image = LoadImage(reader=image_readers(), image_only=True, dtype=np.float32)(str(path))
+    return image.numpy(), image.affine.numpy()
+
+
 def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, png_path: str | os.PathLike,
                   preset: DatasetPreset, frame: int | None = None) -> Path:
     """Write axial/coronal/sagittal slices of the input with the predicted labels over it.
 
     Args:
-        image_path: the (first-modality) input NIfTI the prediction was made from.
+        image_path: the (first-modality) input the prediction was made from (NIfTI or DICOM).
         label_path: the predicted label map, on the same grid (as ``predict_case`` writes it).
         png_path: PNG file to write.
         preset: the dataset preset (class names for the legend).
@@ -47,9 +60,8 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
     Returns:
         The written path.
     """
-    image = nib.load(str(image_path))
+    anatomy, affine = _input_volume(image_path)
     labels = nib.load(str(label_path))
-    anatomy = np.asarray(image.dataobj, dtype=np.float32)
     if anatomy.ndim == 4:  # the segmented frame (frames used as channels: the first)
         anatomy = anatomy[..., frame if frame is not None and 0 <= frame < anatomy.shape[3] else 0]
     label_data = np.asarray(labels.dataobj).astype(np.int64)
@@ -58,5 +70,5 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
                          "needs the label map on the input's grid, as dinov2.eval.segmentation.predict writes it.")
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    label_montage(display_scaled(anatomy), label_data, image.affine, label_names(preset)).save(png_path)
+    label_montage(display_scaled(anatomy), label_data, affine, label_names(preset)).save(png_path)
     return png_path

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from dinov2.data.image_io import is_nifti_path
+from dinov2.data.dicom_series import volume_name, volume_source
 from dinov2.data.transforms import build_preprocessing, resolve_preprocessing_config
 from dinov2.data.validation import InputVolumeError, check_same_grid, find_input_error, read_volume
 
@@ -24,7 +24,7 @@ class VisVolume:
     """One 3D frame ready for the backbone.
 
     Attributes:
-        path: source file.
+        path: source file, DICOM series folder or ``FOLDER::SERIES``.
         scaled: float32 ``(X, Y, Z)`` intensities in ``[-1, 1]`` (pretraining recipe).
         affine: ``(4, 4)`` voxel-to-world matrix of the input.
         spacing: voxel size per axis (mm).
@@ -48,16 +48,13 @@ class VisVolume:
 
     @property
     def stem(self) -> str:
-        name = self.path.name
-        for suffix in (".nii.gz", ".nii"):
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-        return name + (f"_frame{self.frame}" if self.frame is not None else "")
+        return volume_name(self.path) + (f"_frame{self.frame}" if self.frame is not None else "")
 
 
 def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict | None = None,
                     mask_path: str | os.PathLike | None = None) -> VisVolume:
-    """Load one frame of a NIfTI file, scaled like the pretraining data.
+    """Load one frame of a NIfTI file (or a DICOM series folder, ``FOLDER::SERIES``, a multi-frame
+    DICOM file), scaled like the pretraining data.
 
     The file is checked first (:func:`dinov2.data.validation.read_volume`: empty, truncated or
     unreadable files, 2D/5D arrays, frame out of range, no finite voxel in the frame; some NaN/Inf
@@ -68,7 +65,7 @@ def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict
     as in pretraining; then frame ``frame`` is taken.
 
     Args:
-        path: ``.nii`` / ``.nii.gz``, 3D or 4D.
+        path: ``.nii`` / ``.nii.gz`` (3D or 4D) or a DICOM volume; outputs take its affine (RAS).
         frame: frame of a 4D series (ignored, with ``frame`` reported as None, for 3D input).
         preprocessing: ``preprocessing`` overrides (default: the packaged pretraining recipe).
         mask_path: optional foreground mask (non-zero = foreground) on the same grid; default:
@@ -82,15 +79,14 @@ def load_vis_volume(path: str | os.PathLike, frame: int = 0, preprocessing: dict
             voxel, mask unreadable or on another grid (a ``ValueError``; names the file).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputVolumeError(path, "the image file does not exist", "pass an existing NIfTI file with --image-path")
-    if not is_nifti_path(path):
-        raise InputVolumeError(path, "visualisation reads NIfTI files (.nii, .nii.gz) only",
-                               "convert it to NIfTI (e.g. dcm2niix)")
+    if not volume_source(path).exists():
+        raise InputVolumeError(path, "the image file does not exist",
+                               "pass an existing NIfTI file or DICOM series folder with --image-path")
     checked = read_volume(path, frame=frame, channels=1, frame_flag="--frame")
     shape = checked.shape
-    affine = np.asarray(checked.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in checked.header.spacing[:3])
+    # A DICOM without orientation tags has no affine: the voxel size is all there is (as the reader does).
+    affine = np.asarray(checked.affine if checked.affine is not None else np.diag([*spacing, 1.0]), dtype=np.float64)
     n_frames = checked.frames
     overrides = dict(preprocessing or {})
     overrides["reorder_axes"] = False

@@ -108,8 +108,9 @@ def run_pca(model: torch.nn.Module, volumes: list[VisVolume], output_dir: Path, 
     token_fg = _pc0_foreground(tokens, intensity_fg) if background == "pc0" else intensity_fg
     fit_tokens = torch.cat([t[m] for t, m in zip(tokens, token_fg)])
     if fit_tokens.shape[0] <= n_components:
-        raise ValueError(f"Only {fit_tokens.shape[0]} foreground tokens for {n_components} components; use a larger "
-                         "input, a smaller patch size or fewer --n-components.")
+        images = ", ".join(str(v.path) for v in volumes)
+        raise ValueError(f"Only {fit_tokens.shape[0]} foreground tokens in {images} for {n_components} components; use "
+                         "a larger input, a smaller patch size or fewer --n-components.")
     pca = fit_pca(fit_tokens, n_components)
     scores = [pca.transform(t) for t in tokens]
     scaled, _, _ = scale_scores(torch.cat(scores), torch.cat(token_fg))
@@ -168,7 +169,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone-kwarg", nargs="+", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the random-init backbone, e.g. patch_size=8")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
-    parser.add_argument("--image-path", required=True, nargs="+", help="NIfTI volume(s); PCA is fitted on all jointly")
+    parser.add_argument("--image-path", required=True, nargs="+",
+                        help="NIfTI volume(s) or DICOM series folder(s) (FOLDER::SERIES picks one of several); "
+                        "PCA is fitted on all jointly")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--vis-type", choices=VIS_TYPES, default="pca")
     parser.add_argument("--input-type", choices=INPUT_TYPES, default="full_image")
