@@ -10,9 +10,9 @@ matrix:
 ==============================  ===================================  ===========================
 kind                            pretrain                             finetune (image or label)
 ==============================  ===================================  ===========================
-empty                           skipped: header unreadable           skipped, names the image
+empty                           skipped: the file is empty           skipped, names the image
 truncated_gzip                  kept (header reads; pre-flight)      kept (header reads)
-random_bytes                    skipped: header unreadable           skipped, names the image
+random_bytes                    skipped: not gzip-compressed         skipped, names the image
 2d                              skipped: 2D volume                   skipped, names the image
 4d                              kept                                 kept
 5d                              skipped: 5D volume                   skipped, names the image
@@ -45,9 +45,9 @@ from dinov2.data.datalist.cli import main
 
 # kind -> (outcome, words of the reason)
 PRETRAIN = {
-    "empty": ("skipped", "header unreadable"),
+    "empty": ("skipped", "the file is empty (0 bytes)"),
     "truncated_gzip": ("kept", None),
-    "random_bytes": ("skipped", "header unreadable"),
+    "random_bytes": ("skipped", "is not gzip-compressed data"),
     "2d": ("skipped", "2D volume"),
     "4d": ("kept", None),
     "5d": ("skipped", "5D volume"),
@@ -56,7 +56,7 @@ PRETRAIN = {
     "smaller_than_crop": ("skipped", "smaller than --min-size [8, 8, 8]"),
 }
 FINETUNE = {
-    "empty": ("skipped", "header unreadable"),
+    "empty": ("skipped", "the file is empty (0 bytes)"),
     "truncated_gzip": ("kept", None),
     "random_bytes": ("skipped", "header unreadable"),
     "2d": ("skipped", "2D volume"),

@@ -11,7 +11,7 @@ the datalist and the file, exit code 1, no traceback, and no ``results.json``,
 ==============================  ================================================================
 kind                            outcome
 ==============================  ================================================================
-empty                           error: header unreadable
+empty                           error: the file is empty
 truncated_gzip                  error: truncated
 random_bytes                    error: not gzip-compressed
 2d                              error: 2D volume
@@ -48,7 +48,7 @@ from dinov2.eval.linear import run as linear_run
 RUN_OUTPUTS = ("results.json", "best_classifier.pth", "metrics.jsonl", "*.pt", "skipped.tsv")
 
 IMAGES = {
-    "empty": ("error", "header unreadable"),
+    "empty": ("error", "the file is empty (0 bytes)"),
     "truncated_gzip": ("error", "truncated"),
     "random_bytes": ("error", "not gzip-compressed"),
     "2d": ("error", "2D volume"),

@@ -10,7 +10,7 @@ map off its image's grid, the image too), exit code 1, no traceback, and no ``be
 ==============================  ================================================================
 kind                            outcome
 ==============================  ================================================================
-empty                           error: header unreadable
+empty                           error: the file is empty
 truncated_gzip                  error: truncated
 random_bytes                    error: not gzip-compressed
 2d                              error: 2D volume
@@ -50,7 +50,7 @@ from dinov2.eval.segmentation import finetune, train_loop
 RUN_OUTPUTS = ("best_model.pth", "last_checkpoint.pth", "results.json", "skipped.tsv")
 
 IMAGES = {
-    "empty": ("error", "header unreadable"),
+    "empty": ("error", "the file is empty (0 bytes)"),
     "truncated_gzip": ("error", "truncated"),
     "random_bytes": ("error", "not gzip-compressed"),
     "2d": ("error", "2D volume"),

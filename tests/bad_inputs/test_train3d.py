@@ -7,7 +7,7 @@ exit code 1, no traceback, and no checkpoint or teacher export. The matrix:
 =========================  =====================================================================
 kind                       outcome
 =========================  =====================================================================
-empty                      error: header unreadable
+empty                      error: the file is empty
 truncated_gzip             error: truncated (found by the full read; the header reads)
 random_bytes               error: not gzip-compressed
 2d                         error: 2D volume
@@ -49,7 +49,7 @@ RUN_OUTPUTS = ("model_*.pth", "teacher_checkpoint.pth", "training_metrics.json",
 # kind -> (outcome, words of the message): "error" = exit 1 naming the file; "kept" = passes the
 # pre-flight; "warn" = passes with one warning naming the file.
 IMAGES = {
-    "empty": ("error", "header unreadable"),
+    "empty": ("error", "the file is empty (0 bytes)"),
     "truncated_gzip": ("error", "truncated"),
     "random_bytes": ("error", "not gzip-compressed"),
     "2d": ("error", "2D volume"),

@@ -125,7 +125,7 @@ def _dicom_folder_volumes(folder: Path, files: list[Path]) -> tuple[list[VolumeH
             try:
                 volumes.append(dicom_multiframe_header(path, dataset))
             except ImageHeaderError as exc:
-                skipped.append(Skipped(str(path), exc.reason))
+                skipped.append(Skipped(str(path), _in_words(exc)))
         else:
             slices.append((path, dataset))
     if slices:
@@ -141,6 +141,16 @@ def _dicom_folder_volumes(folder: Path, files: list[Path]) -> tuple[list[VolumeH
     return volumes, skipped
 
 
+def _in_words(exc: ImageHeaderError) -> str:
+    """The reason of a header error with reader internals (``BadGzipFile: ...``) put into words."""
+    from dinov2.data.validation import explain_read_error  # noqa: PLC0415 - imports MONAI; only on a bad file
+
+    if exc.path.is_file() and exc.path.stat().st_size == 0:
+        return "the file is empty (0 bytes); copy it again or remove it"
+    words = explain_read_error(exc)
+    return f"{words}; {exc.fix}" if words and exc.fix else words or exc.reason
+
+
 def _read_files(paths: list[Path]) -> tuple[list[VolumeHeader], list[Skipped]]:
     """Headers of NIfTI or multi-frame DICOM files named one by one."""
     volumes, skipped = [], []
@@ -148,7 +158,7 @@ def _read_files(paths: list[Path]) -> tuple[list[VolumeHeader], list[Skipped]]:
         try:
             volumes.append(read_header(path))
         except ImageHeaderError as exc:
-            skipped.append(Skipped(str(path), exc.reason))
+            skipped.append(Skipped(str(path), _in_words(exc)))
     return volumes, skipped
 
 

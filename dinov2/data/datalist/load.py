@@ -74,6 +74,8 @@ def _header_problem(where: str, path: str, result: VolumeHeader | ImageHeaderErr
     if isinstance(result, ImageHeaderError):
         if not volume_source(path).exists():  # FOLDER::SERIES: the folder
             return Problem(where, path, "file not found", HINT_NOT_FOUND)
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            return Problem(where, path, "the file is empty (0 bytes)", "copy it again, or remove the entry")
         from dinov2.data.validation import explain_read_error  # noqa: PLC0415 - imports MONAI, only needed here
 
         return Problem(where, path, f"header unreadable: {explain_read_error(result) or result.reason}", HINT_UNREADABLE)
