@@ -188,7 +188,11 @@ def predict_one(model, preset, name: str, files: Sequence[str], out_dir: Path, a
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dinov2.eval.segmentation.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="best_model.pth written by python -m dinov2.eval.segmentation")
+    model_source = p.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", help="best_model.pth written by python -m dinov2.eval.segmentation")
+    model_source.add_argument("--model", help="instead of --checkpoint: the .onnx file written by python -m "
+                              "dinov2.export (run by ONNX Runtime on the CPU, in float32; its preprocessing is "
+                              "stored in it)")
     p.add_argument("--input", required=True, nargs="+",
                    help="NIfTI file, folder of NIfTI files, or datalist JSON (several may be given)")
     p.add_argument("--output", required=True, help="output folder")
@@ -223,7 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--frame {args.frame} is negative; frames count from 0.")
     cases = collect_cases(args.input)
     device = resolve_device(args.device, key="--device")
-    model, preset, info = load_finetuned(args.checkpoint, device)
+    if args.model is not None:
+        from .onnx_model import load_onnx_model
+
+        model, preset, info = load_onnx_model(args.model, device, args.precision)
+        device = model.device
+    else:
+        model, preset, info = load_finetuned(args.checkpoint, device)
     # The checkpoint's evaluation settings over the packaged ones (an older file may lack some).
     evaluation = with_packaged_defaults("evaluation", info["config"].get("evaluation", {}),
                                         default="eval/segmentation_default")
