@@ -1,4 +1,4 @@
-"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path} [options]``.
+"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path,serve} [options]``.
 
 ``model``: one training step (forward + backward, no optimizer) of a 3D ViT backbone on random
 volumes, single process, per precision mode. Reports seconds per step (median after warm-up),
@@ -7,9 +7,10 @@ MFU against GEMM peaks measured in the same run, and the accuracy of each reduce
 mode against fp32 (relative error and cosine similarity of outputs and of gradients).
 Prints Markdown tables (paste them into ``docs/benchmarks.md``).
 
-``data``, ``train``, ``segmentation`` and ``drop-path`` run ``scripts/benchmark_data.py``,
-``scripts/benchmark_train.py``, ``scripts/benchmark_segmentation.py`` and
-``scripts/benchmark_drop_path.py`` (their own options; ``-h`` after the command lists them).
+``data``, ``train``, ``segmentation``, ``drop-path`` and ``serve`` run ``scripts/benchmark_data.py``,
+``scripts/benchmark_train.py``, ``scripts/benchmark_segmentation.py``,
+``scripts/benchmark_drop_path.py`` and ``scripts/benchmark_serve.py`` (their own options; ``-h``
+after the command lists them).
 
 Usage::
 
@@ -301,9 +302,24 @@ def main_drop_path(argv: Sequence[str]):
     return _run_sibling_script("benchmark_drop_path.py", argv, "The drop-path benchmark is not available")
 
 
+def main_heads(argv: Sequence[str]):
+    """``benchmark.py heads``: ``scripts/benchmark_heads.py`` (parameters and window forward time of every segmentation head)."""
+    return _run_sibling_script("benchmark_heads.py", argv, "The heads benchmark is not available")
+
+
+def main_onnx(argv: Sequence[str]):
+    """``benchmark.py onnx``: ``scripts/benchmark_onnx.py`` (sliding windows, PyTorch eager vs ONNX Runtime)."""
+    return _run_sibling_script("benchmark_onnx.py", argv, "The ONNX benchmark is not available")
+
+
 def main_segmentation(argv: Sequence[str]):
     """``benchmark.py segmentation``: ``scripts/benchmark_segmentation.py`` (its own options)."""
     return _run_sibling_script("benchmark_segmentation.py", argv, "The segmentation benchmark is not available")
+
+
+def main_serve(argv: Sequence[str]):
+    """``benchmark.py serve``: ``scripts/benchmark_serve.py`` (requests/s and latency of the HTTP service)."""
+    return _run_sibling_script("benchmark_serve.py", argv, "The service benchmark is not available")
 
 
 def main_preflight(argv: Sequence[str]):
@@ -313,7 +329,7 @@ def main_preflight(argv: Sequence[str]):
 
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "model": main_model, "data": main_data, "train": main_train, "segmentation": main_segmentation,
-    "drop-path": main_drop_path, "preflight": main_preflight,
+    "drop-path": main_drop_path, "heads": main_heads, "preflight": main_preflight, "serve": main_serve, "onnx": main_onnx,
 }
 
 

@@ -6,7 +6,7 @@ else has to be at hand (no pretrained checkpoint, no preset file, no datalist)::
     {"format": "dinov2_3d_segmentation", "format_version": 1,
      "model": state dict (backbone.*, head.*, merge.*),
      "backbone": {"arch": name or None, "kwargs": {...}},  # rebuilds the architecture
-     "head": "UNETR" | "ViTAdapterUNETR" | "Linear",
+     "head": one of dinov2.eval.segmentation.model.HEAD_NAMES (UNETR, ViTAdapterUNETR, Linear, DinoUNet, DPT, UNetFusion),
      "config": resolved run config (plain dict), "preset": dataset section (plain dict),
      "iteration": int, "metric": {"name": str, "value": float}}
 

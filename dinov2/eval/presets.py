@@ -16,9 +16,14 @@ defaults, are the ``dataset:`` section of ``dinov2/configs/eval/segmentation_def
 ``modalities``    one name per image channel (a datalist entry's ``image`` lists one file each)
 ``classes``       multi-class tasks: class names, index = label value after ``remap``; 0 = background
 ``regions``       multi-label tasks instead: ``{name: [label values]}``, one sigmoid channel each
+``regions_class_order``  regions only: the label value painted for each region, in order, when
+                  predictions are written (nnU-Net's convention; optional)
+``ignore_label``  label value of unannotated voxels, left out of loss and metrics (optional)
 ``remap``         ``{source value: target value}`` applied to label maps first (optional)
 ``loss``          ``dice_ce`` (softmax, needs ``classes``) or ``dice_sigmoid`` (needs ``regions``)
 ``spacing``       target voxel spacing in mm (3 floats)
+``nsd_tolerance_mm``  normalised surface Dice tolerance in mm: one number (default 1) or one per
+                  channel (:mod:`dinov2.eval.segmentation.metrics`)
 ``orientation``   target axis codes (``RAS``)
 ``intensity``     the pretraining preprocessing's vocabulary: ``{mode: ct_window, lower, upper}``
                   (a fixed window, e.g. CT HU, mapped to ``[b_min, b_max]`` = [0, 1] and clipped),
@@ -39,7 +44,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -200,6 +205,8 @@ class DatasetPreset:
     sampling: dict[str, int]
     augment: dict[str, float]
     raw: dict = field(repr=False, default_factory=dict)
+    regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None
 
     @property
     def multilabel(self) -> bool:
@@ -292,13 +299,38 @@ class DatasetPreset:
             crop_foreground=bool(raw["crop_foreground"]), roi_size=roi,
             sampling={k: int(v) for k, v in sampling.items()},
             augment={k: float(v) for k, v in augment.items()}, raw=raw,
+            **_nnunet_keys(raw, classes, regions),
         )
 
 
-def region_decoding_table(regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+def _nnunet_keys(raw: Mapping[str, Any], classes: tuple | None, regions: dict | None) -> dict[str, Any]:
+    """``regions_class_order`` (one label value per region) and ``ignore_label`` (not a class or region value), checked.
+
+    Raises:
+        ValueError: names the key and what is wrong.
+    """
+    order, ignore = raw.get("regions_class_order"), raw.get("ignore_label")
+    if order is not None:
+        if regions is None or len(order) != len(regions):
+            raise ValueError(f"dataset.regions_class_order needs dataset.regions and one label value per region, "
+                             f"got {order}")
+        order = tuple(int(v) for v in order)
+    if ignore is not None:
+        ignore = int(ignore)
+        used = set(range(len(classes))) if classes is not None else {v for vals in regions.values() for v in vals}
+        if ignore <= 0 or ignore in used:
+            raise ValueError(f"dataset.ignore_label {ignore} must be a positive label value that is no class or "
+                             f"region value ({sorted(used)})")
+    return {"regions_class_order": order, "ignore_label": ignore}
+
+
+def region_decoding_table(regions: Mapping[str, tuple[int, ...]],
+                          class_order: Sequence[int] | None = None) -> np.ndarray:
     """Label value for every on/off combination of the region channels (for writing label maps).
 
-    A voxel inside regions ``S`` and outside the others gets the label value common to all of
+    With ``class_order`` (nnU-Net's ``regions_class_order``), the regions are painted in order,
+    each with its value over the earlier ones: the value of the last region that is on. Else a
+    voxel inside regions ``S`` and outside the others gets the label value common to all of
     ``S`` and to none of the others (BraTS: WT+TC+ET → 4, WT+TC → 1, WT → 2). When no single value
     fits (an inconsistent combination such as ET without WT), the value shared by the most
     regions of ``S`` is taken (ties: the larger value).
@@ -307,6 +339,8 @@ def region_decoding_table(regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
         ``(2**K,)`` int array indexed by ``sum_k on_k * 2**k``.
     """
     names = list(regions)
+    if class_order is not None:
+        return _painting_table(class_order)
     sets = [set(regions[n]) for n in names]
     table = np.zeros(2 ** len(names), dtype=np.int64)
     for combo in itertools.product([0, 1], repeat=len(names)):
@@ -321,4 +355,12 @@ def region_decoding_table(regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
         else:
             values = sorted(set().union(*inside))
             table[index] = max(values, key=lambda v: (sum(v in s for s in inside), v))
+    return table
+
+
+def _painting_table(class_order: Sequence[int]) -> np.ndarray:
+    """``(2**K,)`` table: the value of the last region on (0 when none), indexed like :func:`region_decoding_table`."""
+    table = np.zeros(2 ** len(class_order), dtype=np.int64)
+    for index in range(1, len(table)):
+        table[index] = class_order[index.bit_length() - 1]  # the highest set bit is the last region on
     return table

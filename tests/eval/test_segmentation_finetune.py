@@ -86,6 +86,22 @@ def test_results_hold_curves_and_per_case_metrics(finetuned):
     assert (finetuned / "config.yaml").is_file() and (finetuned / "last_checkpoint.pth").is_file()
 
 
+def test_summary_json_beside_results_holds_the_same_final_evaluation(finetuned):
+    results = json.loads((finetuned / "results.json").read_text())
+    assert results["summary_json"] == {"file": "summary.json", "split": "test"}
+    summary = json.loads((finetuned / "summary.json").read_text())  # strict JSON: null, never NaN
+    channels = {"background", "ventricles", "grey matter", "other brain"}
+    assert summary["split"] == "test" and summary["iteration"] == results["test"]["iteration"]
+    assert len(summary["metric_per_case"]) == 2 and set(summary["mean"]) == channels
+    for entry, case in zip(summary["metric_per_case"], results["test"]["cases"]):
+        assert entry["case"] == case["name"] and entry["reference_file"].endswith(".nii.gz")
+        assert set(entry["metrics"]) == channels
+        for name, m in entry["metrics"].items():
+            assert m["Dice"] == case["dice"][name] and m["HD95"] == case["hd95"][name] and m["NSD"] == case["nsd"][name]
+            assert m["n_ref"] == m["TP"] + m["FN"] and m["n_pred"] == m["TP"] + m["FP"]
+    assert summary["foreground_mean"]["Dice"] == results["test"]["summary"]["mean_dice"]
+
+
 def test_best_checkpoint_is_self_describing(finetuned):
     model, preset, info = load_finetuned(finetuned / "best_model.pth")
     assert preset.name == "brain_tissue" and preset.out_channels == 4

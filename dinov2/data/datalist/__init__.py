@@ -14,7 +14,8 @@ One room per concern:
 :mod:`.build`       discover pretraining volumes; match, split and subset finetuning cases
 :mod:`.load`        load either format and validate every entry at once
 :mod:`.write`       write a datalist atomically (absolute or relative paths), the skip report
-:mod:`.cli`         ``python -m dinov2.data.datalist pretrain | finetune | validate``
+:mod:`.nnunet`      an nnU-Net raw dataset checked, turned into a finetuning datalist and a preset
+:mod:`.cli`         ``python -m dinov2.data.datalist pretrain | finetune | nnunet | validate``
 ==================  ==========================================================================
 
 Every public name is re-exported here, so ``from dinov2.data.datalist import X`` works for all.

@@ -7,6 +7,7 @@ Command line::
         --split 0.7 0.15 0.15 --seed 0 --dataset-percent 25 -o btcv.json
     python -m dinov2.data.datalist finetune --images brats --labels brats --label-suffix _seg \\
         --modalities t1,t1ce,t2,flair -o brats.json
+    python -m dinov2.data.datalist nnunet /data/nnUNet_raw/Dataset004_Hippocampus --fold 0
     python -m dinov2.data.datalist validate btcv.json
 """
 
@@ -23,6 +24,7 @@ from dinov2.utils.errors import UsageError
 from .build import DEFAULT_MODALITY_REGEX, build_finetune_datalist, build_pretrain_datalist
 from .format import SPLITS, Skipped
 from .load import load_datalist
+from .nnunet import command as nnunet_command
 from .write import write_datalist, write_skipped_report
 
 logger = logging.getLogger("dinov2.data.datalist")
@@ -65,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     fin.add_argument("--relative", action="store_true", help="write paths relative to the datalist's folder")
     fin.add_argument("--no-progress", action="store_true")
 
+    nnunet_command.add_parser(sub)
+
     val = sub.add_parser("validate", help="check every entry of an existing datalist")
     val.add_argument("datalist")
     val.add_argument("--no-progress", action="store_true")
-    for any_parser in (parser, pre, fin, val):  # before or after the subcommand
+    for any_parser in (parser, pre, fin, val, sub.choices["nnunet"]):  # before or after the subcommand
         add_debug_flag(any_parser)
     return parser
 
@@ -110,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_skipped_report(skipped, out)
         print(f"Wrote {out}: " + ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS) + _skip_note(skipped, report))
         return 1 if skipped else 0
+    elif args.command == "nnunet":
+        return nnunet_command.run(args)
     else:
         data = load_datalist(args.datalist, validate=True, progress=not args.no_progress)
         count = len(data) if isinstance(data, list) else sum(len(data[s]) for s in SPLITS)

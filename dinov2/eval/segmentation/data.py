@@ -45,6 +45,8 @@ from dinov2.data.transforms import ReplaceNonFinited
 from dinov2.data.validation import LoadVolumed
 from dinov2.eval.presets import DatasetPreset
 
+from .ignore import CROP_CENTRE_KEYS, IGNORED, AnnotatedCropCentresd
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +59,8 @@ def nonzero(x):
 
 
 class LabelToRegionsd(MapTransform):
-    """Label map ``(1, H, W, D)`` → binary region channels ``(K, H, W, D)`` (multi-label presets).
+    """Label map ``(1, H, W, D)`` → binary region channels ``(K, H, W, D)`` (multi-label presets);
+    an ignored voxel (:data:`~.ignore.IGNORED`) stays ignored in every channel.
 
     Args:
         keys: keys holding label maps.
@@ -74,6 +77,7 @@ class LabelToRegionsd(MapTransform):
             label = d[key]
             channels = [torch.isin(label[0], torch.tensor(v, device=label.device)) for v in self.values]
             out = torch.stack(channels).to(torch.float32)
+            out = torch.where(label[0] == IGNORED, IGNORED, out)
             d[key] = label.__class__(out, meta=label.meta) if hasattr(label, "meta") else out
         return d
 
@@ -119,6 +123,8 @@ def deterministic_transforms(preset: DatasetPreset, with_label: bool = True, pad
     t.append(ReplaceNonFinited(keys="image", fill="min", channel_wise=True))
     if with_label and preset.remap:
         t.append(MapLabelValued(keys="label", orig_labels=list(preset.remap), target_labels=list(preset.remap.values())))
+    if with_label and preset.ignore_label is not None:  # see .ignore: -1 marks what loss and metrics leave out
+        t.append(MapLabelValued(keys="label", orig_labels=[preset.ignore_label], target_labels=[IGNORED]))
     # Anatomical axis labels stated explicitly: MONAI's default for them is changing (FutureWarning).
     t.append(Orientationd(keys=keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     t.append(Spacingd(keys=keys, pixdim=preset.spacing, mode=("bilinear", "nearest")[: len(keys)]))
@@ -148,8 +154,11 @@ def random_transforms(preset: DatasetPreset) -> list:
     """Random crop (foreground/background ratio) and augmentations of training samples."""
     s, a = preset.sampling, preset.augment
     keys = ["image", "label"]
-    t: list = [RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=preset.roi_size, pos=s["pos"],
-                                      neg=s["neg"], num_samples=s["num_samples"], image_key="image", image_threshold=0)]
+    # with an ignore label, crops are centred on annotated voxels only (see .ignore)
+    t: list = [AnnotatedCropCentresd()] if preset.ignore_label is not None else []
+    t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=preset.roi_size, pos=s["pos"],
+                                    neg=s["neg"], num_samples=s["num_samples"], image_key="image", image_threshold=0,
+                                    **(CROP_CENTRE_KEYS if preset.ignore_label is not None else {})))
     if a["flip_prob"] > 0:
         t += [RandFlipd(keys=keys, prob=a["flip_prob"], spatial_axis=axis) for axis in range(3)]
     if a["rot90_prob"] > 0:
@@ -219,7 +228,7 @@ def label_classes(preset: DatasetPreset) -> tuple[set[int], str]:
 
     Multi-class presets take the class indices ``0..K-1``; multi-label presets 0 (background) and
     every value of a region. A value ``v`` listed in ``remap`` is allowed when ``remap[v]`` is; a
-    value not listed there is taken as it is.
+    value not listed there is taken as it is. ``dataset.ignore_label`` is allowed too.
     """
     if preset.multilabel:
         targets = {0} | {int(v) for values in preset.regions.values() for v in values}
@@ -227,6 +236,9 @@ def label_classes(preset: DatasetPreset) -> tuple[set[int], str]:
     else:
         targets = set(range(len(preset.classes)))
         words = ", ".join(f"{i} {name}" for i, name in enumerate(preset.classes))
+    if preset.ignore_label is not None:
+        targets.add(preset.ignore_label)
+        words += f", {preset.ignore_label} ignore (unannotated)"
     allowed = {v for v in targets if v not in preset.remap}
     allowed |= {int(k) for k, v in preset.remap.items() if int(v) in targets}
     if preset.remap:

@@ -90,11 +90,13 @@ def labels_from_probabilities(probs: torch.Tensor, preset) -> torch.Tensor:
 
     Returns:
         int64 ``(H, W, D)``: class indices, or (multi-label) the label value each on/off region
-        combination stands for (BraTS: 1, 2, 4; see ``region_decoding_table``).
+        combination stands for (BraTS: 1, 2, 4; see ``region_decoding_table``), painted in the
+        preset's ``regions_class_order`` when it has one (nnU-Net's integer labels).
     """
     if not preset.multilabel:
         return probs.argmax(0)
-    table = torch.as_tensor(region_decoding_table(preset.regions), device=probs.device)
+    table = torch.as_tensor(region_decoding_table(preset.regions, getattr(preset, "regions_class_order", None)),
+                            device=probs.device)
     weights = (2 ** torch.arange(probs.shape[0], device=probs.device)).view(-1, 1, 1, 1)
     return table[((probs > 0.5).long() * weights).sum(0)]
 

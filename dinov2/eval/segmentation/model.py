@@ -8,6 +8,11 @@ pretrained on one channel): every modality goes through the backbone on its own 
 entries) and the features of each tap are merged (``concat``: a learned 1×1×1 convolution over
 the concatenated modalities, initialised to their mean; ``mean``: the plain average). The heads'
 own convolutional paths see all channels of the image.
+
+How a head is fed: one that ``drives_backbone`` (ViTAdapterUNETR, DinoUNet) gets the model itself
+as its backbone interface and runs the blocks in stages; every other head gets the 4 tapped maps of
+:meth:`SegmentationModel.features`, with each tap's CLS token when it ``needs_cls`` (DPT with an
+``add`` / ``project`` read-out).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from dinov2.layers.patch_embed import PatchGridError
 from dinov2.models import VisionTransformer3D, build_model
 from dinov2.models.build import build_random_backbone, is_random_init
 
-from .heads import LinearHead, UNETRHead, ViTAdapterUNETRHead, evenly_spaced_taps, last_taps
+from .heads import (DinoUNetHead, DPTHead, LinearHead, UNETRHead, UNetFusionHead, ViTAdapterUNETRHead,
+                    evenly_spaced_taps, last_taps)
+from .heads.blocks import guard_cpu_bf16_convs
 
 logger = logging.getLogger(__name__)
 
-HEAD_NAMES = ("UNETR", "ViTAdapterUNETR", "Linear")
+HEAD_NAMES = ("UNETR", "ViTAdapterUNETR", "Linear", "DinoUNet", "DPT", "UNetFusion")
 MERGE_MODES = ("concat", "mean")
 
 
@@ -52,7 +59,7 @@ def canonical_head_name(name: str) -> str:
 
 
 def head_taps(head: str, depth: int) -> list[int]:
-    """Block indices a head reads: 4 evenly spaced for UNETR-style heads, the last 4 for Linear."""
+    """Block indices a head reads: the last 4 for Linear, 4 evenly spaced for every other head."""
     return last_taps(depth) if canonical_head_name(head) == "Linear" else evenly_spaced_taps(depth)
 
 
@@ -96,7 +103,7 @@ class ModalityMerge(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + head; also the backbone interface the ViT-Adapter drives.
+    """Backbone + head; also the backbone interface the adapter-style heads drive (ViTAdapterUNETR, DinoUNet).
 
     Args:
         backbone: a :class:`VisionTransformer3D`.
@@ -157,26 +164,34 @@ class SegmentationModel(nn.Module):
         return image.reshape(b * m, 1, *spatial)
 
     # -------------------------------------------------------------- features
-    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Merged features of the head's taps.
+    def features(self, image: torch.Tensor, with_cls: bool = False) -> list:
+        """Merged features of the head's taps (no gradient through a frozen backbone).
 
         Args:
             image: ``(B, C, H, W, D)``.
+            with_cls: also return each tap's final-normed CLS token, merged over modalities
+                like the patch tokens.
 
         Returns:
-            4 tensors ``(B, E, H/p, W/p, D/p)``, shallowest first.
+            4 tensors ``(B, E, H/p, W/p, D/p)``, shallowest first; with ``with_cls`` 4 pairs
+            ``(patches (B, E, H/p, W/p, D/p), cls (B, E))``.
         """
         grad = self.train_backbone and torch.is_grad_enabled()
         with contextlib.nullcontext() if grad else torch.no_grad():
-            feats = self.backbone.get_intermediate_layers(self._split_modalities(image), self.taps,
-                                                          reshape=True, norm=True)
-        return [self.merge(f, k) for k, f in enumerate(feats)]
+            feats = self.backbone.get_intermediate_layers(self._split_modalities(image), self.taps, reshape=True,
+                                                          return_class_token=with_cls, norm=True)
+        if not with_cls:
+            return [self.merge(f, k) for k, f in enumerate(feats)]
+        # The CLS token as a 1-voxel map goes through the same per-tap merge as its patches.
+        return [(self.merge(p, k), self.merge(c[:, :, None, None, None], k).flatten(1))
+                for k, (p, c) in enumerate(feats)]
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W, D)`` → logits ``(B, K, H, W, D)``."""
-        if self.head_name == "ViTAdapterUNETR":
+    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``(B, C, H, W, D)`` → logits ``(B, K, H, W, D)`` (a list at decreasing resolution when
+        a head with deep supervision is training)."""
+        if getattr(self.head, "drives_backbone", False):
             return self.head(image, self)
-        return self.head(image, self.features(image))
+        return self.head(image, self.features(image, with_cls=getattr(self.head, "needs_cls", False)))
 
     # ------------------------------------------------- interface for the adapter
     def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -215,19 +230,30 @@ def build_head(head_name: str, backbone: VisionTransformer3D, in_channels: int, 
         backbone: gives ``embed_dim``, ``patch_size``, ``depth``, ``num_heads``.
         in_channels: image channels.
         out_channels: classes / label channels.
-        options: head-specific keyword arguments (config ``model.unetr`` / ``model.adapter`` /
-            ``model.linear``).
+        options: head-specific keyword arguments (the config section of the head, see
+            :data:`HEAD_OPTION_SECTIONS`).
     """
-    head_name = canonical_head_name(head_name)
-    options = dict(options or {})
+    head = _construct_head(canonical_head_name(head_name), backbone, in_channels, out_channels, dict(options or {}))
+    return guard_cpu_bf16_convs(head)
+
+
+def _construct_head(head_name: str, backbone: VisionTransformer3D, in_channels: int, out_channels: int,
+                    options: dict) -> nn.Module:
+    """The head module of a canonical ``head_name`` (see :func:`build_head`)."""
     e, p = backbone.embed_dim, backbone.patch_size
     if head_name == "UNETR":
         return UNETRHead(e, p, in_channels, out_channels, **options)
     if head_name == "Linear":
         return LinearHead(e, out_channels, **options)
+    if head_name == "DPT":
+        return DPTHead(e, p, out_channels, **options)
+    if head_name == "UNetFusion":
+        return UNetFusionHead(e, p, out_channels, **options)
+    # The heads that drive the backbone through the ViT-Adapter interaction.
     if options.get("num_heads") is None:
         options["num_heads"] = backbone.num_heads
-    return ViTAdapterUNETRHead(e, p, in_channels, out_channels, taps=evenly_spaced_taps(backbone.depth), **options)
+    head_class = DinoUNetHead if head_name == "DinoUNet" else ViTAdapterUNETRHead
+    return head_class(e, p, in_channels, out_channels, taps=evenly_spaced_taps(backbone.depth), **options)
 
 
 def build_segmentation_model(backbone: VisionTransformer3D, head_name: str, in_channels: int, out_channels: int,
@@ -295,9 +321,10 @@ def backbone_from_spec(spec: Mapping[str, Any]) -> VisionTransformer3D:
     return VisionTransformer3D(**kwargs)
 
 
-HEAD_OPTION_SECTIONS = {"UNETR": "unetr", "ViTAdapterUNETR": "adapter", "Linear": "linear"}
+HEAD_OPTION_SECTIONS = {"UNETR": "unetr", "ViTAdapterUNETR": "adapter", "Linear": "linear",
+                        "DinoUNet": "dinounet", "DPT": "dpt", "UNetFusion": "unetfusion"}
 
 
 def head_options(model_cfg: Mapping[str, Any], head_name: str) -> dict:
-    """Head keyword arguments from the ``model`` config section (``unetr`` / ``adapter`` / ``linear``)."""
+    """Head keyword arguments from the ``model`` config section of the head (:data:`HEAD_OPTION_SECTIONS`)."""
     return dict(model_cfg[HEAD_OPTION_SECTIONS[canonical_head_name(head_name)]])

@@ -16,6 +16,11 @@ and sagittal slices of the input with the labels over them (``--no-preview`` ski
 checkpoint alone describes the model and the preprocessing. A 4D input is segmented one frame at a
 time: ``--frame N`` (or, for a model of C channels, a 4D file of C frames gives them all).
 
+``--format nnunet`` writes what nnU-Net's own evaluation reads: ``<case>.nii.gz`` (no ``_seg``
+suffix, no preview) holding nnU-Net's integer labels (regions painted in the preset's
+``regions_class_order``); input files named ``CASE_XXXX.nii.gz`` (nnU-Net's ``imagesTs``) are
+grouped by case, one file per channel in channel order.
+
 A bad case never stops the run: every input is checked first
 (:func:`dinov2.data.validation.read_volume`: empty, truncated or unreadable files, 2D/5D arrays,
 4D without ``--frame``, the wrong number of channels, no finite voxel), each bad case gets one
@@ -169,9 +174,10 @@ def predict_one(model, preset, name: str, files: Sequence[str], out_dir: Path, a
     from .inference import predict_case
     from .preview import write_preview
 
-    written = predict_case(model, preset, files, out_dir / f"{name}_seg.nii.gz", device=device,
+    nnunet = getattr(args, "format", "default") == "nnunet"
+    written = predict_case(model, preset, files, out_dir / f"{name}{'' if nnunet else '_seg'}.nii.gz", device=device,
                            autocast=autocast_context(args.precision, device), frame=args.frame, **settings)
-    if args.no_preview:
+    if args.no_preview or nnunet:
         return written
     png = written.with_name(f"{name}_seg.png")
     tmp = png.with_name(f".{png.stem}.{os.getpid()}.partial.png")
@@ -205,6 +211,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "unless its frames are the model's channels")
     p.add_argument("--no-preview", action="store_true",
                    help="do not write <case>_seg.png (input slices with the predicted labels over them)")
+    p.add_argument("--format", choices=("default", "nnunet"), default="default",
+                   help="nnunet: <case>.nii.gz label maps for nnU-Net's evaluation (no preview; CASE_XXXX.nii.gz "
+                        "inputs grouped by case)")
     add_device_argument(p, default="auto", key=None)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast of the forward passes (bf16 pays off on CPUs with AMX/AVX512-BF16 and on GPUs)")
@@ -226,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.frame is not None and args.frame < 0:
         raise ValueError(f"--frame {args.frame} is negative; frames count from 0.")
     cases = collect_cases(args.input)
+    if args.format == "nnunet":
+        from dinov2.data.datalist.nnunet.cases import group_channel_files
+
+        cases = group_channel_files(cases)
     device = resolve_device(args.device, key="--device")
     if args.model is not None:
         from .onnx_model import load_onnx_model

@@ -9,7 +9,12 @@ Files in ``output_dir``:
 * ``last_checkpoint.pth``: model, optimizer, scaler, iteration, curves and RNG states; a run
   started again with the same ``output_dir`` continues from it (``train.resume``);
 * ``results.json``: training / validation curves, the best iteration, per-case per-class test
-  Dice and HD95 and their summaries (NaN written as ``null``).
+  Dice, IoU, HD95, NSD and voxel counts and their summaries (NaN written as ``null``);
+* ``summary.json``: the same final evaluation in nnU-Net's layout (:func:`.metrics.build_summary`),
+  on the labelled test cases, else on the validation cases.
+
+Every metric and its NaN rules (absent, missed and spurious classes) are defined in
+:mod:`.metrics`.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ from dinov2.utils.rng import capture_rng_state, restore_rng_state
 from dinov2.utils.errors import UserError
 
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
+from .ignore import IgnoreMaskedLoss, mask_ignored
 from .inference import predict_probabilities
-from .metrics import case_metrics, discretize, label_to_masks, summarize
+from .metrics import (SUMMARY_FILE, build_summary, case_metrics, discretize, label_to_masks, nsd_tolerances,
+                      overlap_metrics, per_case_tables, summarize, write_summary)
 from .model import build_backbone, build_segmentation_model, head_options, no_weights
 
 logger = logging.getLogger(__name__)
@@ -86,10 +93,29 @@ def build_train_loader(dataset: Any, batch_size: int, num_workers: int) -> DataL
 
 
 def build_loss(preset: DatasetPreset) -> torch.nn.Module:
-    """DiceCE over softmax classes, or Dice over sigmoid region channels."""
+    """DiceCE over softmax classes, or Dice over sigmoid region channels (without the ignored voxels
+    when the preset has an ``ignore_label``, :mod:`.ignore`)."""
+    if preset.ignore_label is not None:
+        return IgnoreMaskedLoss(preset.multilabel)
     if preset.loss == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True)
     return DiceLoss(sigmoid=True)
+
+
+def supervised_loss(loss_fn: torch.nn.Module, logits: torch.Tensor | list[torch.Tensor],
+                    label: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` of the logits against ``label`` ``(B, 1 or K, *S)``.
+
+    A list of logits (a head with deep supervision, training: ``(B, K, *S / 2**i)``, full
+    resolution first) gives the mean weighted ``1, 1/2, 1/4, ...`` of the loss at each resolution,
+    against the label resized by nearest neighbour (class indices and masks stay exact values).
+    """
+    if isinstance(logits, torch.Tensor):
+        return loss_fn(logits.float(), label)
+    weights = [0.5 ** i for i in range(len(logits))]
+    losses = [loss_fn(out.float(), torch.nn.functional.interpolate(label.float(), size=out.shape[2:], mode="nearest")
+                      .to(label.dtype)) for out in logits]
+    return sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
 
 
 def infinite_batches(loader: DataLoader, start_pass: int = 0) -> Iterator[dict]:
@@ -107,9 +133,12 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
     """Per-case metrics on whole preprocessed volumes (sliding window).
 
     Returns:
-        one dict per case: ``name``, ``dice`` and (``with_hd``) ``hd95`` arrays over channels.
+        one dict per case: ``name``, ``reference_file``, ``spacing`` and the ``(K,)`` arrays of
+        :func:`.metrics.overlap_metrics`, plus (``with_hd``) ``hd95`` and ``nsd``
+        (:func:`.metrics.case_metrics`).
     """
     ev = cfg.evaluation
+    tolerances = nsd_tolerances(cfg.dataset.nsd_tolerance_mm, preset.channel_names)
     cases = []
     # Whole volumes by sliding window take seconds to minutes each: show rate and ETA.
     for index in tqdm(range(len(dataset)), desc=desc, unit="case", leave=False, dynamic_ncols=True):
@@ -121,23 +150,18 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
                                       blend=ev.blend, sw_batch_size=ev.sw_batch_size, tta_flip=tta_flip,
                                       autocast=autocast_context(precision, device), sw_device=device)
         pred = discretize(probs, preset.multilabel)
-        target = label_to_masks(torch.as_tensor(item["label"]).unsqueeze(0), preset.out_channels,
-                                preset.multilabel)
+        label = torch.as_tensor(item["label"]).unsqueeze(0)
+        target = label_to_masks(label.clamp(min=0), preset.out_channels, preset.multilabel)
+        pred, target = mask_ignored(pred, target, label)  # ignore-label voxels (-1) count nowhere
+        spacing = spacing_of(item["image"])
         if with_hd:
-            metrics = case_metrics(pred, target, spacing_of(item["image"]), ev.hd_percentile)
-        else:  # validation curve: Dice only (HD95 costs surface extraction on every case)
-            metrics = case_metrics_dice_only(pred, target)
-        cases.append({"name": item.get("name", str(index)), **metrics})
+            metrics = case_metrics(pred, target, spacing, tolerances, ev.hd_percentile)
+        else:  # validation curve: voxel overlaps only (surface distances cost seconds per case)
+            metrics = overlap_metrics(pred, target)
+        reference = getattr(item["label"], "meta", {}).get("filename_or_obj")
+        cases.append({"name": item.get("name", str(index)), "reference_file": reference and str(reference),
+                      "spacing": list(spacing), **metrics})
     return cases
-
-
-def case_metrics_dice_only(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
-    """Dice per channel with the same NaN policy as :func:`case_metrics` (absent class → NaN)."""
-    inter = (pred * target).flatten(2).sum(-1)[0]
-    sums = pred.flatten(2).sum(-1)[0] + target.flatten(2).sum(-1)[0]
-    present = target.flatten(2).sum(-1)[0] > 0
-    dice = torch.where(present, 2 * inter / sums.clamp_min(1e-8), torch.full_like(inter, float("nan")))
-    return {"dice": dice.double().cpu().numpy()}
 
 
 def resumable_weights(model: torch.nn.Module, pretrained_weights: str) -> dict[str, torch.Tensor]:
@@ -280,7 +304,7 @@ def _train_step(model: torch.nn.Module, batch: dict, loss_fn: torch.nn.Module, o
     apply_optim_scheduler(optimizer, lr, float(oc.weight_decay), lr)
     with autocast_context(precision, device):
         logits = model(image)
-    loss = loss_fn(logits.float(), label)
+    loss = supervised_loss(loss_fn, logits, label)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"Loss is {loss.item()} at iteration {it}; lower --learning-rate or use --precision fp32.")
     optimizer.zero_grad(set_to_none=True)
@@ -327,15 +351,19 @@ def _save_last_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                        "rng": capture_rng_state()}, last_path)
 
 
-def _results(cfg: DictConfig, preset: DatasetPreset, model: torch.nn.Module, state: dict[str, Any], best_path: Path,
-             splits: dict, device: torch.device, precision: str) -> dict[str, Any]:
-    """The content of ``results.json``; evaluates the best checkpoint on the test cases (:func:`evaluate_test_set`)."""
+def _results(cfg: DictConfig, preset: DatasetPreset, model: torch.nn.Module, state: dict[str, Any],
+             final: dict[str, Any] | None) -> dict[str, Any]:
+    """The content of ``results.json``; ``final`` is :func:`evaluate_test_set`'s block (``test``, or
+    ``validation_best`` when only the validation cases could be scored)."""
+    split = final and final["split"]
     return {
         "dataset": preset.name, "head": model.head_name, "pretrained_weights": str(cfg.pretrained_weights),
         "train_backbone": bool(cfg.model.train_backbone), "dataset_percent": float(cfg.dataset.percent),
         "channels": preset.channel_names, "foreground_channels": preset.foreground_channels,
         "curves": {"train": state["train_curve"], "validation": state["val_curve"]},
-        "best": state["best"], "test": evaluate_test_set(best_path, splits, preset, cfg, device, precision),
+        "best": state["best"], "test": final if split == "test" else None,
+        **({"validation_best": final} if split == "validation" else {}),
+        "summary_json": {"file": SUMMARY_FILE, "split": split} if final else None,
     }
 
 
@@ -350,6 +378,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     """
     device, out_dir = _prepare_run(cfg)
     preset = DatasetPreset.from_config(cfg.dataset)
+    nsd_tolerances(cfg.dataset.nsd_tolerance_mm, preset.channel_names)  # a wrong list fails now, not after training
     splits = load_splits(preset, cfg.dataset.base_data_dir, float(cfg.dataset.percent), int(cfg.dataset.seed),
                          skip_bad=bool(cfg.dataset.skip_bad_inputs), report_dir=out_dir,
                          read_voxels=bool(cfg.dataset.preflight))
@@ -386,27 +415,52 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
             _save_last_checkpoint(model, optimizer, scaler, state, cfg, last_path)
             model.train()
 
-    results = _results(cfg, preset, model, state, best_path, splits, device, precision)
+    final, summary = evaluate_test_set(best_path, splits, preset, cfg, device, precision)
+    results = _results(cfg, preset, model, state, final)
     (out_dir / RESULTS_NAME).write_text(json.dumps(json_safe(results), indent=2) + "\n")
     logger.info("Wrote %s", out_dir / RESULTS_NAME)
+    if summary is not None:
+        logger.info("Wrote %s", write_summary(out_dir / SUMMARY_FILE, summary))
     plot_at_end(out_dir)
     return results
 
 
-def evaluate_test_set(best_path: Path, splits: dict, preset: DatasetPreset, cfg: DictConfig, device: torch.device,
-                    precision: str) -> dict[str, Any] | None:
-    """Per-case, per-class Dice and HD95 of the best checkpoint on the labelled test cases."""
-    labelled = [e for e in splits["test"] if "label" in e]
+def _final_split(splits: dict) -> tuple[str, list[dict]]:
+    """``("test", its labelled entries)``, else ``("validation", ...)``; warns about what that means."""
+    split = "test" if any("label" in e for e in splits["test"]) else "validation"
+    labelled = [e for e in splits[split] if "label" in e]
     if not labelled:
-        logger.warning("No labelled test cases: results.json has no test metrics.")
-        return None
+        logger.warning("No labelled test or validation cases: results.json has no final metrics, no summary.json.")
+    elif split == "validation":  # still worth writing, but it is the split that chose the checkpoint
+        logger.warning("No labelled test cases: the final metrics (results.json validation_best, summary.json) "
+                       "are on the validation cases, which also chose the best checkpoint (optimistic).")
+    return split, labelled
+
+
+def evaluate_test_set(best_path: Path, splits: dict, preset: DatasetPreset, cfg: DictConfig, device: torch.device,
+                      precision: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Every metric of :mod:`.metrics` for the best checkpoint on the labelled test cases, else the validation ones.
+
+    Returns:
+        ``(block, summary)``: ``results.json``'s ``{"split", "iteration", "cases", "summary"}`` and
+        the content of ``summary.json`` (:func:`.metrics.build_summary`); ``(None, None)`` when no
+        case has a label.
+    """
+    split, labelled = _final_split(splits)
+    if not labelled:
+        return None, None
     model, _, info = load_finetuned(best_path, device)
     dataset = make_dataset(labelled, eval_transforms(preset), None, cfg.train.cache_rate)
     cases = evaluate(model, dataset, preset, cfg, device, precision, with_hd=True,
-                     tta_flip=bool(cfg.evaluation.tta_flip), desc="test")
-    per_case = [{"name": c["name"], "dice": dict(zip(preset.channel_names, c["dice"])),
-                 "hd95": dict(zip(preset.channel_names, c["hd95"]))} for c in cases]
-    summary = summarize(cases, preset.channel_names, preset.foreground_channels)
-    logger.info("test (best iteration %d): mean foreground Dice %.4f, HD95 %.2f mm", info["iteration"],
-                summary["mean_dice"], summary["mean_hd95"])
-    return {"iteration": info["iteration"], "cases": per_case, "summary": summary}
+                     tta_flip=bool(cfg.evaluation.tta_flip), desc=split)
+    names, foreground = preset.channel_names, preset.foreground_channels
+    summary = summarize(cases, names, foreground)
+    missed = sum(summary["missed"][names[k]] for k in foreground)
+    logger.info("%s (best iteration %d): mean foreground Dice %.4f, NSD %.4f, HD95 %.2f mm; %d missed case-class "
+                "pair(s) (Dice 0, no HD95)", split, info["iteration"], summary["mean_dice"], summary["mean_nsd"],
+                summary["mean_hd95"], missed)
+    block = {"split": split, "iteration": info["iteration"], "cases": per_case_tables(cases, names), "summary": summary}
+    tolerances = dict(zip(names, nsd_tolerances(cfg.dataset.nsd_tolerance_mm, names)))
+    return block, build_summary(cases, names, foreground, split=split, iteration=info["iteration"],
+                                foreground_classes=[names[k] for k in foreground],
+                                hd_percentile=float(cfg.evaluation.hd_percentile), nsd_tolerance_mm=tolerances)
