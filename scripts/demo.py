@@ -6,8 +6,10 @@
    (``configs/small_cpu.yaml``), then its losses against their uniform (collapsed) lines;
 3. the evidence: frozen teacher features against random-init backbones (3 seeds) and raw
    intensities, linear probes on a held-out template (``python -m dinov2.eval.evidence``);
-4. UNETR finetuning on brain-tissue segmentation from the pretrained teacher, and the same head
-   on a random-init backbone for comparison (Dice and HD95 on the test cases);
+4. the comparison (``python -m dinov2.eval.compare``) of the pretrained teacher with a random-init
+   backbone of the same architecture: UNETR finetuning on brain-tissue segmentation (one seed;
+   Dice, NSD and HD95 on the test cases) and linear probes of brain lobes (several seeds), one
+   table with mean ± std over seeds and paired bootstrap intervals;
 5. PCA and last-block attention maps of a real volume, as NIfTI and PNG;
 6. a summary of every result and where it is.
 
@@ -54,13 +56,17 @@ class Profile:
     seg_epoch_length: int
     seg_eval_iters: int
     evidence_seeds: int           # random-init backbones the teacher is compared with
+    probe_stride: int             # brain-lobe patch spacing in voxels: 4 gives ~1450 test patches, 8 ~200
+    probe_seeds: int              # seeds of the comparison's probe (segmentation runs one: the costly task)
 
 
 PROFILES = {
     "full": Profile(pretrain_iterations=PRETRAIN_CUT, seg_image_size=40, seg_feature_size=16, seg_overlap=0.5,
-                    seg_epochs=6, seg_epoch_length=25, seg_eval_iters=75, evidence_seeds=3),
+                    seg_epochs=6, seg_epoch_length=25, seg_eval_iters=75, evidence_seeds=3,
+                    probe_stride=4, probe_seeds=3),
     "quick": Profile(pretrain_iterations=20, seg_image_size=32, seg_feature_size=8, seg_overlap=0.25,
-                     seg_epochs=1, seg_epoch_length=10, seg_eval_iters=10, evidence_seeds=1),
+                     seg_epochs=1, seg_epoch_length=10, seg_eval_iters=10, evidence_seeds=1,
+                     probe_stride=8, probe_seeds=2),
 }
 
 
@@ -112,18 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dinov2.eval.compare").setLevel(logging.INFO)  # the comparison's line per run, with ETA
     start = time.perf_counter()
 
     banner("1/6  Datalists from the real brain volumes shipped in the sample-data packages")
     from dinov2.sample_data import write_pretraining_datalist, write_segmentation_dataset
+    from dinov2.sample_data.classification import PatchTaskParams, write_classification_dataset
 
     # The FSL MNI152 templates are what the evidence and the segmentation are evaluated on:
     # pretraining never sees them (nor 4D series), so the comparison below is on unseen data.
     pretrain_list = write_pretraining_datalist(out / "data" / "pretrain_datalist.json", hold_out_evaluation=True)
     n_volumes = len(json.loads(pretrain_list.read_text()))
     seg_list = write_segmentation_dataset(out / "data" / "brain_tissue", labels="tissue")
+    lobe_list = write_classification_dataset(out / "data" / "brain_lobes", PatchTaskParams(stride=profile.probe_stride))
     print(f"pretraining datalist: {pretrain_list} ({n_volumes} volumes; FSL MNI152 templates held out)")
     print(f"segmentation set:     {seg_list}")
+    print(f"brain-lobe patches:   {lobe_list}")
 
     pretrain_dir = out / "pretrain"
     iterations = profile.pretrain_iterations
@@ -142,23 +152,10 @@ def main(argv: list[str] | None = None) -> int:
              "dinov2.eval.evidence", ["--teacher", str(teacher), "--output-dir", str(evidence_dir),
                                       "--random-seeds", str(profile.evidence_seeds)])
 
-    seg_common = [
-        "--dataset-name", "brain_tissue", "--base-data-dir", str(seg_list.parent),
-        "--segmentation-head", "UNETR", "--epochs", str(profile.seg_epochs),
-        "--epoch-length", str(profile.seg_epoch_length), "--eval-period-iterations", str(profile.seg_eval_iters),
-        "--warmup-iters", str(max(1, profile.seg_epoch_length // 2)), "--batch-size", "1",
-        "--num-workers", "0", "--learning-rate", "1e-3", "--image-size", str(profile.seg_image_size),
-        f"model.unetr.feature_size={profile.seg_feature_size}", f"evaluation.overlap={profile.seg_overlap}",
-        "evaluation.sw_batch_size=4", "--device", "cpu", "train.log_period_iterations=10",
-    ]
-    seg_runs = {"pretrained": teacher, "random init": "none"}
-    seg_dirs = {}
-    for i, (name, weights) in enumerate(seg_runs.items()):
-        seg_dirs[name] = out / "segmentation" / name.replace(" ", "_")
-        extra = [] if weights != "none" else random_init_backbone_flags(teacher)
-        run_step(f"4/6  UNETR brain-tissue segmentation, {name} backbone ({i + 1}/2)",
-                 "dinov2.eval.segmentation",
-                 ["--pretrained-weights", str(weights), "--output-dir", str(seg_dirs[name]), *seg_common, *extra])
+    compare_dir = out / "comparison"
+    run_step("4/6  Comparison: pretrained teacher vs random init (UNETR segmentation, brain-lobe probe)",
+             "dinov2.eval.compare", comparison_argv(profile, teacher, compare_dir, seg_list, lobe_list))
+    seg_dirs = comparison_seg_dirs(compare_dir, teacher)
 
     test_image = json.loads(seg_list.read_text())["test"][0]["image"]
     test_image = str((seg_list.parent / test_image).resolve())
@@ -172,23 +169,40 @@ def main(argv: list[str] | None = None) -> int:
                  ])
 
     banner("6/6  Results")
-    print(summarise(out, teacher, learning, evidence_dir, seg_dirs, vis_dirs, args.quick,
+    print(summarise(out, teacher, learning, evidence_dir, seg_dirs, compare_dir, vis_dirs, args.quick,
                     time.perf_counter() - start))
     return 0
 
 
-def random_init_backbone_flags(teacher: Path) -> list[str]:
-    """Flags that build the teacher's architecture with random weights (the baseline backbone)."""
-    from dinov2.checkpoints.layouts import read_checkpoint
-    from dinov2.models.build import backbone_kwargs_from_config
+SEG_TASK = "seg:brain_tissue:UNETR"
 
-    arch, kwargs = backbone_kwargs_from_config(read_checkpoint(teacher).config)
-    kwargs.pop("img_size", None)  # segmentation finetuning sets the input size itself
 
-    def text(value) -> str:  # as a key=value override reads it back
-        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def comparison_argv(profile: Profile, teacher: Path, compare_dir: Path, seg_list: Path, lobe_list: Path) -> list[str]:
+    """The comparison's command line: the teacher vs random init of its architecture (read from the
+    teacher), one segmentation seed (the costly task) and ``probe_seeds`` probe seeds."""
+    seg_args = [
+        "--epochs", str(profile.seg_epochs), "--epoch-length", str(profile.seg_epoch_length),
+        "--eval-period-iterations", str(profile.seg_eval_iters),
+        "--warmup-iters", str(max(1, profile.seg_epoch_length // 2)), "--batch-size", "1",
+        "--num-workers", "0", "--learning-rate", "1e-3", "--image-size", str(profile.seg_image_size),
+        f"model.unetr.feature_size={profile.seg_feature_size}", f"evaluation.overlap={profile.seg_overlap}",
+        "evaluation.sw_batch_size=4", "--device", "cpu", "train.log_period_iterations=10",
+    ]
+    return ["--output-dir", str(compare_dir), "--backbones", f"pretrained={teacher}", "random",
+            "--tasks", SEG_TASK, "probe:brain_lobes",
+            "--data-dir", f"brain_tissue={seg_list.parent}", f"brain_lobes={lobe_list.parent}",
+            "--seeds", str(profile.probe_seeds), "seg:1", "--reference", "random",
+            "--task-args", "seg:" + shlex.join(seg_args), "probe:--device cpu"]
 
-    return [f"model.arch={arch}", *(f"model.backbone_kwargs.{k}={text(v)}" for k, v in kwargs.items())]
+
+def comparison_seg_dirs(compare_dir: Path, teacher: Path) -> dict[str, Path]:
+    """The comparison's segmentation run folders (seed 0, whole training set), by backbone label."""
+    from dinov2.eval.compare.plan import run_folder
+    from dinov2.eval.compare.spec import Backbone, parse_task
+
+    task = parse_task(SEG_TASK)
+    return {"pretrained": run_folder(compare_dir, task, Backbone("pretrained", str(teacher)), 100, 0),
+            "random init": run_folder(compare_dir, task, Backbone("random", "none"), 100, 0)}
 
 
 def show_learning(pretrain_dir: Path) -> dict:
@@ -205,8 +219,57 @@ def show_learning(pretrain_dir: Path) -> dict:
     return {"svg": svg, "final": {label: sum(v) / len(v) for label, v in tail.items()}}
 
 
+def segmentation_table(results: dict[str, dict]) -> list[str]:
+    """Lines of the test-set table: Dice per class, then the foreground means and the missed classes.
+
+    Args:
+        results: ``{backbone label: results.json}`` of the segmentation runs.
+    """
+    lines, classes = [], None
+    for name, res in results.items():
+        summary = (res.get("test") or {}).get("summary") or {}
+        if classes is None:
+            classes = list(summary.get("dice", {}))
+            lines.append(f"  {'backbone':<12} " + " ".join(f"{c[:12]:>12}" for c in classes)
+                         + f" {'mean fg Dice':>13} {'mean fg NSD':>12} {'mean fg HD95':>13} {'missed':>7}")
+        foreground = set(res.get("foreground_channels", []))
+        missed = sum((summary.get("missed") or {}).get(c, 0) for k, c in enumerate(classes) if k in foreground)
+        lines.append(f"  {name:<12} " + " ".join(f"{fmt(summary.get('dice', {}).get(c)):>12}" for c in classes)
+                     + f" {fmt(summary.get('mean_dice')):>13} {fmt(summary.get('mean_nsd')):>12}"
+                     f" {fmt(summary.get('mean_hd95'), '.2f'):>13} {missed:>7}")
+    # How absent classes are counted (dinov2/eval/segmentation/metrics.py), so the means can be read right.
+    lines += ["  (means over test cases, then over foreground classes. A class absent from both a case's reference "
+              "and its prediction is left out (n/a: never present);",
+              "   a missed class counts Dice 0 and NSD 0 and has no HD95 ('missed' counts those case-class pairs); "
+              "a class predicted where the reference has none counts Dice 0.",
+              "   NSD at dataset.nsd_tolerance_mm; every case and class in summary.json beside results.json)"]
+    return lines
+
+
+def comparison_lines(compare_dir: Path, quick: bool) -> list[str]:
+    """The comparison's tables (from comparison.md, without its reading notes) and what they can and cannot say."""
+    text = (compare_dir / "comparison.md").read_text(encoding="utf-8")
+    tables = text[text.index("## "):text.index("## How to read")].strip().splitlines()
+    lines = ["", "Comparison: pretrained teacher vs random init of the same ViT (python -m dinov2.eval.compare; "
+             "mean ± std over seeds, bold = best, paired difference vs random with a bootstrap 95 % interval)", ""]
+    lines += [f"  {line}" if line else "" for line in tables]
+    if quick:
+        lines.append("  (--quick: a few pretraining iterations and a very short finetuning. These rows only show that "
+                     "the comparison runs end to end; any difference between them is noise, whatever the verdict "
+                     "column says)")
+    else:
+        lines.append(f"  (demo scale, not a benchmark: one tiny ViT pretrained once for {PRETRAIN_CUT} iterations on a "
+                     "few dozen volumes; segmentation finetuned once and scored on 2 test cases, too few for any "
+                     "verdict; the probe's test entries are overlapping patches of the same held-out templates, not "
+                     "independent subjects, so its interval is narrower than it would be over patients. The interval "
+                     "covers the choice of test cases, not the pretraining seed, which the demo does not vary. Read a "
+                     "'better' as 'this teacher's features carry more lobe information than random ones here', not "
+                     "as a claim about the method)")
+    return lines + [f"  (reading notes, CSV and PNG plots in {compare_dir})"]
+
+
 def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_dirs: dict[str, Path],
-              vis_dirs: dict[str, Path], quick: bool, elapsed: float) -> str:
+              compare_dir: Path, vis_dirs: dict[str, Path], quick: bool, elapsed: float) -> str:
     """A plain-text report of the metrics, of what they show (or cannot show), and of where everything is."""
     lines = ["Pretraining (last 10 % of logging periods; 1.00 = uniform, i.e. collapsed)"]
     lines += [f"  {label:<24} {value:.3f}" for label, value in learning["final"].items()]
@@ -224,19 +287,13 @@ def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_
     else:
         lines.append("  (one pretraining seed at the demo's cut of the schedule; docs/experiments/small_scale_recipe.md "
                      "has the full schedule over several seeds)")
-    lines += ["", "Brain-tissue segmentation (UNETR, test cases; Dice higher is better, HD95 in mm lower is better)", ""]
+    lines += ["", "Brain-tissue segmentation (UNETR, test cases; Dice and NSD higher is better, HD95 in mm lower "
+              "is better)", ""]
     results = {name: json.loads((d / "results.json").read_text()) for name, d in seg_dirs.items()}
-    classes = None
-    for name, res in results.items():
-        summary = (res.get("test") or {}).get("summary") or {}
-        if classes is None:
-            classes = list(summary.get("dice", {}))
-            lines.append(f"  {'backbone':<12} " + " ".join(f"{c[:12]:>12}" for c in classes)
-                         + f" {'mean fg Dice':>13} {'mean fg HD95':>13}")
-        lines.append(f"  {name:<12} " + " ".join(f"{fmt(summary.get('dice', {}).get(c)):>12}" for c in classes)
-                     + f" {fmt(summary.get('mean_dice')):>13} {fmt(summary.get('mean_hd95'), '.2f'):>13}")
+    lines += segmentation_table(results)
     lines.append("  (a short finetuning on 5 training cases derived from one subject: a pipeline check, not a "
                  "benchmark; the evidence above is the test of the features)")
+    lines += comparison_lines(compare_dir, quick)
     lines += ["", "What the pictures show:",
               "  pca maps:  the first 3 principal components of the teacher's patch tokens, fitted on the brain's "
               "(foreground) tokens only, shown as RGB over axial / coronal / sagittal slices; tokens of the same "
@@ -247,9 +304,10 @@ def summarise(out: Path, teacher: Path, learning: dict, evidence_dir: Path, seg_
               "", "Where everything is:",
               f"  pretraining run       {teacher.parents[2]}  (training_metrics.json, log.txt, learning_curves.svg)",
               f"  teacher checkpoint    {teacher}",
-              f"  evidence              {evidence_dir}  (evidence.json, evidence.md)"]
+              f"  evidence              {evidence_dir}  (evidence.json, evidence.md)",
+              f"  comparison            {compare_dir}  (comparison.md, comparison.csv, plots/, runs/)"]
     for name, d in seg_dirs.items():
-        lines.append(f"  segmentation ({name}) {d}  (results.json, best_model.pth)")
+        lines.append(f"  segmentation ({name}) {d}  (results.json, summary.json, best_model.pth)")
     for vis, d in vis_dirs.items():
         pngs = sorted(d.rglob("*.png"))
         lines.append(f"  {vis + ' maps':<21} {d}  ({len(list(d.rglob('*.nii*')))} NIfTI, "

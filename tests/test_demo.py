@@ -1,5 +1,6 @@
 """The quick demo runs end to end on the embedded real data and reports every result."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -24,11 +25,21 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (out / "pretrain" / "training_metrics.json").read_text().splitlines()]
     assert metrics and all("dino_loss" in m and "ibot_loss" in m and "koleo_loss" in m for m in metrics)
 
-    for run in ("pretrained", "random_init"):
-        results = json.loads((out / "segmentation" / run / "results.json").read_text())
+    # the segmentation runs are the comparison's (python -m dinov2.eval.compare): one seed each
+    for run in ("pretrained", "random"):
+        run_dir = out / "comparison" / "runs" / "seg-brain_tissue-UNETR" / run / "f100_s0"
+        results = json.loads((run_dir / "results.json").read_text())
         summary = results["test"]["summary"]
         assert 0.0 <= summary["mean_dice"] <= 1.0
         assert set(summary["dice"]) == {"background", "ventricles", "grey matter", "other brain"}
+    table = list(csv.DictReader(open(out / "comparison" / "comparison.csv", encoding="utf-8")))
+    assert {(r["task"], r["backbone"]) for r in table} == {
+        (t, b) for t in ("seg:brain_tissue:UNETR", "probe:brain_lobes") for b in ("pretrained", "random")}
+    probe = next(r for r in table if r["task"] == "probe:brain_lobes" and r["backbone"] == "pretrained"
+                 and r["metric"] == "accuracy")
+    assert probe["seeds"] == "2" and probe["reference"] == "random" and probe["verdict"]
+    assert sorted(p.name for p in (out / "comparison" / "plots").glob("*.png")) == [
+        "probe-brain_lobes_bars.png", "seg-brain_tissue-UNETR_bars.png"]
     evidence = json.loads((out / "evidence" / "evidence.json").read_text())
     for task in ("patch", "dense"):
         assert 0.0 <= evidence["tasks"][task]["teacher"]["mean"] <= 1.0
@@ -47,5 +58,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
     # The report names every result so a user can find it.
     for needle in ("mean fg Dice", "random init", "Evidence", "teacher - random", "show no learning",
-                   "teacher checkpoint", "pca maps", "mhsa maps", "dinov2.eval.segmentation.predict"):
+                   "teacher checkpoint", "pca maps", "mhsa maps", "dinov2.eval.segmentation.predict",
+                   "Comparison: pretrained teacher vs random init", "paired diff vs random [95 % CI]",
+                   "any difference between them is noise", "comparison.csv"):
         assert needle in report

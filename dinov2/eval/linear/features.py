@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from monai.transforms import Resize
+from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -113,8 +114,10 @@ class ClassificationVolumes(Dataset):
                 raise ValueError(f"{entry['image']}: {channels} channels/modalities but the backbone takes "
                                  f"{self.in_chans}; give one file per modality matching the pretraining channels.")
         if tuple(volume.shape[1:]) != self.image_size:
-            volume = torch.as_tensor(self.resize(volume)).float()
-        return volume.contiguous(), int(entry["label"])
+            volume = self.resize(volume)
+        # A plain tensor: MetaTensors carry per-volume metadata that MONAI refuses to batch when it
+        # differs between items (which happened once other MONAI pipelines had run in the process).
+        return convert_to_tensor(volume, track_meta=False).float().contiguous(), int(entry["label"])
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ Recipe: the backbone's features of every volume are extracted once and cached
 (:mod:`dinov2.eval.linear.features`); a grid of linear heads, {last 1, last 4 blocks} x {CLS,
 CLS + mean patch token} x learning rates, is trained together on them
 (:mod:`dinov2.eval.linear.classifiers`); the head with the best validation accuracy is evaluated
-on the test split (accuracy, balanced accuracy, macro AUROC, confusion matrix) and written to
+on the test split (accuracy, balanced accuracy, macro AUROC, confusion matrix, and each test
+entry's prediction under ``test.cases`` for paired comparisons) and written to
 ``<output-dir>/results.json``.
 
 Example on the packaged brain-lobe task (CPU, a minute)::
@@ -281,11 +282,29 @@ def _best_head_metrics(grid: ProbeGrid, best: HeadRecord, features: dict[str, Fe
                                          features["validation"].labels, class_names)
     test_metrics = None
     if "test" in features:
-        test_metrics = classification_metrics(best_head_logits(grid, best, features["test"]),
-                                              features["test"].labels, class_names)
+        logits = best_head_logits(grid, best, features["test"])
+        test_metrics = classification_metrics(logits, features["test"].labels, class_names)
+        test_metrics["cases"] = entry_predictions(logits, features["test"])
     else:
         logger.warning("%s has no 'test' entries: results.json reports validation metrics only.", datalist_path)
     return val_metrics, test_metrics
+
+
+def entry_predictions(logits: torch.Tensor, features: FeatureSet) -> list[dict]:
+    """One record per entry, so two backbones can be compared entry by entry (paired differences).
+
+    Args:
+        logits: ``(N, C)`` outputs of the chosen head.
+        features: the split's features (labels ``(N,)`` and the ``N`` image paths).
+
+    Returns:
+        ``[{"name": image path(s), "label", "prediction", "correct"}]`` in the datalist's order.
+    """
+    predictions = logits.argmax(dim=1).tolist()
+    labels = features.labels.tolist()
+    return [{"name": "|".join(map(str, image)) if isinstance(image, (list, tuple)) else str(image),
+             "label": int(label), "prediction": int(pred), "correct": int(label) == int(pred)}
+            for image, label, pred in zip(features.images, labels, predictions)]
 
 
 def _save_best_classifier(best: HeadRecord, num_classes: int, class_names: list[str], path: Path) -> None:
