@@ -1,4 +1,5 @@
-"""What a pretraining run reports: JSON-lines metrics, a progress bar with ETA, collapse monitors.
+"""What a pretraining run reports: JSON-lines metrics, a progress bar with ETA, collapse monitors,
+optionally TensorBoard scalars (``train.tensorboard``: every number of a line, :func:`tensorboard_tag`).
 
 ``<output>/training_metrics.json`` holds one JSON object per logging step (every loss term,
 schedule values, throughput, data-wait time, collapse monitors), so a run can be plotted with
@@ -32,6 +33,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from dinov2.utils.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
 
@@ -160,35 +163,54 @@ def truncate_metrics(path: str | os.PathLike, first_dropped_iteration: int) -> i
     return len(kept)
 
 
+# TensorBoard section of each record key: the tag is "<section>/<key>" (train3d's metrics).
+_TB_SECTIONS = {
+    "schedule": ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr"),
+    "throughput": ("samples_per_s", "iterations_per_s", "data_wait_s", "data_wait_share"),
+    "collapse": ("teacher_entropy", "teacher_prototype_entropy", "teacher_cls_effective_rank"),
+}
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics-record key: ``loss/dino_loss``, ``schedule/lr``, ``train/grad_norm``...
+
+    Losses and their uniform lines (``*_loss``) go to ``loss``, the scheduled values to
+    ``schedule``, speed to ``throughput``, the collapse monitors to ``collapse``, the rest
+    (``epoch``, ``grad_norm``) to ``train``.
+    """
+    if key.endswith("_loss"):
+        return f"loss/{key}"
+    section = next((name for name, keys in _TB_SECTIONS.items() if key in keys), "train")
+    return f"{section}/{key}"
+
+
 class MetricsLogger:
     """Append one JSON line per logging step (rank 0 only), optionally TensorBoard scalars.
 
     Args:
         output_dir: the run's folder; the file is ``output_dir/training_metrics.json``.
         start_iteration: first iteration of this (possibly resumed) run; later lines of an
-            earlier attempt are dropped.
+            earlier attempt are dropped (and hidden in TensorBoard).
         enabled: False on ranks other than 0 (every call becomes a no-op).
-        tensorboard: also write scalars under ``output_dir/tensorboard``.
+        tensorboard: also write every number of a record as a scalar under
+            ``output_dir/tensorboard`` (:func:`tensorboard_tag`; the number of active collapse
+            conditions as ``collapse/active_conditions``). Without the tensorboard package: one
+            warning, no events.
+
+    Attributes:
+        tensorboard: the run's :class:`~dinov2.utils.tensorboard.TensorBoard` (images go there too).
     """
 
     def __init__(self, output_dir: str | os.PathLike, start_iteration: int = 0, enabled: bool = True,
                  tensorboard: bool = False) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
-        self._tb = None
+        self.tensorboard = TensorBoard(output_dir, enabled=enabled and tensorboard, setting="train.tensorboard",
+                                       purge_step=start_iteration)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.path, start_iteration)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ImportError(
-                    "train.tensorboard=true needs the tensorboard package: pip install tensorboard, "
-                    "or set train.tensorboard=false."
-                ) from exc
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_iteration)
 
     def log(self, iteration: int, values: Mapping[str, Any]) -> None:
         """Write ``{"iteration": iteration, **values}`` as one line (floats rounded to 7 significant digits).
@@ -205,14 +227,20 @@ class MetricsLogger:
             record[key] = float(f"{value:.7g}") if isinstance(value, float) and math.isfinite(value) else value
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, iteration)
+        self._log_tensorboard(record)
+
+    def _log_tensorboard(self, record: Mapping[str, Any]) -> None:
+        """The record's numbers as scalars at step ``record["iteration"]``."""
+        step = record["iteration"]
+        for key, value in record.items():
+            if key != "iteration":
+                self.tensorboard.scalar(tensorboard_tag(key), value, step)
+        if isinstance(record.get("collapse"), list):
+            self.tensorboard.scalar("collapse/active_conditions", len(record["collapse"]), step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        """Close the TensorBoard event file (the JSON lines are written as they come)."""
+        self.tensorboard.close()
 
 
 class ProgressBar:

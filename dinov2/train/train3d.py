@@ -27,7 +27,9 @@ process minus one when it asks for more.
 Outputs in ``--output-dir``: ``training_metrics.json`` (one JSON line per logging step),
 ``checkpoints/model_<iter>.pth`` (full training state, the last K), ``eval/training_<iter>/
 teacher_checkpoint.pth`` (teacher exports, ``<iter>`` = completed iterations), ``log.txt`` (one
-progress line per logging period, every export and checkpoint, collapse warnings).
+progress line per logging period, every export and checkpoint, collapse warnings); with
+``--tensorboard`` (``train.tensorboard``), ``tensorboard/`` (every metric as a scalar, and the teacher's
+PCA and attention images of the datalist's first volume at each export: :mod:`dinov2.train.previews`).
 A run restarted with the same output folder resumes from its latest checkpoint (unless
 ``--no-resume``) and ends with the same weights as a run that was never interrupted.
 
@@ -64,6 +66,7 @@ from dinov2.optim.param_groups import apply_optim_scheduler
 from dinov2.optim.schedules import build_schedulers
 from dinov2.train.collapse import CollapseError, CollapseWatch
 from dinov2.train.metrics import MetricsLogger, ProgressBar, ThroughputMeter, progress_line
+from dinov2.train.previews import TeacherPreviews
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import ConfigError, config_to_dict, load_config, load_yaml, packaged_config_path, save_config
 from dinov2.utils.device import add_device_argument, resolve_device
@@ -77,7 +80,8 @@ LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")
 
 
 # flag dest -> config key (besides --config-file, --output-dir, --no-resume and key=value overrides)
-FLAG_KEYS = {"cache_dir": "preprocessing.cache.dir", "device": "device", "skip_bad_inputs": "train.skip_bad_inputs"}
+FLAG_KEYS = {"cache_dir": "preprocessing.cache.dir", "device": "device", "skip_bad_inputs": "train.skip_bad_inputs",
+             "tensorboard": "train.tensorboard"}
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -101,7 +105,8 @@ def default_config() -> DictConfig:
 
 
 def build_config(config_file: str | None = None, overrides: Sequence[str] = (), cache_dir: str | None = None,
-                 device: str | None = None, skip_bad_inputs: bool | None = None) -> DictConfig:
+                 device: str | None = None, skip_bad_inputs: bool | None = None,
+                 tensorboard: bool | None = None) -> DictConfig:
     """Resolved training config: defaults <- ``config_file`` <- flags <- ``overrides``.
 
     Args:
@@ -110,6 +115,7 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
         cache_dir: sets ``preprocessing.cache.dir`` (the ``--cache-dir`` flag).
         device: sets ``device`` (the ``--device`` flag).
         skip_bad_inputs: True sets ``train.skip_bad_inputs`` (the ``--skip-bad-inputs`` flag).
+        tensorboard: True sets ``train.tensorboard`` (the ``--tensorboard`` flag).
 
     Raises:
         ConfigError: keys the defaults do not know (typos; the message names the key, the file or
@@ -117,7 +123,8 @@ def build_config(config_file: str | None = None, overrides: Sequence[str] = (), 
             defaults, or in ``config_file`` and not set later).
     """
     flags = {FLAG_KEYS["cache_dir"]: cache_dir, FLAG_KEYS["device"]: device,
-             FLAG_KEYS["skip_bad_inputs"]: True if skip_bad_inputs else None}
+             FLAG_KEYS["skip_bad_inputs"]: True if skip_bad_inputs else None,
+             FLAG_KEYS["tensorboard"]: True if tensorboard else None}
     cfg = load_config(default_config(), config_file, flags, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -496,8 +503,10 @@ def _log_period(it: int, plan: _RunPlan, reduced: torch.Tensor, values: dict[str
     return stop
 
 
-def _export_teacher(arch: SSLMetaArch, cfg: DictConfig, output_dir: Path, done: int, is_main: bool) -> Path | None:
-    """Rank 0 writes ``eval/training_<done>/teacher_checkpoint.pth`` (collective).
+def _export_teacher(arch: SSLMetaArch, cfg: DictConfig, output_dir: Path, done: int, is_main: bool,
+                    previews: TeacherPreviews | None = None) -> Path | None:
+    """Rank 0 writes ``eval/training_<done>/teacher_checkpoint.pth`` (collective), and the teacher's
+    TensorBoard images at step ``done - 1`` (the step of that iteration's scalars) when ``previews`` is given.
 
     Returns:
         The export's path on rank 0, None on the other ranks.
@@ -508,6 +517,8 @@ def _export_teacher(arch: SSLMetaArch, cfg: DictConfig, output_dir: Path, done: 
         export = save_teacher_checkpoint(
             output_dir / "eval" / f"training_{done}" / "teacher_checkpoint.pth", teacher, cfg, done)
         logger.info("Teacher export after %d iterations: %s", done, export)
+        if previews is not None:
+            previews.write(teacher, step=done - 1)
     distributed.barrier()
     return export
 
@@ -538,6 +549,7 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
     optimizer, start_iter, start_position = _start_or_resume(arch, scaler, cfg, latest, plan.global_batch)
     dataset, loader = _data_loader(cfg, plan, start_position, entries)
     metrics, bar, meter, watch = _progress_outputs(cfg, plan, output_dir, start_iter)
+    previews = TeacherPreviews(metrics.tensorboard, dataset, cfg) if metrics.tensorboard.active else None
 
     last_checkpoint, last_export, reduced = latest, None, None
     # Only this frame holds the iterator (helpers get batches): `del stream` below then stops the
@@ -561,7 +573,7 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
             # export at k exists, even if the run is killed between the two writes. A stopped run
             # saves its last iteration too, to inspect it or to resume with stop_run=false.
             if stop or done % plan.eval_period == 0 or done == plan.max_iter:
-                last_export = _export_teacher(arch, cfg, output_dir, done, plan.is_main)
+                last_export = _export_teacher(arch, cfg, output_dir, done, plan.is_main, previews)
             if stop or done % plan.ckpt_period == 0 or done == plan.max_iter:
                 position = start_position + (done - start_iter) * plan.global_batch
                 last_checkpoint = _save_checkpoint(checkpointer, arch, optimizer, scaler, done, position, plan.seed,
@@ -609,6 +621,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad-inputs", action="store_true",
                         help="leave volumes that cannot be used out (listed in <output-dir>/skipped.tsv) instead of "
                              "failing (train.skip_bad_inputs)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard scalars and teacher images to <output-dir>/tensorboard "
+                             "(train.tensorboard; needs the tensorboard extra)")
     parser.add_argument("--no-resume", action="store_true",
                         help="never resume: start at iteration 0 (refused if the output folder holds checkpoints)")
     add_debug_flag(parser)
@@ -627,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point(logging.WARNING)
     # Every ValueError or OmegaConf error while building the config is about the YAML or overrides.
     with user_input(ValueError, OmegaConfBaseException):
-        cfg = build_config(args.config_file, args.overrides, args.cache_dir, args.device, args.skip_bad_inputs)
+        cfg = build_config(args.config_file, args.overrides, args.cache_dir, args.device, args.skip_bad_inputs,
+                           args.tensorboard)
     ctx = distributed.init_distributed(str(cfg.device))
     output_dir = Path(args.output_dir)
     if ctx.is_main_process:

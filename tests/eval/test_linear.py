@@ -70,6 +70,9 @@ def test_grid_trains_every_head_with_its_own_learning_rate_and_selects_on_valida
     before = {s.name: grid.head(s.name).linear.weight.detach().clone() for s in setups}
     result = train_probe_grid(grid, train, val, epochs=5, epoch_length=None, batch_size=16, eval_period_iterations=4)
     assert result.iterations == 20 and [h["iteration"] for h in result.history] == [4, 8, 12, 16, 20]
+    for entry in result.history:  # each head's own loss (TensorBoard's train_loss/<head>); their mean is train_loss
+        assert set(entry["train_loss_per_head"]) == {s.name for s in setups}
+        assert sum(entry["train_loss_per_head"].values()) / len(setups) == pytest.approx(entry["train_loss"], rel=1e-5)
     moved = {s.name: float((grid.head(s.name).linear.weight.detach() - before[s.name]).abs().max()) for s in setups}
     assert all(moved[s.name] < 1e-3 for s in setups if s.lr == 1e-6)
     assert all(moved[s.name] > 1e-2 for s in setups if s.lr == 0.1)

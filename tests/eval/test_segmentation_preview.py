@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinov2.eval.segmentation.preview import display_scaled, write_preview
+import torch
+
+from dinov2.eval.segmentation.preview import display_scaled, validation_preview, write_preview
+from dinov2.eval.segmentation.tracking import label_map
 from dinov2.eval.visualisation.montage import LABEL_COLOURS, label_colour, label_montage
 
 
@@ -48,3 +51,25 @@ def test_write_preview_refuses_labels_on_another_grid(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.uint8), np.eye(4)), tmp_path / "seg.nii.gz")
     with pytest.raises(ValueError, match="seg.nii.gz has shape"):
         write_preview(tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "p.png", preset=None)
+
+
+def test_validation_preview_puts_image_reference_and_prediction_side_by_side():
+    anatomy = np.random.default_rng(0).normal(size=(20, 24, 16)).astype(np.float32)
+    reference = np.zeros((20, 24, 16), dtype=np.int64)
+    reference[4:9, 4:9, 6:10] = 2
+    reference[0, 0, 8] = -1  # an ignore-label voxel is not drawn
+    prediction = np.zeros_like(reference)
+    prediction[12:17, 14:20, 6:10] = 3
+    image = validation_preview(anatomy, reference, prediction, np.diag([2.0, 2.0, 2.0, 1.0]), {2: "liver", 3: "kidney"})
+    # three axial panels of 20 x 24 voxels at 2 mm = 40 x 48 pixels, then the titles and the legend
+    assert image.width == 3 * 40 and image.height > 48
+    seen = colours_in(image)
+    assert label_colour(2)[1] in seen and label_colour(3)[1] in seen  # legend swatches of both maps
+    assert label_colour(-1)[1] not in seen  # the ignore label has no legend entry
+
+
+def test_label_map_of_classes_and_of_regions():
+    classes = torch.nn.functional.one_hot(torch.tensor([[[0, 2, 1]]]), 3).permute(3, 0, 1, 2).float()  # (K, 1, 1, 3)
+    assert label_map(classes, multilabel=False).tolist() == [[[0, 2, 1]]]
+    regions = torch.tensor([[[[1.0, 1.0, 0.0]]], [[[0.0, 1.0, 0.0]]]])  # region 1 inside region 0
+    assert label_map(regions, multilabel=True).tolist() == [[[1, 2, 0]]]

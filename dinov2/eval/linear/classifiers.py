@@ -175,7 +175,8 @@ class GridResult:
     Attributes:
         records: head name → its best :class:`HeadRecord`.
         best: the selected head's record.
-        history: one dict per evaluation (iteration, training loss, validation accuracy per head).
+        history: one dict per evaluation: ``iteration``, ``train_loss`` (mean over heads since the
+            last evaluation), ``train_loss_per_head`` and ``val_accuracy`` (head name → value).
         iterations: iterations run.
     """
 
@@ -279,6 +280,7 @@ def _train_loop(grid: ProbeGrid, train: FeatureSet, val: FeatureSet, optimizer: 
     num_classes = grid.heads[0].linear.out_features
     history: list[dict] = []
     running, seen = 0.0, 0
+    per_head = torch.zeros(len(grid.setups))  # each head's loss summed since the last evaluation
     for iteration in range(1, total + 1):
         grid.train()
         for group in optimizer.param_groups:
@@ -286,15 +288,18 @@ def _train_loop(grid: ProbeGrid, train: FeatureSet, val: FeatureSet, optimizer: 
         index = next(batches)
         logits = grid(train.cls_tokens[index], train.patch_mean[index])
         target = train.labels[index]
-        loss = sum(F.cross_entropy(out, target) for out in logits.values())
+        losses = torch.stack([F.cross_entropy(out, target) for out in logits.values()])
+        loss = losses.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         running += loss.item() / len(logits)
+        per_head += losses.detach()
         seen += 1
         if iteration % period == 0 or iteration == total:
             val_logits = predict(grid, val)
-            entry = {"iteration": iteration, "train_loss": running / seen, "val_accuracy": {}}
+            entry = {"iteration": iteration, "train_loss": running / seen,
+                     "train_loss_per_head": dict(zip(logits, (per_head / seen).tolist())), "val_accuracy": {}}
             for name, out in val_logits.items():
                 accuracy, balanced = _accuracies(out, val.labels, num_classes)
                 entry["val_accuracy"][name] = accuracy
@@ -311,6 +316,7 @@ def _train_loop(grid: ProbeGrid, train: FeatureSet, val: FeatureSet, optimizer: 
             if on_eval is not None:
                 on_eval(entry)
             running, seen = 0.0, 0
+            per_head.zero_()
     return history
 
 

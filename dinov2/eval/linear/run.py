@@ -6,7 +6,9 @@ CLS + mean patch token} x learning rates, is trained together on them
 (:mod:`dinov2.eval.linear.classifiers`); the head with the best validation accuracy is evaluated
 on the test split (accuracy, balanced accuracy, macro AUROC, confusion matrix, and each test
 entry's prediction under ``test.cases`` for paired comparisons) and written to
-``<output-dir>/results.json``.
+``<output-dir>/results.json``. Each validation of the grid is a line of ``metrics.jsonl``;
+``--tensorboard`` also writes every head's training loss and validation accuracy to
+``<output-dir>/tensorboard/``.
 
 Example on the packaged brain-lobe task (CPU, a minute)::
 
@@ -46,6 +48,7 @@ from dinov2.utils.config import load_config, load_yaml, packaged_config_path, sa
 from dinov2.utils.device import add_device_argument, resolve_device
 from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 from dinov2.utils.jsonsafe import json_safe
+from dinov2.utils.tensorboard import TensorBoard
 
 from .classifiers import GridResult, HeadRecord, ProbeGrid, best_head_logits, setup_grid, train_probe_grid
 from .features import FeatureSet, load_or_extract_features
@@ -61,7 +64,7 @@ FLAG_KEYS = {
     "datalist": "dataset.datalist", "epochs": "optim.epochs", "epoch_length": "optim.epoch_length",
     "batch_size": "optim.batch_size", "learning_rates": "optim.learning_rates",
     "eval_period_iterations": "evaluation.eval_period_iterations", "num_workers": "features.num_workers",
-    "arch": "model.arch", "seed": "seed",
+    "arch": "model.arch", "seed": "seed", "tensorboard": "tensorboard",
 }
 
 
@@ -85,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="validate every N iterations (evaluation.eval_period_iterations)")
     parser.add_argument("--num-workers", type=int, default=None, help="loader processes of the feature extraction")
     parser.add_argument("--seed", type=int, default=None, help="run seed: classifier initialisation and batch order")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also write each head's training loss and validation accuracy to <output-dir>/tensorboard "
+                             "(tensorboard; needs the tensorboard extra)")
     add_device_argument(parser)
     parser.add_argument("opts", nargs="*", default=[], help="key=value config overrides, applied last")
     add_debug_flag(parser)
@@ -245,9 +251,24 @@ def _split_features(cfg: DictConfig, model: torch.nn.Module, splits: dict[str, l
     return n_blocks, features
 
 
+def log_evaluation(tb: TensorBoard, entry: dict) -> None:
+    """An evaluation of the grid as TensorBoard scalars at step ``entry["iteration"]``.
+
+    Tags: ``train_loss/<head>`` and ``val_accuracy/<head>`` per head (e.g.
+    ``val_accuracy/blocks4_cls_avgpool_lr0.01``), ``train/loss`` (mean over the heads) and
+    ``validation/best_accuracy`` (the best head's).
+    """
+    step = entry["iteration"]
+    tb.scalar("train/loss", entry["train_loss"], step)
+    tb.scalars(entry["train_loss_per_head"], step, group="train_loss")
+    tb.scalars(entry["val_accuracy"], step, group="val_accuracy")
+    tb.scalar("validation/best_accuracy", max(entry["val_accuracy"].values()), step)
+
+
 def _train_heads(cfg: DictConfig, features: dict[str, FeatureSet], n_blocks: list[int], num_classes: int,
                  output_dir: Path) -> tuple[ProbeGrid, GridResult]:
-    """Train the grid of linear heads on the training features, each validation written to ``metrics.jsonl``.
+    """Train the grid of linear heads on the training features, each validation written to ``metrics.jsonl``
+    (and to ``tensorboard/`` with ``tensorboard: true``: :func:`log_evaluation`).
 
     Returns:
         ``(grid, result)``: the heads and each head's best validation record.
@@ -259,15 +280,20 @@ def _train_heads(cfg: DictConfig, features: dict[str, FeatureSet], n_blocks: lis
     history_path = output_dir / "metrics.jsonl"
     history_path.unlink(missing_ok=True)
 
-    def log_eval(entry: dict) -> None:
-        with open(history_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+    # purge_step 0: the heads train from scratch each run, so a rerun hides the earlier run's events.
+    with TensorBoard(output_dir, enabled=bool(cfg.tensorboard), setting="tensorboard (--tensorboard)",
+                     purge_step=0) as tb:
 
-    result = train_probe_grid(
-        grid, features["training"], features["validation"], epochs=int(cfg.optim.epochs),
-        epoch_length=cfg.optim.epoch_length, batch_size=int(cfg.optim.batch_size),
-        eval_period_iterations=cfg.evaluation.eval_period_iterations, momentum=float(cfg.optim.momentum),
-        weight_decay=float(cfg.optim.weight_decay), seed=int(cfg.seed), on_eval=log_eval)
+        def log_eval(entry: dict) -> None:
+            with open(history_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+            log_evaluation(tb, entry)
+
+        result = train_probe_grid(
+            grid, features["training"], features["validation"], epochs=int(cfg.optim.epochs),
+            epoch_length=cfg.optim.epoch_length, batch_size=int(cfg.optim.batch_size),
+            eval_period_iterations=cfg.evaluation.eval_period_iterations, momentum=float(cfg.optim.momentum),
+            weight_decay=float(cfg.optim.weight_decay), seed=int(cfg.seed), on_eval=log_eval)
     return grid, result
 
 

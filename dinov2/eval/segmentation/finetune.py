@@ -44,6 +44,7 @@ FLAG_KEYS = {
     "batch_size": "train.batch_size", "num_workers": "train.num_workers", "learning_rate": "optim.lr",
     "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale", "seed": "seed", "device": "device",
     "precision": "compute_precision.dtype", "train_feature_model": "model.train_backbone",
+    "tensorboard": "train.tensorboard",
 }
 # Required values and the flag that gives each.
 REQUIRED = {"pretrained_weights": "--pretrained-weights", "output_dir": "--output-dir",
@@ -75,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_argument(p)
     p.add_argument("--precision", choices=("auto", *PRECISIONS),
                    help="autocast precision of training and evaluation (compute_precision.dtype)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard scalars and validation previews to <output-dir>/tensorboard "
+                        "(train.tensorboard; needs the tensorboard extra)")
     p.add_argument("opts", nargs="*", default=[], help="key=value config overrides")
     add_debug_flag(p)
     return p

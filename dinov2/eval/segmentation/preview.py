@@ -1,4 +1,4 @@
-"""PNG preview of a predicted label map over its input, for a quick look without a viewer."""
+"""Previews of label maps over their image: a PNG per prediction, an axial row per validation (TensorBoard)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
+from PIL import Image
 
 from dinov2.data.image_io import is_nifti_path
 from dinov2.data.readers import image_readers
 from dinov2.eval.presets import DatasetPreset
 
-from ..visualisation.montage import label_montage
+from ..visualisation.montage import axial_row, foreground_center, gray, label_montage, label_overlay, with_legend
 
 # Display window of the anatomy: robust to a few very bright or dark voxels.
 DISPLAY_PERCENTILES = (0.5, 99.5)
@@ -72,3 +73,31 @@ def write_preview(image_path: str | os.PathLike, label_path: str | os.PathLike, 
     png_path.parent.mkdir(parents=True, exist_ok=True)
     label_montage(display_scaled(anatomy), label_data, affine, label_names(preset)).save(png_path)
     return png_path
+
+
+def validation_preview(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, affine: np.ndarray,
+                       names: dict[int, str] | None = None) -> Image.Image:
+    """One axial slice of a case: the image, the reference labels over it, the predicted labels over it.
+
+    The slice passes through the centre of the reference's labelled region (of the prediction's
+    when the reference is empty), as :func:`write_preview`'s montage does.
+
+    Args:
+        image: ``(X, Y, Z)`` intensities (any range: shown by :func:`display_scaled`).
+        reference: integer ``(X, Y, Z)`` label map (0 = background; negative values are not drawn).
+        prediction: integer ``(X, Y, Z)`` label map on the same grid.
+        affine: the grid's ``(4, 4)`` affine (orientation and pixel size).
+        names: label value → legend name (default: the value).
+
+    Returns:
+        A Pillow RGB image: three panels side by side and the colour legend of the values drawn.
+    """
+    base = gray(display_scaled(image))
+    reference = np.clip(reference, 0, None)
+    ref_rgb, ref_legend = label_overlay(base, reference, names)
+    pred_rgb, pred_legend = label_overlay(base, prediction, names)
+    labelled = reference != 0 if reference.any() else prediction != 0
+    row = axial_row([base, ref_rgb, pred_rgb], ["image", "reference", "prediction"], affine,
+                    foreground_center(labelled))
+    legend = sorted(set(ref_legend + pred_legend), key=lambda entry: int(entry[0].split()[0]))
+    return with_legend(row, legend or [("no label found", (160, 160, 160))])

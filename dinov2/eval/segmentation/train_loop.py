@@ -11,7 +11,9 @@ Files in ``output_dir``:
 * ``results.json``: training / validation curves, the best iteration, per-case per-class test
   Dice, IoU, HD95, NSD and voxel counts and their summaries (NaN written as ``null``);
 * ``summary.json``: the same final evaluation in nnU-Net's layout (:func:`.metrics.build_summary`),
-  on the labelled test cases, else on the validation cases.
+  on the labelled test cases, else on the validation cases;
+* ``tensorboard/`` with ``train.tensorboard`` (``--tensorboard``): the training and validation
+  scalars and a validation preview image (:mod:`.tracking`).
 
 Every metric and its NaN rules (absent, missed and spurious classes) are defined in
 :mod:`.metrics`.
@@ -24,7 +26,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ from dinov2.utils.jsonsafe import json_safe
 from dinov2.utils.precision import autocast_context, native_bf16_support, recommended_precision
 from dinov2.utils.rng import capture_rng_state, restore_rng_state
 from dinov2.utils.errors import UserError
+from dinov2.utils.tensorboard import TensorBoard
 
 from .data import eval_transforms, load_splits, make_dataset, spacing_of, train_transforms
 from .ignore import IgnoreMaskedLoss, mask_ignored
@@ -55,6 +58,7 @@ from .inference import predict_probabilities
 from .metrics import (SUMMARY_FILE, build_summary, case_metrics, discretize, label_to_masks, nsd_tolerances,
                       overlap_metrics, per_case_tables, summarize, write_summary)
 from .model import build_backbone, build_segmentation_model, head_options, no_weights
+from .tracking import PreviewCatcher, log_training, log_validation, open_tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +133,13 @@ def infinite_batches(loader: DataLoader, start_pass: int = 0) -> Iterator[dict]:
 
 
 def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: torch.device, precision: str,
-             with_hd: bool, tta_flip: bool = False, desc: str = "evaluation") -> list[dict[str, Any]]:
+             with_hd: bool, tta_flip: bool = False, desc: str = "evaluation",
+             on_case: Callable[[int, dict, torch.Tensor, torch.Tensor], None] | None = None) -> list[dict[str, Any]]:
     """Per-case metrics on whole preprocessed volumes (sliding window).
+
+    Args:
+        on_case: called per case with ``(index, item, pred, target)``, the ``(1, K, *S)`` masks
+            the metrics compare (e.g. to draw a preview from a prediction made anyway).
 
     Returns:
         one dict per case: ``name``, ``reference_file``, ``spacing`` and the ``(K,)`` arrays of
@@ -153,6 +162,8 @@ def evaluate(model, dataset, preset: DatasetPreset, cfg: DictConfig, device: tor
         label = torch.as_tensor(item["label"]).unsqueeze(0)
         target = label_to_masks(label.clamp(min=0), preset.out_channels, preset.multilabel)
         pred, target = mask_ignored(pred, target, label)  # ignore-label voxels (-1) count nowhere
+        if on_case is not None:
+            on_case(index, item, pred, target)
         spacing = spacing_of(item["image"])
         if with_hd:
             metrics = case_metrics(pred, target, spacing, tolerances, ev.hd_percentile)
@@ -318,21 +329,29 @@ def _train_step(model: torch.nn.Module, batch: dict, loss_fn: torch.nn.Module, o
 
 
 def _log_training(state: dict[str, Any], running: list[float], t0: float, done: int, total_iters: int,
-                  lr: float) -> None:
-    """Add the mean loss since the last log (``running``, begun at ``t0``) to the training curve and log it."""
+                  lr: float, tb: TensorBoard, crops_per_it: int) -> None:
+    """Add the mean loss since the last log (``running``, begun at ``t0``) to the training curve, log it
+    and write it to TensorBoard (with ``crops_per_it`` training crops per iteration for the throughput)."""
     mean_loss = float(np.mean(running))
     state["train_curve"].append({"iteration": done, "loss": mean_loss, "lr": lr})
     seconds_per_it = (time.perf_counter() - t0) / len(running)
     logger.info("it %d/%d loss %.4f lr %.2e (%.2f s/it, training ETA %s)", done, total_iters, mean_loss,
                 lr, seconds_per_it, format_eta(seconds_per_it * (total_iters - done)))
+    log_training(tb, done, mean_loss, lr, seconds_per_it, crops_per_it)
 
 
 def _validate(model: torch.nn.Module, val_ds: Any, preset: DatasetPreset, cfg: DictConfig, device: torch.device,
               precision: str, state: dict[str, Any], done: int, best_path: Path, spec: dict,
-              config_dict: dict) -> None:
-    """Validation Dice after ``done`` iterations: add it to the curve; save ``best_model.pth`` when it is the best."""
-    cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False, desc="validation")
+              config_dict: dict, tb: TensorBoard) -> None:
+    """Validation Dice after ``done`` iterations: add it to the curve and TensorBoard (with the preview of
+    the first case); save ``best_model.pth`` when it is the best."""
+    preview = PreviewCatcher(tb, preset)
+    cases = evaluate(model, val_ds, preset, cfg, device, precision, with_hd=False, desc="validation", on_case=preview)
     summary = summarize(cases, preset.channel_names, preset.foreground_channels)
+    log_validation(tb, done, summary)
+    if preview.image is not None:
+        tb.image("validation/preview", preview.image, done)
+    tb.flush()
     state["val_curve"].append({"iteration": done, "mean_dice": summary["mean_dice"], "dice": summary["dice"]})
     logger.info("validation at %d: mean foreground Dice %.4f %s", done, summary["mean_dice"],
                 {k: round(v, 4) for k, v in summary["dice"].items()})
@@ -394,26 +413,27 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     logger.info("Training %d iterations on %s in %s", total_iters, device, precision)
     last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
     state = _resume_or_start(cfg, model, optimizer, scaler, last_path)
-
     config_dict = config_to_dict(cfg)
     eval_every = max(int(cfg.evaluation.eval_period_iterations), 1)
     log_every = max(int(cfg.train.log_period_iterations), 1)
+    crops_per_it = int(cfg.train.batch_size) * int(cfg.dataset.sampling.num_samples)
     batches = infinite_batches(loader, start_pass=state["iteration"])
     running, t0 = [], time.perf_counter()
     model.train()
-    for it in range(state["iteration"], total_iters):
-        batch = next(batches)
-        lr = lr_schedule[it]
-        running.append(_train_step(model, batch, loss_fn, optimizer, scaler, lr, it, oc, precision, device))
-        done = it + 1
-        if done % log_every == 0 or done == total_iters:
-            _log_training(state, running, t0, done, total_iters, lr)
-            running, t0 = [], time.perf_counter()
-        if done % eval_every == 0 or done == total_iters:
-            _validate(model, val_ds, preset, cfg, device, precision, state, done, best_path, spec, config_dict)
-            state["iteration"] = done
-            _save_last_checkpoint(model, optimizer, scaler, state, cfg, last_path)
-            model.train()
+    with open_tensorboard(cfg, out_dir, state["iteration"]) as tb:
+        for it in range(state["iteration"], total_iters):
+            batch = next(batches)
+            lr = lr_schedule[it]
+            running.append(_train_step(model, batch, loss_fn, optimizer, scaler, lr, it, oc, precision, device))
+            done = it + 1
+            if done % log_every == 0 or done == total_iters:
+                _log_training(state, running, t0, done, total_iters, lr, tb, crops_per_it)
+                running, t0 = [], time.perf_counter()
+            if done % eval_every == 0 or done == total_iters:
+                _validate(model, val_ds, preset, cfg, device, precision, state, done, best_path, spec, config_dict, tb)
+                state["iteration"] = done
+                _save_last_checkpoint(model, optimizer, scaler, state, cfg, last_path)
+                model.train()
 
     final, summary = evaluate_test_set(best_path, splits, preset, cfg, device, precision)
     results = _results(cfg, preset, model, state, final)

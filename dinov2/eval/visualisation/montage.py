@@ -130,6 +130,20 @@ def pca_montage(anatomy: np.ndarray, rgb: np.ndarray, mask: np.ndarray, affine: 
     return montage([gray(anatomy), colour], ["anatomy", label], affine, foreground_center(mask))
 
 
+def heat_overlay(base: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` in ``[0, 1]`` drawn over RGB ``base`` as heat colours, more opaque where higher.
+
+    Args:
+        base: RGB ``uint8`` ``(*shape, 3)`` (e.g. :func:`gray` of the anatomy).
+        values: ``(*shape)`` in ``[0, 1]``.
+
+    Returns:
+        RGB ``uint8`` ``(*shape, 3)``.
+    """
+    alpha = np.clip(values, 0, 1)[..., None] * 0.8
+    return (base.astype(np.float64) * (1 - alpha) + heat_colors(values) * alpha).round().astype(np.uint8)
+
+
 def attention_montage(anatomy: np.ndarray, maps: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> Image.Image:
     """Anatomy, then one row per head with its attention (scaled to ``[0, 1]``) over the anatomy.
 
@@ -139,13 +153,36 @@ def attention_montage(anatomy: np.ndarray, maps: np.ndarray, mask: np.ndarray, a
         mask: bool ``(X, Y, Z)`` foreground (sets the slice position).
         affine: the grid's affine.
     """
-    base = gray(anatomy).astype(np.float64)
-    rows, titles = [gray(anatomy)], ["anatomy"]
-    for h, m in enumerate(maps):
-        alpha = np.clip(m, 0, 1)[..., None] * 0.8
-        rows.append((base * (1 - alpha) + heat_colors(m) * alpha).round().astype(np.uint8))
-        titles.append(f"head {h}")
+    base = gray(anatomy)
+    rows = [base] + [heat_overlay(base, m) for m in maps]
+    titles = ["anatomy"] + [f"head {h}" for h in range(len(maps))]
     return montage(rows, titles, affine, foreground_center(mask))
+
+
+def axial_row(volumes: Sequence[np.ndarray], titles: Sequence[str], affine: np.ndarray,
+              center: Sequence[float]) -> Image.Image:
+    """The axial slices of RGB volumes side by side, each titled (a compact preview, e.g. for TensorBoard).
+
+    Args:
+        volumes: RGB ``uint8`` volumes ``(X, Y, Z, 3)`` on one grid.
+        titles: one label per volume.
+        affine: ``(4, 4)`` affine of that grid (orientation and pixel size, as in :func:`montage`).
+        center: voxel index ``(i, j, k)`` the slice passes through.
+
+    Returns:
+        A Pillow RGB image, one panel per volume from left to right.
+    """
+    if len(volumes) != len(titles) or not volumes:
+        raise ValueError(f"Need one title per volume and at least one volume, got {len(volumes)} and {len(titles)}")
+    panels = [_panel_image(*_panels(volume, affine, center)[0]) for volume in volumes]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), TITLE_HEIGHT + max(p.height for p in panels)))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for panel, title in zip(panels, titles):
+        canvas.paste(panel, (x, TITLE_HEIGHT))
+        draw.text((x + 2, 1), title, fill=(255, 255, 255))
+        x += panel.width
+    return canvas
 
 
 # Distinct colours for label values, with the names the legend uses: value v >= 1 takes entry
@@ -184,8 +221,25 @@ def label_montage(anatomy: np.ndarray, labels: np.ndarray, affine: np.ndarray,
     """
     if anatomy.shape != labels.shape:
         raise ValueError(f"anatomy {anatomy.shape} and labels {labels.shape} must share one grid")
-    names = names or {}
     base = gray(anatomy)
+    overlay, legend = label_overlay(base, labels, names)
+    image = montage([base, overlay], ["anatomy", "labels"], affine, foreground_center(labels != 0))
+    return with_legend(image, legend or [("no label found", (160, 160, 160))])
+
+
+def label_overlay(base: np.ndarray, labels: np.ndarray, names: dict[int, str] | None = None
+                  ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int]]]]:
+    """Every non-zero label value of ``labels`` painted over RGB ``base`` in its colour (:func:`label_colour`).
+
+    Args:
+        base: RGB ``uint8`` ``(*shape, 3)``.
+        labels: integer ``(*shape)`` label map (0 = background, not drawn).
+        names: label value → name for the legend (default: the value).
+
+    Returns:
+        ``(overlay, legend)``: RGB ``uint8`` ``(*shape, 3)`` and one ``(text, colour)`` per value drawn.
+    """
+    names = names or {}
     overlay = base.astype(np.float64)
     legend = []
     for value in (int(v) for v in np.unique(labels) if v != 0):
@@ -193,13 +247,11 @@ def label_montage(anatomy: np.ndarray, labels: np.ndarray, affine: np.ndarray,
         where = labels == value
         overlay[where] = (1 - LABEL_ALPHA) * overlay[where] + LABEL_ALPHA * np.asarray(colour, dtype=np.float64)
         legend.append((f"{value} {names.get(value, '')}".strip() + f" ({colour_name})", colour))
-    image = montage([base, overlay.round().astype(np.uint8)], ["anatomy", "labels"], affine,
-                    foreground_center(labels != 0))
-    return _with_legend(image, legend or [("no label found", (160, 160, 160))])
+    return overlay.round().astype(np.uint8), legend
 
 
-def _with_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
-    """``image`` with rows of coloured legend entries appended below, wrapped to its width."""
+def with_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """``image`` with rows of coloured legend entries ``(text, RGB)`` appended below, wrapped to its width."""
     draw = ImageDraw.Draw(image)
     lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
     x = 2
