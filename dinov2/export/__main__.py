@@ -13,9 +13,10 @@ backbone (teacher checkpoint) maps image (B, C, H, W, D) to cls_token (B, E) and
 patch_tokens (B, N, E), both after the final norm.
 
 Input sizes: the batch B is free for every model. H, W, D are free (multiples of the patch
-size) for backbones and the UNETR and Linear heads; the ViTAdapterUNETR head (and any other
-head) is exported for its training window only (the adapter's deformable attention fixes its
-feature-pyramid sizes), which is what sliding-window prediction feeds it. Every
+size) for backbones and the UNETR, Linear and UNetFusion heads, and for the DPT head
+(multiples of lcm(32, patch)); the ViTAdapterUNETR and DinoUNet heads are exported for their
+training window only (the adapter's deformable attention fixes its feature-pyramid sizes),
+which is what sliding-window prediction feeds them. Every
 export is run with ONNX Runtime and compared with PyTorch at a second batch (and spatial) size
 before the file is written; a model that cannot be exported faithfully fails with one line and
 leaves no file. Needs the export extra: pip install 'dinov2-3d[export]'.

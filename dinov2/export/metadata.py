@@ -4,11 +4,11 @@ Key :data:`METADATA_KEY`; the value (``format_version`` 1)::
 
     {"format": "dinov2_3d_onnx", "format_version": 1, "kind": "segmentation" | "backbone",
      "input": {"name": "image", "layout": "BCHWD", "channels": C, "dynamic_batch": true,
-               "dynamic_spatial": bool, "spatial_multiple": p, "example_size": [H, W, D]},
+               "dynamic_spatial": bool, "spatial_multiple": m, "example_size": [H, W, D]},
      "outputs": ["logits"] | ["cls_token", "patch_tokens"],
      "source": {"checkpoint": file name, "iteration": int | null, ...},
      # segmentation only: exactly what predict reads from best_model.pth
-     "head": "UNETR" | "ViTAdapterUNETR" | "Linear",
+     "head": "UNETR" | "ViTAdapterUNETR" | "Linear" | "DinoUNet" | "DPT" | "UNetFusion",
      "preset": the checkpoint's dataset preset (DatasetPreset.from_config rebuilds it),
      "evaluation": the run's evaluation settings over the packaged defaults (overlap, blend, ...),
      "summary": the same, spelled out for other runtimes (never read back: derived from the two above)

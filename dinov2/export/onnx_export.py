@@ -7,15 +7,19 @@ checkpoint             outputs                                 spatial size ``H,
 =====================  ======================================  =====================================
 teacher (backbone)     ``cls_token (B, E)``,                   any multiples of the patch size
                        ``patch_tokens (B, N, E)`` (final norm)
-UNETR, Linear heads    ``logits (B, K, H, W, D)``              any multiples of the patch size
-ViTAdapterUNETR head   ``logits (B, K, H, W, D)``              fixed: the training window
-(and any other head)
+UNETR, Linear,         ``logits (B, K, H, W, D)``              any multiples of the patch size
+UNetFusion heads
+DPT head               ``logits (B, K, H, W, D)``              any multiples of ``lcm(32, p)``
+ViTAdapterUNETR,       ``logits (B, K, H, W, D)``              fixed: the training window
+DinoUNet heads
 =====================  ======================================  =====================================
 
-The adapter's deformable attention turns its feature-pyramid sizes into Python numbers (level
-sizes, reference-point grids, split sizes), which any trace fixes; prediction only ever feeds it
-windows of the training size, so the graph takes that size and ONNX Runtime refuses others. A
-head not listed in :data:`SIZE_FREE_HEADS` is exported the same way.
+The adapter's deformable attention (ViTAdapterUNETR, DinoUNet) turns its feature-pyramid sizes
+into Python numbers (level sizes, reference-point grids, split sizes), which any trace fixes;
+prediction only ever feeds it windows of the training size, so the graph takes that size and
+ONNX Runtime refuses others. A head not listed in :data:`SIZE_FREE_HEADS` is exported the same
+way. A free-size graph's sides must be multiples of :func:`spatial_multiple` (the patch, or the
+head's own requirement where it is stricter: DPT's 1/32 level).
 
 Exporter: the TorchScript tracer (``dynamo=False``). Both exporters handle every head with a
 dynamic batch; on the tiny test models the dynamo exporter took 5-76 s per export against
@@ -29,6 +33,7 @@ batch (and spatial) size before the file is kept: a graph that differs is never 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -54,7 +59,7 @@ OPSET = 20
 INPUT = "image"
 # Heads whose graph was checked to take any window size (tests/export); any other head is exported
 # for its training window, which is all sliding-window prediction feeds it.
-SIZE_FREE_HEADS = ("UNETR", "Linear")
+SIZE_FREE_HEADS = ("UNETR", "Linear", "DPT", "UNetFusion")
 # Largest |ONNX - PyTorch| accepted, relative to the largest |PyTorch output| (at least 1). Float
 # rounding stays far below; a size fixed by the trace gives differences of order 1.
 VERIFY_TOLERANCE = 1e-3
@@ -119,6 +124,12 @@ def _example(channels: int, size) -> torch.Tensor:
     return torch.rand(2, channels, *size, generator=torch.Generator().manual_seed(0))
 
 
+def spatial_multiple(model: nn.Module) -> int:
+    """What every window side of a segmenter must be a multiple of: the patch, or the head's own
+    ``multiple`` where it has one (DPT: ``lcm(32, p)``; DinoUNet: ``lcm(16, p)``)."""
+    return math.lcm(model.backbone.patch_size, int(getattr(model.head, "multiple", 1)))
+
+
 def segmentation_plan(path: Path) -> ExportPlan:
     """The plan for ``best_model.pth``: its model, window size and metadata (what predict reads)."""
     from omegaconf import OmegaConf  # noqa: PLC0415
@@ -131,7 +142,7 @@ def segmentation_plan(path: Path) -> ExportPlan:
     # does not depend on a later toolkit's packaged defaults.
     evaluation = OmegaConf.to_container(with_packaged_defaults(
         "evaluation", info["config"].get("evaluation", {}), default="eval/segmentation_default"), resolve=True)
-    dynamic, multiple = model.head_name in SIZE_FREE_HEADS, model.backbone.patch_size
+    dynamic, multiple = model.head_name in SIZE_FREE_HEADS, spatial_multiple(model)
     io = input_section(preset.in_channels, preset.roi_size, dynamic, multiple)
     return ExportPlan(model.eval(), model.backbone, _example(preset.in_channels, preset.roi_size), ["logits"], dynamic,
                       multiple, segmentation_metadata(preset, info, evaluation, io, path.name),

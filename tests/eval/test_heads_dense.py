@@ -166,3 +166,9 @@ def test_window_sides_that_do_not_fit_say_the_multiple(head, side, multiple):
     model = tiny_model(head)
     with pytest.raises(ValueError, match=f"multiple of {multiple}"):
         model(torch.randn(1, 1, side, side, side))
+
+
+def test_unetfusion_finest_stride_beyond_the_patch_is_an_error():
+    """Coarser than the patch grid would need downsampling to sizes read from the input (fixed in an ONNX trace)."""
+    with pytest.raises(ValueError, match="finest_stride .* at most the patch size 8"):
+        tiny_model("UNetFusion", patch=8, options={"finest_stride": 16})

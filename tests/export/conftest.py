@@ -27,6 +27,11 @@ BACKBONE = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_s
 HEAD_OPTIONS = {"UNETR": {"feature_size": 4}, "Linear": {},
                 "ViTAdapterUNETR": {"feature_size": 4, "spm_width": 8, "num_heads": 2, "n_points": 2}}
 HEADS = tuple(HEAD_OPTIONS)
+# The dense heads of issue #16, exported in tests/export/test_onnx_dense_heads.py (own fixtures, so the
+# shared `finetuned` / `exported` fixtures stay as fast as they were).
+DENSE_HEAD_OPTIONS = {"DinoUNet": {"widths": [4, 8, 8, 8], "rank": 8, "spm_width": 4, "n_points": 2},
+                      "DPT": {"widths": [4, 8, 8, 8], "fusion_width": 8, "head_width": 4},
+                      "UNetFusion": {"width": 8}}
 SIDE = 32  # the real volume is cropped to SIDE³ voxels
 
 
@@ -83,7 +88,7 @@ def write_finetuned(path: Path, head: str, preset: DatasetPreset | None = None, 
     """A finetuned checkpoint of a tiny random model with ``head`` (``merge``: of several modalities)."""
     preset = preset or tiny_preset()
     torch.manual_seed(seed)
-    options = HEAD_OPTIONS[head]
+    options = {**HEAD_OPTIONS, **DENSE_HEAD_OPTIONS}[head]
     model = build_segmentation_model(build_model("vit_tiny_3d", **BACKBONE), head, preset.in_channels,
                                      preset.out_channels, options, merge_mode=merge)
     config = {"model": {HEAD_OPTION_SECTIONS[head]: options, "modality_merge": merge},
