@@ -1,4 +1,4 @@
-"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path,serve} [options]``.
+"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path,preflight,onnx,serve,heads} [options]``.
 
 ``model``: one training step (forward + backward, no optimizer) of a 3D ViT backbone on random
 volumes, single process, per precision mode. Reports seconds per step (median after warm-up),
@@ -7,10 +7,10 @@ MFU against GEMM peaks measured in the same run, and the accuracy of each reduce
 mode against fp32 (relative error and cosine similarity of outputs and of gradients).
 Prints Markdown tables (paste them into ``docs/benchmarks.md``).
 
-``data``, ``train``, ``segmentation``, ``drop-path`` and ``serve`` run ``scripts/benchmark_data.py``,
-``scripts/benchmark_train.py``, ``scripts/benchmark_segmentation.py``,
-``scripts/benchmark_drop_path.py`` and ``scripts/benchmark_serve.py`` (their own options; ``-h``
-after the command lists them).
+Every other command runs ``scripts/benchmark_<command>.py`` (``drop-path``: ``benchmark_drop_path.py``)
+with its own options (``-h`` after the command lists them): ``data``, ``train``, ``segmentation``,
+``drop-path``, ``preflight`` (the input pre-flight's cost), ``onnx`` (ONNX Runtime vs eager),
+``serve`` (the HTTP service's load) and ``heads`` (every segmentation head).
 
 Usage::
 

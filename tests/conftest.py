@@ -67,3 +67,27 @@ def error_line(capsys):
         return lines[0]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def crop_sample_volume(tmp_path_factory):
+    """``crop_sample_volume(name, side)``: the installed sample volume ``name`` (else the first 3D one
+    with every side >= ``side``) cropped to ``side``^3 voxels at its centre, saved as float32 NIfTI
+    with its affine kept right; returns the path."""
+    import nibabel as nib
+    import numpy as np
+
+    from dinov2.sample_data import find_pretraining_volumes
+
+    def make(name: str, side: int, filename: str):
+        volumes = find_pretraining_volumes()
+        source = next((p for p in volumes if p.name == name), None)
+        source = source or next(p for p in volumes if len(nib.load(p).shape) == 3 and min(nib.load(p).shape) >= side)
+        image = nib.load(source)
+        start = [(s - side) // 2 for s in image.shape[:3]]
+        cropped = image.slicer[tuple(slice(a, a + side) for a in start)]
+        path = tmp_path_factory.mktemp("volume") / filename
+        nib.save(nib.Nifti1Image(np.asarray(cropped.dataobj, dtype=np.float32), cropped.affine), path)
+        return path
+
+    return make

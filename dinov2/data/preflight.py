@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -174,17 +175,11 @@ def _read(check: FileCheck) -> dict:
             volume = read_volume(check.path, channels=check.channels, any_frames=check.any_frames,
                                  frame_flag=None, role=check.role)
             shape = volume.shape if volume.frame is None else volume.spatial_shape
-            record.update(nonfinite=volume.nonfinite, fill=volume.fill_value, voxels=int(_prod(shape)))
+            record.update(nonfinite=volume.nonfinite, fill=volume.fill_value, voxels=math.prod(shape))
     except InputVolumeError as exc:
         record.update(problem=exc.problem, fix=exc.fix)
     return record
 
-
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def run_preflight(checks: Sequence[FileCheck], *, cache: PreflightCache | None = None, workers: int | None = None,

@@ -21,7 +21,6 @@ from dinov2.eval.presets import DatasetPreset, load_preset  # noqa: E402
 from dinov2.eval.segmentation.model import HEAD_OPTION_SECTIONS, build_segmentation_model  # noqa: E402
 from dinov2.export.__main__ import main as export_main  # noqa: E402
 from dinov2.models import build_model  # noqa: E402
-from dinov2.sample_data import find_pretraining_volumes  # noqa: E402
 
 BACKBONE = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 16}
 HEAD_OPTIONS = {"UNETR": {"feature_size": 4}, "Linear": {},
@@ -53,17 +52,9 @@ def single_thread_session():
 
 
 @pytest.fixture(scope="session")
-def real_volume(tmp_path_factory) -> Path:
+def real_volume(crop_sample_volume) -> Path:
     """A real T1 MRI (the MNI152 3 mm template, or another sample volume) cropped to SIDE³ at its centre."""
-    volumes = find_pretraining_volumes()
-    source = next((p for p in volumes if p.name == "MNI152_T1_3mm.nii.gz"), None)
-    source = source or next(p for p in volumes if len(nib.load(p).shape) == 3 and min(nib.load(p).shape) >= SIDE)
-    image = nib.load(source)
-    start = [(s - SIDE) // 2 for s in image.shape[:3]]
-    cropped = image.slicer[tuple(slice(a, a + SIDE) for a in start)]
-    path = tmp_path_factory.mktemp("volume") / "t1_crop.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(cropped.dataobj, dtype=np.float32), cropped.affine), path)
-    return path
+    return crop_sample_volume("MNI152_T1_3mm.nii.gz", SIDE, "t1_crop.nii.gz")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import io
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,6 @@ from dinov2.checkpoints.finetuned import save_finetuned
 from dinov2.eval.presets import DatasetPreset, load_preset
 from dinov2.eval.segmentation.model import build_segmentation_model
 from dinov2.models import build_model
-from dinov2.sample_data import find_pretraining_volumes
 from dinov2.serve.process import ServerProcess
 
 SIDE = 32
@@ -55,18 +53,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_volume(tmp_path_factory) -> Path:
+def real_volume(crop_sample_volume) -> Path:
     """A real T1 MRI (the MNI152 2 mm template) cropped to 32³ around its centre, affine kept right."""
-    volumes = find_pretraining_volumes()
-    source = next((p for p in volumes if p.name == "MNI152_T1_2mm.nii.gz"), None)
-    source = source or next(p for p in volumes if len(nib.load(p).shape) == 3 and min(nib.load(p).shape) >= SIDE)
-    image = nib.load(source)
-    start = [(s - SIDE) // 2 for s in image.shape[:3]]
-    cropped = image.slicer[tuple(slice(a, a + SIDE) for a in start)]
-    data = np.asarray(cropped.dataobj, dtype=np.float32)
-    path = tmp_path_factory.mktemp("volumes") / "mni_crop.nii.gz"
-    nib.save(nib.Nifti1Image(data, cropped.affine), path)
-    return path
+    return crop_sample_volume("MNI152_T1_2mm.nii.gz", SIDE, "mni_crop.nii.gz")
 
 
 @pytest.fixture(scope="session")
