@@ -21,6 +21,8 @@ defaults, are the ``dataset:`` section of ``dinov2/configs/eval/segmentation_def
 ``ignore_label``  label value of unannotated voxels, left out of loss and metrics (optional)
 ``remap``         ``{source value: target value}`` applied to label maps first (optional)
 ``loss``          ``dice_ce`` (softmax, needs ``classes``) or ``dice_sigmoid`` (needs ``regions``)
+``loss_weights``  ``{dice, ce}``: the weight of each term (``ce`` for ``dice_ce`` only)
+``dice_variant``  ``dice``, ``squared`` or ``jaccard`` (MONAI ``DiceLoss`` options)
 ``spacing``       target voxel spacing in mm (3 floats)
 ``nsd_tolerance_mm``  normalised surface Dice tolerance in mm: one number (default 1) or one per
                   channel (:mod:`dinov2.eval.segmentation.metrics`)
@@ -207,6 +209,8 @@ class DatasetPreset:
     raw: dict = field(repr=False, default_factory=dict)
     regions_class_order: tuple[int, ...] | None = None
     ignore_label: int | None = None
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 1.0, "ce": 1.0})
+    dice_variant: str = "dice"
 
     @property
     def multilabel(self) -> bool:
@@ -299,8 +303,26 @@ class DatasetPreset:
             crop_foreground=bool(raw["crop_foreground"]), roi_size=roi,
             sampling={k: int(v) for k, v in sampling.items()},
             augment={k: float(v) for k, v in augment.items()}, raw=raw,
-            **_nnunet_keys(raw, classes, regions),
+            **_nnunet_keys(raw, classes, regions), **_loss_keys(raw),
         )
+
+
+DICE_VARIANTS = ("dice", "squared", "jaccard")
+
+
+def _loss_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``loss_weights`` (non-negative, not all zero) and ``dice_variant``, checked.
+
+    Raises:
+        ValueError: names the key and what is wrong.
+    """
+    weights = {k: float(v) for k, v in dict(raw["loss_weights"]).items()}
+    if set(weights) != {"dice", "ce"} or min(weights.values()) < 0 or not any(weights.values()):
+        raise ValueError(f"dataset.loss_weights needs dice and ce >= 0, not both 0, got {weights}")
+    variant = str(raw["dice_variant"])
+    if variant not in DICE_VARIANTS:
+        raise ValueError(f"dataset.dice_variant must be one of {DICE_VARIANTS}, got '{variant}'")
+    return {"loss_weights": weights, "dice_variant": variant}
 
 
 def _nnunet_keys(raw: Mapping[str, Any], classes: tuple | None, regions: dict | None) -> dict[str, Any]:

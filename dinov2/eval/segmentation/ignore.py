@@ -60,12 +60,16 @@ class IgnoreMaskedLoss(nn.Module):
 
     Args:
         multilabel: regions (sigmoid, Dice) instead of classes (softmax, Dice + CE).
+        dice_weight, ce_weight: the preset's ``loss_weights``.
+        squared_pred, jaccard: the preset's Dice variant (MONAI ``DiceLoss`` options).
     """
 
-    def __init__(self, multilabel: bool):
+    def __init__(self, multilabel: bool, dice_weight: float = 1.0, ce_weight: float = 1.0,
+                 squared_pred: bool = False, jaccard: bool = False):
         super().__init__()
         self.multilabel = multilabel
-        self.dice = DiceLoss()
+        self.dice_weight, self.ce_weight = float(dice_weight), float(ce_weight)
+        self.dice = DiceLoss(squared_pred=squared_pred, jaccard=jaccard)
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``(B, K, *S)`` against ``label`` ``(B, 1, *S)`` classes or ``(B, K, *S)``
@@ -73,11 +77,11 @@ class IgnoreMaskedLoss(nn.Module):
         valid = valid_mask(label)
         target = label.clamp(min=0)
         if self.multilabel:
-            return self.dice(torch.sigmoid(logits) * valid, target * valid)
+            return self.dice_weight * self.dice(torch.sigmoid(logits) * valid, target * valid)
         onehot = one_hot(target.long(), num_classes=logits.shape[1], dim=1)
         dice = self.dice(torch.softmax(logits, 1) * valid, onehot * valid)
         ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none") * valid[:, 0]
-        return dice + ce.sum() / valid.sum().clamp(min=1)
+        return self.dice_weight * dice + self.ce_weight * ce.sum() / valid.sum().clamp(min=1)
 
 
 def mask_ignored(pred: torch.Tensor, target: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

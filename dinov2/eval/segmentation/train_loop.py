@@ -98,12 +98,30 @@ def build_train_loader(dataset: Any, batch_size: int, num_workers: int) -> DataL
 
 def build_loss(preset: DatasetPreset) -> torch.nn.Module:
     """DiceCE over softmax classes, or Dice over sigmoid region channels (without the ignored voxels
-    when the preset has an ``ignore_label``, :mod:`.ignore`)."""
+    when the preset has an ``ignore_label``, :mod:`.ignore`), with the preset's term weights
+    (``loss_weights``) and Dice variant (``dice_variant``)."""
+    weights, variant = preset.loss_weights, dice_options(preset.dice_variant)
     if preset.ignore_label is not None:
-        return IgnoreMaskedLoss(preset.multilabel)
+        return IgnoreMaskedLoss(preset.multilabel, weights["dice"], weights["ce"], **variant)
     if preset.loss == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
-    return DiceLoss(sigmoid=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=weights["dice"], lambda_ce=weights["ce"], **variant)
+    return ScaledLoss(DiceLoss(sigmoid=True, **variant), weights["dice"])
+
+
+def dice_options(variant: str) -> dict[str, bool]:
+    """MONAI ``DiceLoss`` keyword arguments of a preset's ``dice_variant``."""
+    return {"squared_pred": variant == "squared", "jaccard": variant == "jaccard"}
+
+
+class ScaledLoss(torch.nn.Module):
+    """``weight`` times ``loss`` (the Dice-only loss of region presets with their ``loss_weights.dice``)."""
+
+    def __init__(self, loss: torch.nn.Module, weight: float):
+        super().__init__()
+        self.loss, self.weight = loss, float(weight)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.loss(logits, label)
 
 
 def supervised_loss(loss_fn: torch.nn.Module, logits: torch.Tensor | list[torch.Tensor],
