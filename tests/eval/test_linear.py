@@ -50,15 +50,32 @@ def _features(n, labels, dim=8, blocks=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     cls = torch.randn(n, blocks, dim, generator=g)
     cls[:, -1, 0] += 4.0 * labels.float()  # the class shows in the last block's CLS token only
-    return FeatureSet(cls, torch.randn(n, dim, generator=g), labels, [f"{i}.nii" for i in range(n)])
+    return FeatureSet(cls, torch.randn(n, blocks, dim, generator=g), labels, [f"{i}.nii" for i in range(n)])
 
 
 def test_linear_input_layout():
-    cls, mean = torch.arange(24.0).reshape(1, 4, 6), torch.full((1, 6), -1.0)
+    cls, mean = torch.arange(24.0).reshape(1, 4, 6), -torch.arange(24.0).reshape(1, 4, 6)
     assert torch.equal(linear_input(cls, mean, 1, "cls"), cls[:, 3])
-    assert torch.equal(linear_input(cls, mean, 4, "cls_avgpool"), torch.cat([cls.flatten(1), mean], 1))
+    assert torch.equal(linear_input(cls, mean, 4, "cls_avgpool"), torch.cat([cls.flatten(1), mean[:, 3]], 1))
+    assert torch.equal(linear_input(cls, mean, 2, "cls_avgpool_blocks"),
+                       torch.cat([cls[:, 2:].flatten(1), mean[:, 2:].flatten(1)], 1))
     with pytest.raises(ValueError, match="last 5 blocks"):
         linear_input(cls, mean, 5, "cls")
+
+
+def test_per_block_mean_patch_tokens_reach_the_heads_that_read_them():
+    # The class shows only in an earlier block's mean patch token (as in small pretraining runs):
+    # only the heads reading every block's mean patch token can separate it.
+    labels = torch.arange(256) % 2
+    train, val = _features(256, labels), _features(256, labels, seed=1)
+    for features in (train, val):
+        features.cls_tokens[:, -1, 0] = torch.randn(256)  # drop the CLS signal of _features
+        features.patch_mean[:, 1, 2] += 6.0 * labels.float()
+    setups = setup_grid([4], ["cls", "cls_avgpool", "cls_avgpool_blocks"], [0.1])
+    result = train_probe_grid(ProbeGrid(setups, train, num_classes=2), train, val, epochs=10, epoch_length=None,
+                              batch_size=16, eval_period_iterations=None)
+    accuracy = {r.setup.pooling: r.val_accuracy for r in result.records.values()}
+    assert accuracy["cls_avgpool_blocks"] > 0.95 and accuracy["cls"] < 0.75 and accuracy["cls_avgpool"] < 0.75
 
 
 def test_grid_trains_every_head_with_its_own_learning_rate_and_selects_on_validation():
@@ -99,8 +116,8 @@ def test_linear_probe_beats_chance_on_the_brain_lobe_task_and_caches_features(lo
     assert test["balanced_accuracy"] >= 0.32, test
     assert test["auroc_macro"] >= 0.65, test
     grid = results["grid"]
-    assert len(grid) == 2 * 2 * 2 and {(g["n_blocks"], g["pooling"]) for g in grid} == {
-        (1, "cls"), (1, "cls_avgpool"), (4, "cls"), (4, "cls_avgpool")}
+    assert len(grid) == 2 * 3 * 2 and {(g["n_blocks"], g["pooling"]) for g in grid} == {
+        (n, p) for n in (1, 4) for p in ("cls", "cls_avgpool", "cls_avgpool_blocks")}
     best = results["best_classifier"]
     best_row = next(g for g in grid if g["name"] == best["name"])
     assert best_row["best_val_accuracy"] == max(g["best_val_accuracy"] for g in grid)

@@ -196,7 +196,7 @@ def _probe_args(lobe_data, teacher, out) -> list[str]:
 def test_linear_probe_writes_each_heads_loss_and_accuracy(tmp_path, lobe_data, tiny_teacher):
     assert linear_run.main(_probe_args(lobe_data, tiny_teacher, tmp_path)) == 0
     scalars, images = read_events(tmp_path / TENSORBOARD_DIR)
-    heads = {f"blocks{n}_{p}_lr{lr}" for n in (1, 4) for p in ("cls", "cls_avgpool") for lr in ("0.01", "0.1")}
+    heads = {f"blocks{n}_{p}_lr{lr}" for n in (1, 4) for p in ("cls", "cls_avgpool", "cls_avgpool_blocks") for lr in ("0.01", "0.1")}
     expected = ({f"train_loss/{h}" for h in heads} | {f"val_accuracy/{h}" for h in heads}
                 | {"train/loss", "validation/best_accuracy"})
     assert set(scalars) == expected and all(steps == [1, 2] for steps in scalars.values()), scalars

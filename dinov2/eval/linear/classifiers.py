@@ -3,7 +3,11 @@
 Each head has its own feature recipe and learning rate:
 
 * ``n_blocks``: the CLS tokens of the last 1 (or 4, ...) blocks, concatenated;
-* ``pooling``: ``cls`` alone, or ``cls_avgpool``: also the mean of the last block's patch tokens;
+* ``pooling``: ``cls`` alone; ``cls_avgpool``: also the mean of the last block's patch tokens (DINOv2's
+  linear evaluation); ``cls_avgpool_blocks``: the CLS and the mean patch token of each of the
+  ``n_blocks`` blocks (what ``python -m dinov2.eval.evidence`` reads: at small scale the earlier
+  blocks' mean patch tokens carry what pretraining learned, see
+  docs/experiments/small_scale_recipe.md);
 * ``lr``: peak learning rate of SGD with momentum, decayed to 0 on a cosine over the run.
 
 Every head standardises its input with the training features' per-dimension mean and standard
@@ -32,7 +36,7 @@ from .metrics import confusion_matrix
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "cls_avgpool")
+POOLINGS = ("cls", "cls_avgpool", "cls_avgpool_blocks")
 
 
 @dataclass(frozen=True)
@@ -73,18 +77,21 @@ def linear_input(cls_tokens: torch.Tensor, patch_mean: torch.Tensor, n_blocks: i
 
     Args:
         cls_tokens: ``(B, K, E)`` CLS tokens of the last ``K >= n_blocks`` blocks.
-        patch_mean: ``(B, E)`` mean patch token of the last block.
+        patch_mean: ``(B, K, E)`` mean patch token of the same blocks.
         n_blocks: trailing blocks to use.
-        pooling: ``cls`` or ``cls_avgpool``.
+        pooling: one of :data:`POOLINGS`.
 
     Returns:
-        ``(B, n_blocks * E)`` or ``(B, (n_blocks + 1) * E)``.
+        ``(B, n_blocks * E)`` (``cls``), ``(B, (n_blocks + 1) * E)`` (``cls_avgpool``) or
+        ``(B, 2 * n_blocks * E)`` (``cls_avgpool_blocks``).
     """
     if n_blocks > cls_tokens.shape[1]:
         raise ValueError(f"A head wants the last {n_blocks} blocks but only {cls_tokens.shape[1]} were extracted")
     x = cls_tokens[:, -n_blocks:].flatten(1)
     if pooling == "cls_avgpool":
-        x = torch.cat([x, patch_mean], dim=1)
+        x = torch.cat([x, patch_mean[:, -1]], dim=1)
+    elif pooling == "cls_avgpool_blocks":
+        x = torch.cat([x, patch_mean[:, -n_blocks:].flatten(1)], dim=1)
     return x
 
 

@@ -1,8 +1,8 @@
 """Frozen-backbone features of classification volumes, computed once and cached on disk.
 
 Per volume the cache keeps what every linear head of the grid needs: the normalised CLS token
-of each of the last ``n`` blocks and the mean of the last block's normalised patch tokens. A
-head using fewer blocks takes the trailing ones, so one extraction serves the whole grid.
+and the mean of the normalised patch tokens of each of the last ``n`` blocks. A head using fewer
+blocks takes the trailing ones, so one extraction serves the whole grid.
 
 Input preparation reuses the pretraining preprocessing of :mod:`dinov2.data.transforms`
 (non-finite repair, in-plane axis order, robust intensity scaling to ``[-1, 1]``, foreground
@@ -33,7 +33,7 @@ from dinov2.utils.cpus import cap_workers
 logger = logging.getLogger(__name__)
 
 # Bump when the stored content or its meaning changes, so stale caches are not read.
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: the mean patch token of every kept block, not only the last
 
 
 @dataclass
@@ -43,7 +43,8 @@ class FeatureSet:
     Attributes:
         cls_tokens: float32 ``(N, n_blocks, E)``: normalised CLS token of each of the last
             ``n_blocks`` blocks, the last block last.
-        patch_mean: float32 ``(N, E)``: mean of the last block's normalised patch tokens.
+        patch_mean: float32 ``(N, n_blocks, E)``: mean of each of those blocks' normalised patch
+            tokens, the last block last.
         labels: int64 ``(N,)`` class indices.
         images: the ``N`` image paths (a list per entry for multi-modal inputs).
     """
@@ -56,7 +57,7 @@ class FeatureSet:
     def __post_init__(self):
         n = self.labels.shape[0]
         shapes_ok = self.cls_tokens.ndim == 3 and self.cls_tokens.shape[0] == n
-        if not shapes_ok or self.patch_mean.shape != (n, self.cls_tokens.shape[2]):
+        if not shapes_ok or self.patch_mean.shape != self.cls_tokens.shape:
             raise ValueError(f"Inconsistent feature shapes: cls {tuple(self.cls_tokens.shape)}, patch mean "
                              f"{tuple(self.patch_mean.shape)}, labels {tuple(self.labels.shape)}")
 
@@ -128,11 +129,12 @@ def extract_features(model: torch.nn.Module, loader: DataLoader, n_last_blocks: 
     Args:
         model: a :class:`dinov2.models.VisionTransformer3D` (put in eval mode here).
         loader: yields ``(images (B, C, H, W, D), labels (B,))``.
-        n_last_blocks: how many trailing blocks' CLS tokens to keep.
+        n_last_blocks: how many trailing blocks' CLS and mean patch tokens to keep.
         device: where the backbone runs.
 
     Returns:
-        ``(cls_tokens (N, n_last_blocks, E), patch_mean (N, E), labels (N,))`` on the CPU.
+        ``(cls_tokens (N, n_last_blocks, E), patch_mean (N, n_last_blocks, E), labels (N,))`` on
+        the CPU.
     """
     model.eval()
     cls_parts, mean_parts, label_parts = [], [], []
@@ -140,7 +142,7 @@ def extract_features(model: torch.nn.Module, loader: DataLoader, n_last_blocks: 
     for images, labels in tqdm(loader, desc="features", unit="batch", leave=False, dynamic_ncols=True):
         outputs = model.get_intermediate_layers(images.to(device), n=n_last_blocks, return_class_token=True, norm=True)
         cls_parts.append(torch.stack([cls for _, cls in outputs], dim=1).float().cpu())
-        mean_parts.append(outputs[-1][0].mean(dim=1).float().cpu())
+        mean_parts.append(torch.stack([patches.mean(dim=1) for patches, _ in outputs], dim=1).float().cpu())
         label_parts.append(torch.as_tensor(labels, dtype=torch.long))
     if not cls_parts:
         raise ValueError("No volume to extract features from (empty split).")
@@ -180,7 +182,7 @@ def feature_cache_key(checkpoint: str | os.PathLike | None, model: torch.nn.Modu
         entries: the split's entries (images and labels, in order).
         preprocessing: the dataset's preprocessing section.
         image_size: backbone input size.
-        n_last_blocks: trailing blocks whose CLS token is kept.
+        n_last_blocks: trailing blocks whose CLS and mean patch tokens are kept.
 
     Returns:
         20 hex characters.
