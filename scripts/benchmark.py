@@ -1,4 +1,4 @@
-"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,train,segmentation,drop-path,preflight,onnx,serve,heads} [options]``.
+"""Benchmarks of the toolkit: ``python scripts/benchmark.py {model,data,device-augment,train,segmentation,drop-path,preflight,onnx,serve,heads} [options]``.
 
 ``model``: one training step (forward + backward, no optimizer) of a 3D ViT backbone on random
 volumes, single process, per precision mode. Reports seconds per step (median after warm-up),
@@ -7,8 +7,10 @@ MFU against GEMM peaks measured in the same run, and the accuracy of each reduce
 mode against fp32 (relative error and cosine similarity of outputs and of gradients).
 Prints Markdown tables (paste them into ``docs/benchmarks.md``).
 
-Every other command runs ``scripts/benchmark_<command>.py`` (``drop-path``: ``benchmark_drop_path.py``)
-with its own options (``-h`` after the command lists them): ``data``, ``train``, ``segmentation``,
+Every other command runs ``scripts/benchmark_<command>.py`` (``drop-path``: ``benchmark_drop_path.py``,
+``device-augment``: ``benchmark_device_augment.py``) with its own options (``-h`` after the command
+lists them): ``data``, ``device-augment`` (crops made batched by the training process, the
+``crops.augment_on_device`` path, against today's per-sample pipeline), ``train``, ``segmentation``,
 ``drop-path``, ``preflight`` (the input pre-flight's cost), ``onnx`` (ONNX Runtime vs eager),
 ``serve`` (the HTTP service's load) and ``heads`` (every segmentation head).
 
@@ -292,6 +294,11 @@ def main_data(argv: Sequence[str]):
     return _run_sibling_script("benchmark_data.py", argv, "The data benchmark is not available")
 
 
+def main_device_augment(argv: Sequence[str]):
+    """``benchmark.py device-augment``: ``scripts/benchmark_device_augment.py`` (``crops.augment_on_device`` on CPU)."""
+    return _run_sibling_script("benchmark_device_augment.py", argv, "The device-augmentation benchmark is not available")
+
+
 def main_train(argv: Sequence[str]):
     """``benchmark.py train``: ``scripts/benchmark_train.py`` (its own options)."""
     return _run_sibling_script("benchmark_train.py", argv, "benchmark.py train: not implemented yet")
@@ -328,8 +335,9 @@ def main_preflight(argv: Sequence[str]):
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
-    "model": main_model, "data": main_data, "train": main_train, "segmentation": main_segmentation,
-    "drop-path": main_drop_path, "heads": main_heads, "preflight": main_preflight, "serve": main_serve, "onnx": main_onnx,
+    "model": main_model, "data": main_data, "device-augment": main_device_augment, "train": main_train,
+    "segmentation": main_segmentation, "drop-path": main_drop_path, "heads": main_heads, "preflight": main_preflight,
+    "serve": main_serve, "onnx": main_onnx,
 }
 
 

@@ -8,39 +8,48 @@ Measures, on one real 1 mm brain volume (default: a template shipped by an insta
 2. a statistical check that both produce the same distribution of crop boxes and orientations
    (two-sample Kolmogorov-Smirnov tests on a volume whose voxels hold their own coordinates,
    chi-square on the signed axis permutations);
-3. the whole loader: ``PretrainDataset3d`` (in-memory cache) + ``DataLoader`` with a stacking
-   collate, with 0, 1 and 2 workers.
+3. the whole loader as training uses it: ``PretrainDataset3d`` (in-memory cache) +
+   ``build_train_loader`` with the trainer's collate (iBOT masks), each batch converted to float32
+   on the training side, with 0, 1 and 2 workers (crops crossing as float32; ``--crop-dtypes
+   float32 float16`` adds float16, and ``--default-transfer`` PyTorch's default transfer, a new
+   shared-memory segment per tensor, as before ``dinov2.data.shared_batches``). All settings run
+   in alternating rounds of one run, and each ratio is against the in-process loader of the same
+   crop dtype (target: >= 0.9).
 
-CPU-seconds (``time.process_time`` plus reaped workers' ``RUSAGE_CHILDREN``) rather than wall time
-make the per-core figures robust to other processes sharing the machine; wall-clock rates are
-printed too. Prints Markdown tables.
+CPU-seconds (``time.process_time`` of this process plus the workers' CPU time read from ``/proc``
+between two moments when their prefetch queues are full) rather than wall time make the
+per-core figures robust to other processes sharing the machine; wall-clock rates are printed
+too, with the load average. Prints Markdown tables.
 
 Usage::
 
     python scripts/benchmark_data.py --seconds 20
+    python scripts/benchmark_data.py --loader-only --seconds 20          # the loader table only
+    python scripts/benchmark_data.py --loader-only --crop-dtypes float32 float16 --default-transfer
     python scripts/benchmark_data.py --volume /path/to/brain_1mm.nii.gz --check-samples 300
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from dinov2.data import loader as loader_module
 from dinov2.data.augmentations import DataAugmentationDINO3d
+from dinov2.data.collate import make_collate_fn
 from dinov2.data.crops import sample_crop_size
 from dinov2.data.datasets import PretrainDataset3d
-from dinov2.data.seeding import WorkerInitFn, loader_generator
+from dinov2.data.loader import batch_to_device, build_train_loader
 from dinov2.data.transforms import build_preprocessing
 
 _TEMPLATE_CANDIDATES = (
@@ -266,43 +275,149 @@ def compare_crop_distributions(
     return rows
 
 
-def stack_collate(samples: list[dict]) -> dict:
-    """Minimal collate for the benchmark: stack each crop group over the batch.
+# ---------------------------------------------------------------------------------------------
+# The whole loader
+# ---------------------------------------------------------------------------------------------
 
-    ``default_collate`` stacks straight into shared memory inside a worker, saving the copy a
-    plain ``torch.stack`` would need to send the batch to the main process.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class LoaderUnderTest:
+    """One training loader (``build_train_loader``, real collate, one cached volume) and its CPU meters.
+
+    Args:
+        dataset: the pretraining dataset (shared by every loader of the run).
+        workers: loader worker processes.
+        crop_dtype: dtype the crops cross in.
+        batch_size: samples per batch.
+        fresh_shared_memory: each tensor crosses in a new shared-memory segment (PyTorch's
+            default transfer, as before the block pool of ``dinov2.data.shared_batches``).
     """
-    collate = torch.utils.data.default_collate
-    return {key: collate([crop for sample in samples for crop in sample[key]]) for key in ("global_crops", "local_crops")}
+
+    def __init__(self, dataset, workers: int, crop_dtype: torch.dtype, batch_size: int,
+                 fresh_shared_memory: bool = False) -> None:
+        from dinov2.train.train3d import default_config
+
+        cfg = default_config()
+        collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), dataset.augmentation.global_crops_size,
+                                  dtype=crop_dtype)
+        # The worker counts asked for, even where build_train_loader would lower them to the CPUs minus one.
+        with mock.patch.object(loader_module, "cap_workers", lambda requested, what: requested):
+            loader = build_train_loader(dataset, collate, batch_size=batch_size, run_seed=0, start_position=0,
+                                        rank=0, world_size=1, num_workers=workers)
+        loader.collate_fn.shared_blocks = not fresh_shared_memory
+        self.batch_size, self.iterator = batch_size, iter(loader)
+        self.pids = [w.pid for w in getattr(self.iterator, "_workers", [])]
+        assert len(self.pids) == workers, (self.pids, workers)
+        self.samples, self.cpu, self.wall = 0, 0.0, 0.0
+        for _ in range(2):  # start-up (worker fork, first blocks) is not throughput
+            self.take()
+        self.worker_cpu = self.wait_idle()
+
+    def take(self) -> None:
+        """One batch as the trainer takes it: converted to float32 on the training side, then dropped."""
+        batch_to_device(next(self.iterator), torch.device("cpu"))
+
+    def wait_idle(self, quiet: float = 0.25, timeout: float = 60.0) -> float:
+        """Waits until the workers have filled their prefetch queue and stopped; returns their CPU seconds.
+
+        Measuring between two such moments counts the work of exactly the batches consumed in
+        between (the queue is full at both ends).
+        """
+        if not self.pids:
+            return 0.0
+        deadline, last = time.monotonic() + timeout, sum(map(process_cpu_seconds, self.pids))
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = sum(map(process_cpu_seconds, self.pids))
+            if now - last < 2.0 / _CLOCK_TICKS:
+                return now
+            last = now
+        raise RuntimeError(f"loader workers {self.pids} did not go idle within {timeout:g} s")
+
+    def run(self, seconds: float) -> None:
+        """Consumes batches for ``seconds`` wall-clock seconds, adding to the totals."""
+        cpu0, wall0, n = time.process_time(), time.perf_counter(), 0
+        while time.perf_counter() - wall0 < seconds:
+            self.take()
+            n += self.batch_size
+        self.wall += time.perf_counter() - wall0
+        self.cpu += time.process_time() - cpu0
+        worker_cpu = self.wait_idle()
+        self.cpu += worker_cpu - self.worker_cpu
+        self.worker_cpu, self.samples = worker_cpu, self.samples + n
+
+    def rates(self) -> tuple[float, float]:
+        """(samples per CPU-second over all processes, samples per wall-second)."""
+        return self.samples / self.cpu, self.samples / self.wall
 
 
-def loader_throughput(volume: Path, workers: int, seconds: float, batch_size: int) -> tuple[float, float]:
-    """(samples per CPU-second over all processes, samples per wall-second) of the full loader."""
+def compare_loaders(volume: Path, settings: Sequence[tuple[str, int, torch.dtype, bool]], seconds: float,
+                    batch_size: int, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Loader rates of several settings measured in alternating rounds of one run.
+
+    Args:
+        volume: the volume every sample is cut from (cached in memory once).
+        settings: ``(name, workers, crop dtype, fresh_shared_memory)`` per loader.
+        seconds: wall-clock seconds of consumption per setting, split over ``rounds``.
+
+    Returns:
+        name -> (samples per CPU-second summed over the main process and the workers,
+        samples per wall-second).
+    """
     dataset = PretrainDataset3d([str(volume)], DataAugmentationDINO3d(), seed=0, rank=0, world_size=1)
-    indices = itertools.repeat(0)  # one cached volume, sampled forever
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=indices,
-        num_workers=workers,
-        collate_fn=stack_collate,
-        worker_init_fn=WorkerInitFn(0, 0) if workers else None,
-        generator=loader_generator(0, 0),
-        prefetch_factor=2 if workers else None,
-    )
-    iterator = iter(loader)
-    next(iterator)  # start-up (worker fork) is not throughput
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0, wall0, n = time.process_time(), time.perf_counter(), 0
-    while time.perf_counter() - wall0 < seconds:
-        next(iterator)
-        n += batch_size
-    wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    del iterator  # joins the workers so their CPU time is counted in RUSAGE_CHILDREN
-    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu += (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
-    return n / cpu, n / wall
+    loaders = {name: LoaderUnderTest(dataset, workers, dtype, batch_size, fresh)
+               for name, workers, dtype, fresh in settings}
+    for _ in range(rounds):
+        for loader in loaders.values():
+            loader.run(seconds / rounds)
+    rates = {name: loader.rates() for name, loader in loaders.items()}
+    del loaders  # stops the workers
+    return rates
+
+
+def loader_throughput(volume: Path, workers: int, seconds: float, batch_size: int,
+                      crop_dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(samples per CPU-second over all processes, samples per wall-second) of one training loader."""
+    return compare_loaders(volume, [("one", workers, crop_dtype, False)], seconds, batch_size, rounds=1)["one"]
+
+
+def report_loaders(volume: Path, args: argparse.Namespace, target: float = 0.9) -> dict[str, dict]:
+    """Measures the loader settings of ``args`` in one run and prints their table with the ratios.
+
+    Returns:
+        name -> ``{"cpu", "wall", "ratio"}`` (ratio: samples per CPU-second against the in-process
+        loader of the same crop dtype; None without a 0-worker row).
+    """
+    settings = [(f"{dtype} {w}", w, getattr(torch, dtype), False) for dtype in args.crop_dtypes for w in args.workers]
+    if args.default_transfer:
+        settings += [(f"float32 {w} default", w, torch.float32, True) for w in args.workers if w > 0]
+    load_before = os.getloadavg()[0]
+    rates = compare_loaders(volume, settings, args.seconds, args.batch_size)
+    load_after = os.getloadavg()[0]
+    print(f"Whole loader: build_train_loader + the trainer's collate (iBOT masks), memory cache, batch "
+          f"{args.batch_size}, {args.seconds:g} s per setting in 5 alternating rounds; load average "
+          f"{load_before:.2f} before, {load_after:.2f} after, {os.cpu_count()} CPUs\n")
+    print(f"| crops cross as | transfer | workers | samples / CPU-s (all processes) | samples / wall-s | vs in-process | >= {target}? |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    out = {}
+    for name, workers, dtype, fresh in settings:
+        cpu, wall = rates[name]
+        reference = rates.get(f"{str(dtype).removeprefix('torch.')} 0")
+        ratio = cpu / reference[0] if reference and workers else None
+        verdict = "" if ratio is None else ("yes" if ratio >= target else "no")
+        transfer = "new segment per tensor (PyTorch default)" if fresh else ("in-process" if not workers else "pooled block")
+        print(f"| {str(dtype).removeprefix('torch.')} | {transfer} | {workers} | {cpu:.2f} | {wall:.2f} | "
+              f"{'' if ratio is None else f'{ratio:.2f}'} | {verdict} |")
+        out[name] = dict(cpu=cpu, wall=wall, ratio=ratio)
+    print()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +430,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=10.0, help="CPU-seconds per pipeline (augmentation, in 5 alternating rounds) or wall-seconds per loader setting")
     parser.add_argument("--check-samples", type=int, default=150, help="samples per pipeline for the distribution check (0 to skip)")
     parser.add_argument("--batch-size", type=int, default=4, help="loader batch size")
-    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="loader worker counts to measure")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="loader worker counts to measure (0 = in-process, the reference of the ratios)")
+    parser.add_argument("--crop-dtypes", nargs="+", default=["float32"], choices=["float32", "float16"],
+                        help="dtypes the crops cross in (preprocessing.storage_dtype of the run)")
+    parser.add_argument("--default-transfer", action="store_true",
+                        help="add rows of PyTorch's default transfer (a new shared-memory segment per tensor, as before "
+                             "dinov2.data.shared_batches); more loaders alive slowed the in-process reference itself")
+    parser.add_argument("--loader-only", action="store_true", help="measure the loader only (skip the augmentation comparison and the distribution check)")
     args = parser.parse_args(argv)
     volume_path = args.volume or find_template()
     if not volume_path.is_file():
@@ -327,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"Volume: {volume_path} -> preprocessed (C, H, W, D) = {tuple(volume.shape)}, spacing {record['spacing']}")
     print(f"Load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes slow memory-bound code)\n")
 
+    if args.loader_only:
+        return {"volume": str(volume_path), "loader": report_loaders(volume_path, args)}
     ours = DataAugmentationDINO3d(seed=0)
     naive = NaiveMonaiDINO3d(DataAugmentationDINO3d(), seed=0)
     meta_volume = MetaTensor(volume.clone())
@@ -350,13 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print()
 
     if args.workers:
-        print(f"| loader (memory cache, batch {args.batch_size}) | samples / CPU-s (all processes) | samples / wall-s |")
-        print("|---|---:|---:|")
-        results["loader"] = {}
-        for workers in args.workers:
-            per_cpu, per_wall = loader_throughput(volume_path, workers, args.seconds, args.batch_size)
-            results["loader"][workers] = dict(cpu=per_cpu, wall=per_wall)
-            print(f"| {workers} worker(s) | {per_cpu:.2f} | {per_wall:.2f} |")
+        results["loader"] = report_loaders(volume_path, args)
     return results
 
 

@@ -8,10 +8,13 @@ transforms of the same names (``RandAdjustContrast``, ``RandGaussianNoise``,
 ``RandHistogramShift``, ``RandGaussianSmooth``, ``RandGaussianSharpen``, ``RandGibbsNoise``)
 where noted, without MetaTensor bookkeeping.
 
-All randomness comes from the instance's ``numpy.random.Generator`` (parameters) and
+All randomness comes from the instance's ``numpy.random.Generator`` (parameters, drawn by
+:func:`dinov2.data.augment_draws.draw_sample`, the one place every parameter is drawn) and
 ``torch.Generator`` (noise fields), which :meth:`DataAugmentationDINO3d.reseed` resets; a data
 loader worker reseeds them from its own seed stream (``dinov2.data.seeding``), so two workers
-never repeat each other's augmentations.
+never repeat each other's augmentations. With ``augment_on_device`` the instance only draws and
+cuts (:mod:`dinov2.data.crop_boxes`), and :mod:`dinov2.data.device_augment` applies the same
+draws batched on the training device.
 """
 
 from __future__ import annotations
@@ -23,13 +26,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from dinov2.data.crops import (
-    check_range,
-    resized_crop,
-    sample_crop_size,
-    sample_crop_start,
-    sample_orientation,
-)
+from dinov2.data.augment_draws import NUMBER_OF_GLOBAL_CROPS, CropDraw, draw_sample, histogram_control_points
+from dinov2.data.crop_boxes import cut_crop_boxes
+from dinov2.data.crops import check_range, resized_crop
 from dinov2.data.seeding import child_sequence
 
 # ---------------------------------------------------------------------------------------------
@@ -80,18 +79,18 @@ def add_gaussian_noise_(x: torch.Tensor, std: float, generator: torch.Generator)
     return x.add_(noise, alpha=std)
 
 
-def histogram_shift_(x: torch.Tensor, rng: np.random.Generator, num_points: int) -> torch.Tensor:
+def histogram_shift_(x: torch.Tensor, steps: Sequence[float]) -> torch.Tensor:
     """Piecewise-linear intensity remapping with randomly moved control points.
 
-    As MONAI's ``RandHistogramShift``: ``num_points`` reference points equally spaced over
-    ``[min, max]`` of the crop; the inner ones are moved in turn, each uniformly between its
-    already-moved left neighbour and its right neighbour; intensities are mapped linearly
-    between matching points. The ends stay fixed, so the range is preserved.
+    As MONAI's ``RandHistogramShift``: ``len(steps) + 2`` reference points equally spaced over
+    ``[min, max]`` of the crop; the inner ones are moved in turn, each between its already-moved
+    left neighbour and its right neighbour by the fraction ``steps[i]``
+    (:func:`~dinov2.data.augment_draws.histogram_control_points`); intensities are mapped
+    linearly between matching points. The ends stay fixed, so the range is preserved.
 
     Args:
         x: ``(C, X, Y, Z)`` tensor, overwritten (used as scratch space).
-        rng: generator for the control points.
-        num_points: number of control points (>= 3).
+        steps: ``U[0, 1)`` draws, one per inner control point (at least one).
 
     Returns:
         A new ``(C, X, Y, Z)`` remapped tensor (``x`` itself when its range is empty).
@@ -99,9 +98,8 @@ def histogram_shift_(x: torch.Tensor, rng: np.random.Generator, num_points: int)
     low, high = (float(v) for v in torch.aminmax(x))
     if high <= low:
         return x
-    moved = np.linspace(low, high, num_points)
-    for i in range(1, num_points - 1):
-        moved[i] = rng.uniform(moved[i - 1], moved[i + 1])
+    num_points = len(steps) + 2
+    moved = histogram_control_points(steps, low, high)
     # Reference points are equally spaced, so the segment index is arithmetic (no bucketize),
     # and on segment k the map is intercept[k] + position * slope[k] with position in [k, k + 1].
     scale = (num_points - 1) / (high - low)
@@ -126,9 +124,14 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return torch.tensor(_gaussian_weights(sigma), dtype=torch.float32)
 
 
+def gaussian_radius(sigma: float) -> int:
+    """Half-width of the sampled Gaussian of standard deviation ``sigma``: ``max(1, ceil(3 sigma))`` voxels."""
+    return max(1, math.ceil(3.0 * sigma))
+
+
 def _gaussian_weights(sigma: float) -> list[float]:
     # Plain Python: for these few taps tensor ops would cost more than the arithmetic.
-    radius = max(1, math.ceil(3.0 * sigma))
+    radius = gaussian_radius(sigma)
     weights = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
     total = sum(weights)
     return [w / total for w in weights]
@@ -213,11 +216,39 @@ def gibbs_ringing(x: torch.Tensor, alpha: float) -> torch.Tensor:
 # The multi-crop augmentation.
 # ---------------------------------------------------------------------------------------------
 
-_NUMBER_OF_GLOBAL_CROPS = 2  # the DINO recipe: two teacher views with different blur settings
+def apply_crop_draw(volume: torch.Tensor, draw: CropDraw, generator: torch.Generator | None,
+                    origin: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Make one crop from its draws: resampled box, intensity transform, blur or sharpen, Gibbs.
+
+    Args:
+        volume: ``(C, H, W, D)`` plain tensor (read, never modified): the volume the draws were
+            made for, or a box cut from it.
+        draw: the crop's draws, box corners in voxels of the whole volume.
+        generator: source of the Gaussian noise field when the crop gets noise (else unused).
+        origin: voxel of the whole volume where ``volume`` starts (a cut box's corner).
+
+    Returns:
+        ``(C, S, S, S)`` float32 crop, ``S = draw.out_size``.
+    """
+    start = [s - o for s, o in zip(draw.start, origin)]
+    x = resized_crop(volume, start, draw.size, draw.out_size, draw.orientation)
+    if draw.intensity == "contrast":
+        x = adjust_contrast_(x, draw.gamma)
+    elif draw.intensity == "noise":
+        x = add_gaussian_noise_(x, draw.noise_std, generator)
+    elif draw.intensity == "histogram":
+        x = histogram_shift_(x, draw.histogram_steps)
+    if draw.sharpen is not None:
+        x = gaussian_sharpen(x, draw.sharpen.sigma1, draw.sharpen.sigma2, draw.sharpen.alpha)
+    elif draw.blur_sigma is not None:
+        x = gaussian_blur(x, draw.blur_sigma)
+    if draw.gibbs_alpha is not None:
+        x = gibbs_ringing(x, draw.gibbs_alpha)
+    return x
 
 
 @contextlib.contextmanager
-def _single_thread():
+def single_thread():
     """Run torch ops on one thread inside the block, then restore the thread count.
 
     These tensors are too small for intra-op parallelism to pay: with the main process's thread
@@ -288,6 +319,12 @@ class DataAugmentationDINO3d:
         sharpen_sigma2: ``(min, max)`` second sigma of sharpening.
         sharpen_alpha: ``(min, max)`` high-pass weight of sharpening.
         gibbs_alpha: ``(min, max)`` k-space truncation strength, within ``[0, 1]``.
+        region_scale: ``(min, max)`` in-plane area fraction of the region all crops of a sample
+            come from, or None (no region; set together with ``region_depth_scale``).
+        region_depth_scale: ``(min, max)`` through-plane length fraction of that region.
+        augment_on_device: only draw the parameters and cut one box per sample (a call then
+            returns :func:`~dinov2.data.crop_boxes.cut_crop_boxes`' output); the crops are made
+            batched on the training device by :mod:`dinov2.data.device_augment`.
         seed: seed of the generators until :meth:`reseed` is called (an int or a
             ``numpy.random.SeedSequence``).
 
@@ -327,6 +364,7 @@ class DataAugmentationDINO3d:
         gibbs_alpha: Sequence[float] = (0.0, 0.8),
         region_scale: Sequence[float] | None = None,
         region_depth_scale: Sequence[float] | None = None,
+        augment_on_device: bool = False,
         seed: int | np.random.SeedSequence = 0,
     ) -> None:
         self._set_sizes(global_crops_size, local_crops_size, local_crops_number, histogram_shift_points, noise_std)
@@ -348,6 +386,9 @@ class DataAugmentationDINO3d:
             local_blur_prob=local_blur_prob,
             sharpen_prob=sharpen_prob,
         )
+        if not isinstance(augment_on_device, (bool, np.bool_)):
+            raise ValueError(f"augment_on_device must be true or false, got {augment_on_device!r}.")
+        self.augment_on_device = bool(augment_on_device)
         self.rng = np.random.default_rng()
         self.torch_generator = torch.Generator()
         self.reseed(seed)
@@ -425,42 +466,10 @@ class DataAugmentationDINO3d:
         self.rng = np.random.Generator(np.random.PCG64(numpy_seq))
         self.torch_generator.manual_seed(int(torch_seq.generate_state(1, dtype=np.uint64)[0]))
 
-    # -- one crop ------------------------------------------------------------------------------
-
-    def _crop(self, volume: torch.Tensor, out_size: int, area_scale, depth_scale) -> torch.Tensor:
-        shape = volume.shape[1:]
-        size = sample_crop_size(self.rng, shape, area_scale, self.aspect_ratio, depth_scale)
-        start = sample_crop_start(self.rng, shape, size)
-        orientation = sample_orientation(self.rng, self.flip_prob, self.rotate90_prob)
-        return resized_crop(volume, start, size, out_size, orientation)
-
-    def _intensity(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rng.random() >= self.intensity_prob:
-            return x
-        choice = int(self.rng.integers(0, 3))
-        if choice == 0:
-            return adjust_contrast_(x, self.rng.uniform(*self.contrast_gamma))
-        if choice == 1:
-            return add_gaussian_noise_(x, self.rng.uniform(0.0, self.noise_std), self.torch_generator)
-        return histogram_shift_(x, self.rng, self.histogram_shift_points)
-
-    def _sigmas(self, bounds: tuple[float, float]) -> list[float]:
-        return [float(s) for s in self.rng.uniform(bounds[0], bounds[1], size=3)]
-
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        return gaussian_blur(x, self._sigmas(self.blur_sigma))
-
-    def _blur_or_sharpen(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rng.random() < self.sharpen_prob:
-            sigma1 = self._sigmas(self.sharpen_sigma1)
-            sigma2 = self._sigmas(self.sharpen_sigma2)
-            return gaussian_sharpen(x, sigma1, sigma2, self.rng.uniform(*self.sharpen_alpha))
-        return self._blur(x)
-
     # -- the sample ----------------------------------------------------------------------------
 
-    def __call__(self, volume: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Make the crops of one sample.
+    def __call__(self, volume: torch.Tensor) -> dict[str, Any]:
+        """Make the crops of one sample (with ``augment_on_device``: draw them and cut their box).
 
         Args:
             volume: ``(C, H, W, D)`` plain tensor (float32 or float16), in-plane axes first,
@@ -468,7 +477,8 @@ class DataAugmentationDINO3d:
 
         Returns:
             ``{"global_crops": [Tensor(C, G, G, G)] * 2, "local_crops": [Tensor(C, L, L, L)] * N}``,
-            contiguous float32 tensors.
+            contiguous float32 tensors; with ``augment_on_device``, ``{"crop_boxes": CutSample}``
+            (:func:`dinov2.data.crop_boxes.cut_crop_boxes`).
         """
         if not isinstance(volume, torch.Tensor) or volume.dim() != 4:
             raise ValueError(
@@ -476,50 +486,20 @@ class DataAugmentationDINO3d:
                 f"of shape {tuple(getattr(volume, 'shape', ()))}."
             )
         volume = volume.as_subclass(torch.Tensor)  # MetaTensor bookkeeping would slow every op
-        with _single_thread():
+        if self.augment_on_device:
+            return cut_crop_boxes(volume, draw_sample(self, self.rng, volume.shape[1:]), self.torch_generator)
+        with single_thread():
             return self._make_crops(volume)
 
-    def _region(self, volume: torch.Tensor) -> torch.Tensor:
-        """The sub-volume every crop of this sample is drawn from (a view; the whole volume if off).
-
-        On a few near-identical volumes, crops drawn from anywhere in the volume show unrelated
-        anatomy, and the DINO objective (all crops of a sample share one target) can then only
-        be met by telling volumes apart or by flat outputs. Drawing all crops of a sample from
-        one random region makes their shared content a place in the anatomy.
-        """
-        if self.region_scale is None:
-            return volume
-        shape = volume.shape[1:]
-        size = sample_crop_size(self.rng, shape, self.region_scale, self.aspect_ratio, self.region_depth_scale)
-        start = sample_crop_start(self.rng, shape, size)
-        return volume[:, start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
-
     def _make_crops(self, volume: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        g, l = self.global_crops_size, self.local_crops_size
-        volume = self._region(volume)
-        global_crops = []
-        for index in range(_NUMBER_OF_GLOBAL_CROPS):
-            crop = self._intensity(self._crop(volume, g, self.global_crops_scale, self.global_crops_depth_scale))
-            if index == 0:
-                if self.rng.random() < self.global1_blur_prob:
-                    crop = self._blur_or_sharpen(crop)
-            else:
-                if self.rng.random() < self.global2_blur_prob:
-                    crop = self._blur_or_sharpen(crop)
-                if self.rng.random() < self.global2_gibbs_prob:
-                    crop = gibbs_ringing(crop, self.rng.uniform(*self.gibbs_alpha))
-            global_crops.append(crop)
-        local_crops = []
-        for _ in range(self.local_crops_number):
-            crop = self._intensity(self._crop(volume, l, self.local_crops_scale, self.local_crops_depth_scale))
-            if self.rng.random() < self.local_blur_prob:
-                crop = self._blur(crop)
-            local_crops.append(crop)
-        return {"global_crops": global_crops, "local_crops": local_crops}
+        draw = draw_sample(self, self.rng, volume.shape[1:])
+        make = lambda crop: apply_crop_draw(volume, crop, self.torch_generator)  # noqa: E731
+        return {"global_crops": [make(c) for c in draw.global_crops],
+                "local_crops": [make(c) for c in draw.local_crops]}
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(global {_NUMBER_OF_GLOBAL_CROPS} x {self.global_crops_size}^3 "
+            f"{type(self).__name__}(global {NUMBER_OF_GLOBAL_CROPS} x {self.global_crops_size}^3 "
             f"scale {self.global_crops_scale} depth {self.global_crops_depth_scale}, local "
             f"{self.local_crops_number} x {self.local_crops_size}^3 scale {self.local_crops_scale} "
             f"depth {self.local_crops_depth_scale})"

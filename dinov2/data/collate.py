@@ -26,14 +26,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from dinov2.data.crop_boxes import CROP_BOXES_KEY, collate_crop_boxes, global_crop_rows, is_cut_batch
 from dinov2.data.masking import MaskingGenerator3d
 from dinov2.utils.config import with_packaged_defaults
 
 MaskGenerator = Callable[[int, np.random.Generator], np.ndarray]
+Allocate = Callable[[Mapping[str, tuple[tuple[int, ...], torch.dtype]]], dict[str, torch.Tensor]]
 
 
-def _stack_crop_major(samples: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor | None:
-    """Stacks ``samples[b][key][i]`` in crop-major order; ``None`` when the samples hold no such crops."""
+def _crop_shape(samples: Sequence[Mapping[str, Any]], key: str) -> tuple[int, ...] | None:
+    """Shape ``(n_crops * B, C, *spatial)`` of the crop-major stack of ``samples[b][key]``; ``None``
+    when the samples hold no such crops."""
     counts = {len(sample.get(key, ()) or ()) for sample in samples}
     if len(counts) != 1:
         raise ValueError(
@@ -43,10 +46,21 @@ def _stack_crop_major(samples: Sequence[Mapping[str, Any]], key: str) -> torch.T
     (n_crops,) = counts
     if n_crops == 0:
         return None
-    # Plain tensors out: MONAI MetaTensor affines mean nothing for a batch of random crops and
-    # would be carried (and checked) through every op of the training step.
-    crops = [torch.as_tensor(sample[key][i]).as_subclass(torch.Tensor) for i in range(n_crops) for sample in samples]
-    return torch.stack(crops)
+    shapes = {tuple(sample[key][i].shape) for sample in samples for i in range(n_crops)}
+    if len(shapes) != 1:
+        raise ValueError(f"All '{key}' must have one shape to be stacked, got {sorted(shapes)}.")
+    return (n_crops * len(samples), *shapes.pop())
+
+
+def _fill_crop_major(samples: Sequence[Mapping[str, Any]], key: str, out: torch.Tensor) -> torch.Tensor:
+    """Copies ``samples[b][key][i]`` into ``out[i * B + b]`` (cast to ``out.dtype``) and returns ``out``."""
+    batch = len(samples)
+    for b, sample in enumerate(samples):
+        for i, crop in enumerate(sample[key]):
+            # Plain tensors: MONAI MetaTensor affines mean nothing for a batch of random crops and
+            # would be carried (and checked) through every op.
+            out[i * batch + b].copy_(torch.as_tensor(crop).as_subclass(torch.Tensor))
+    return out
 
 
 def _validate_settings(
@@ -85,6 +99,8 @@ def collate_data_and_cast(
     mask_generator: MaskGenerator | None = None,
     dtype: torch.dtype = torch.float32,
     rng: np.random.Generator | None = None,
+    allocate: Allocate | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Collates multi-crop samples and draws iBOT masks for some global crops.
 
@@ -101,6 +117,11 @@ def collate_data_and_cast(
         dtype: dtype of the collated crops (e.g. ``torch.bfloat16`` for mixed precision).
         rng: generator for the ratios, the choice of masked crops and the masks; ``None`` seeds
             one from torch's global generator (see the module docstring).
+        allocate: ``{key: (shape, dtype)} -> {key: Tensor}``, where the output tensors are made
+            (e.g. :func:`dinov2.data.shared_batches.allocate_batch`, one shared block per batch
+            in a loader worker); ``None``: new tensors.
+        extra: further tensors returned under their own keys, stored with the others (e.g.
+            the samples' stream positions).
 
     Returns:
         Dict with
@@ -117,7 +138,8 @@ def collate_data_and_cast(
             ``n_masked_patches``: long ``(1,)`` holding ``M``;
             ``upperbound``: int, an upper bound of ``M`` for any draw with these settings
             (sum over masked crops of the token count at the top of their stratum), for
-            allocating fixed-size buffers.
+            allocating fixed-size buffers;
+            and the ``extra`` tensors (copies).
 
     Example:
         >>> crop = torch.zeros(1, 32, 32, 32)
@@ -133,27 +155,34 @@ def collate_data_and_cast(
         mask_generator = MaskingGenerator3d(grid, mode="random")
     rng = _generator_from_torch() if rng is None else rng
 
-    crops = _collate_crops(samples, dtype)
-    n_crops = crops["collated_global_crops"].shape[0]
-    masks, upperbound = _draw_masks(n_crops, grid, ratios, mask_probability, mask_generator, rng)
-    return {**crops, **_mask_tensors(masks), "upperbound": upperbound}
-
-
-def _collate_crops(samples: Sequence[Mapping[str, Any]], dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-    """Stacks the global and local crops crop-major and casts them to ``dtype``.
-
-    Returns:
-        ``{"collated_global_crops": (n_global * B, C, G, G, G), "collated_local_crops":
-        (n_local * B, C, L, L, L) or None}``, both plain tensors in ``dtype``.
-    """
-    global_crops = _stack_crop_major(samples, "global_crops")
-    if global_crops is None:
+    if is_cut_batch(samples):  # crops.augment_on_device: boxes and draws, the training device makes the crops
+        masks, upperbound = _draw_masks(global_crop_rows(samples), grid, ratios, mask_probability, mask_generator, rng)
+        small = {**_mask_tensors(masks), **(extra or {})}
+        out = (allocate or _new_tensors)({key: (tuple(t.shape), t.dtype) for key, t in small.items()})
+        return {CROP_BOXES_KEY: collate_crop_boxes(samples), **{key: out[key].copy_(t) for key, t in small.items()},
+                "upperbound": upperbound}
+    global_shape = _crop_shape(samples, "global_crops")
+    if global_shape is None:
         raise ValueError("Samples hold no 'global_crops'; iBOT masking needs at least one global crop per sample.")
-    local_crops = _stack_crop_major(samples, "local_crops")
+    local_shape = _crop_shape(samples, "local_crops")
+    masks, upperbound = _draw_masks(global_shape[0], grid, ratios, mask_probability, mask_generator, rng)
+    small = {**_mask_tensors(masks), **(extra or {})}
+    specs = {"collated_global_crops": (global_shape, dtype)}
+    if local_shape is not None:
+        specs["collated_local_crops"] = (local_shape, dtype)
+    specs.update({key: (tuple(t.shape), t.dtype) for key, t in small.items()})
+    out = (allocate or _new_tensors)(specs)
     return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": None if local_crops is None else local_crops.to(dtype),
+        "collated_global_crops": _fill_crop_major(samples, "global_crops", out["collated_global_crops"]),
+        "collated_local_crops": None if local_shape is None else _fill_crop_major(
+            samples, "local_crops", out["collated_local_crops"]),
+        **{key: out[key].copy_(t) for key, t in small.items()},
+        "upperbound": upperbound,
     }
+
+
+def _new_tensors(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    return {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
 
 
 def _draw_masks(

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov2.data.collate import CollateDataAndCast, collate_data_and_cast
 from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.shared_batches import SharedBatch, allocate_batch, for_transfer
 from dinov2.data.seeding import WorkerInitFn, WorkerSeeds, apply_seeds, loader_generator
 from dinov2.utils.cpus import cap_workers
 
@@ -94,27 +95,62 @@ class PositionedDataset(Dataset):
 class PositionedCollate:
     """Collate ``(position, sample)`` pairs with iBOT masks seeded by the batch's first position.
 
+    Crops are cast to the collate's ``dtype`` here, in the process that makes the batch, whether
+    that is a loader worker or the main process, so the batches do not depend on
+    ``num_workers``; the training side converts them to its compute dtype
+    (:func:`batch_to_device`). In a worker the whole batch is written into one reused
+    shared-memory block (:mod:`dinov2.data.shared_batches`).
+
     Args:
         collate: the configured :class:`~dinov2.data.collate.CollateDataAndCast` (its settings
             are used; its own torch-seeded draw is replaced by the positional one).
         run_seed: ``train.seed``.
+        shared_blocks: in a worker, send the batch as one pooled block; False leaves each
+            tensor to PyTorch's default transfer (a new shared-memory segment each; for comparison).
     """
 
-    def __init__(self, collate: CollateDataAndCast, run_seed: int) -> None:
+    def __init__(self, collate: CollateDataAndCast, run_seed: int, shared_blocks: bool = True) -> None:
         self.collate = collate
         self.run_seed = int(run_seed)
+        self.shared_blocks = bool(shared_blocks)
 
-    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
-        """Returns the collate's dict plus ``positions`` (long ``(B,)``: global stream positions)."""
-        positions = [int(p) for p, _ in items]
-        rng = np.random.Generator(np.random.PCG64(_sequence(self.run_seed, _MASK_TAG, positions[0])))
+    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any] | SharedBatch:
+        """Returns the collate's dict plus ``positions`` (long ``(B,)``: global stream positions);
+        in a worker, wrapped to cross as one block (it unpickles as that dict)."""
+        positions = torch.tensor([int(p) for p, _ in items], dtype=torch.long)
+        rng = np.random.Generator(np.random.PCG64(_sequence(self.run_seed, _MASK_TAG, int(positions[0]))))
         c = self.collate
         batch = collate_data_and_cast(
             [sample for _, sample in items], mask_ratio_tuple=c.mask_ratio_tuple, mask_probability=c.mask_probability,
             n_tokens_per_side=c.n_tokens_per_side, mask_generator=c.mask_generator, dtype=c.dtype, rng=rng,
+            allocate=allocate_batch if self.shared_blocks else None, extra={"positions": positions},
         )
-        batch["positions"] = torch.tensor(positions, dtype=torch.long)
-        return batch
+        return for_transfer(batch) if self.shared_blocks else batch
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> dict[str, Any]:
+    """The training side of a batch: its tensors on ``device``, floating ones converted to ``dtype``.
+
+    Crops may arrive in a narrower dtype than the model computes in (``float16`` with
+    ``preprocessing.storage_dtype=float16``). They are copied first and converted after, so a
+    host-to-GPU copy moves the narrow dtype; ``non_blocking`` overlaps it with the host when the
+    loader pinned the batch (``pin_memory`` on CUDA).
+
+    Args:
+        batch: a :class:`PositionedCollate` dict (crops ``(N, C, S, S, S)``, masks, indices, ...).
+        device: the training device.
+        dtype: the dtype the model takes its inputs in (float32; autocast narrows inside).
+
+    Returns:
+        A new dict, same keys; tensors already right are passed through without a copy.
+    """
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
 
 
 def build_train_loader(dataset: Dataset, collate: CollateDataAndCast, *, batch_size: int, run_seed: int,
@@ -135,10 +171,11 @@ def build_train_loader(dataset: Dataset, collate: CollateDataAndCast, *, batch_s
             at the CPUs available minus one (:func:`~dinov2.utils.cpus.cap_workers`). The batches
             do not depend on it (every draw is seeded by position).
         prefetch_factor: batches each worker prepares ahead.
-        pin_memory: page-locked batches for faster host-to-GPU copies.
+        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies (CUDA).
 
     Returns:
-        A DataLoader yielding the dicts of :class:`PositionedCollate`.
+        A DataLoader yielding the dicts of :class:`PositionedCollate`, crops in the collate's
+        ``dtype`` (convert them with :func:`batch_to_device`).
     """
     if batch_size < 1:
         raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {batch_size}.")

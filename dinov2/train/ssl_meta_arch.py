@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dinov2 import distributed
+from dinov2.data.crop_boxes import CROP_BOXES_KEY
+from dinov2.data.device_augment import make_crops
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, build_centering, iBOTPatchLoss, koleo_per_crop
 from dinov2.models import build_model
@@ -232,6 +234,14 @@ class SSLMetaArch(nn.Module):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.__dict__["_student_forward"] = DistributedDataParallel(self.student, device_ids=ids)
             return
+        self.shard_with_fsdp()
+
+    def shard_with_fsdp(self) -> None:
+        """Shard student and teacher with FSDP over every process of the group (strategy ``fsdp``).
+
+        :meth:`prepare_distributed` calls it when there are several processes; a group of one
+        process may call it directly (the one-GPU check of ``tests/cuda``), shards being whole.
+        """
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -383,7 +393,8 @@ class SSLMetaArch(nn.Module):
         """Losses of one batch and their gradients in the student (accumulated in ``.grad``).
 
         Args:
-            batch: the collate's dict (``collated_global_crops``, ``collated_local_crops``,
+            batch: the collate's dict (``collated_global_crops``, ``collated_local_crops``, or
+                with ``crops.augment_on_device`` the ``crop_boxes`` the crops are made from;
                 ``collated_masks``, ``mask_indices_list``, ``masks_weight``).
             teacher_temp: this iteration's teacher temperature.
             scaler: fp16 gradient scaler, or None.
@@ -424,9 +435,12 @@ class SSLMetaArch(nn.Module):
             masks bool (2B, N), mask_indices long (M,), masks_weight (M,))``.
         """
         dev = self.device
-        global_crops = batch["collated_global_crops"].to(dev, non_blocking=True)
-        local_crops = batch["collated_local_crops"]
-        local_crops = None if local_crops is None else local_crops.to(dev, non_blocking=True)
+        if CROP_BOXES_KEY in batch:  # crops.augment_on_device: the loader cut boxes, the crops are made here
+            global_crops, local_crops = make_crops(batch[CROP_BOXES_KEY], dev)
+        else:
+            global_crops = batch["collated_global_crops"].to(dev, non_blocking=True)
+            local_crops = batch["collated_local_crops"]
+            local_crops = None if local_crops is None else local_crops.to(dev, non_blocking=True)
         masks = batch["collated_masks"].to(dev, non_blocking=True)
         mask_indices = batch["mask_indices_list"].to(dev, non_blocking=True)
         masks_weight = batch["masks_weight"].to(dev, non_blocking=True)

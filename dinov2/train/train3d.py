@@ -59,7 +59,7 @@ from dinov2.checkpoints.teacher_export import save_teacher_checkpoint
 from dinov2.checkpoints.training_state import TrainingCheckpointer
 from dinov2.data.collate import make_collate_fn
 from dinov2.data.datasets import build_pretrain_dataset
-from dinov2.data.loader import build_train_loader, seed_training_step
+from dinov2.data.loader import batch_to_device, build_train_loader, seed_training_step
 from dinov2.data.preflight import PreflightCache, checked_pretrain_entries
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.optim.param_groups import apply_optim_scheduler
@@ -419,7 +419,10 @@ def _data_loader(cfg: DictConfig, plan: _RunPlan, start_position: int, entries: 
         ``(dataset, loader)``; the loader yields this rank's batches of ``plan.batch_size`` samples.
     """
     dataset = build_pretrain_dataset(cfg, entries, seed=plan.seed, rank=0, world_size=1)
-    collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size)
+    # Crops cross from the loader in the dtype the volumes are stored in: float16 storage has
+    # already rounded the data to float16, float32 keeps the crops exact.
+    crop_dtype = getattr(torch, dataset.config["storage_dtype"])
+    collate = make_collate_fn(cfg.ibot, int(cfg.student.patch_size), cfg.crops.global_crops_size, dtype=crop_dtype)
     loader = build_train_loader(dataset, collate, batch_size=plan.batch_size, run_seed=plan.seed,
                                 start_position=start_position, rank=plan.rank, world_size=plan.world,
                                 num_workers=int(cfg.train.num_workers), prefetch_factor=int(cfg.train.prefetch_factor),
@@ -561,6 +564,7 @@ def _train(cfg: DictConfig, output_dir: Path, resume: bool, device: torch.device
             wait_start = time.perf_counter()
             batch = next(stream)
             data_wait = time.perf_counter() - wait_start
+            batch = batch_to_device(batch, plan.device)
             done = it + 1
             log_now = done % plan.log_period == 0 or done == plan.max_iter
             losses, reduced, values, grad_norm = _train_step(
