@@ -34,7 +34,7 @@ from dinov2.eval.evidence.dense_task import (
 )
 from dinov2.eval.evidence.errors import EvidenceError
 from dinov2.eval.evidence.features import last_blocks, network_features
-from dinov2.eval.evidence.folds import attach_folds, z_slab_folds
+from dinov2.eval.evidence.folds import attach_folds, block_of_items, overlapping_inputs, z_slab_folds
 from dinov2.eval.evidence.patch_task import PATCH_PARAMS, build_patch_task, plan_evidence_sites, site_centre
 from dinov2.eval.evidence.probe import L2_GRID, balanced_accuracy, choose_l2, cross_validate, fit_probe
 from dinov2.eval.evidence.run import probe_scores, raw_scores
@@ -263,8 +263,48 @@ def test_cubes_are_centred_on_the_labelled_voxel_with_the_left_side_mirrored(vol
         # The labelled atlas voxel sits at index N//2; mirroring moves it to N - 1 - N//2 along x.
         x = size - 1 - c if split_name == "test" else c
         assert torch.equal(split.inputs[:, 0, x, c, c].long(), split.labels), split_name
-        centre_rows = torch.tensor([site_centre(s)[2] for s in sites if s.split == split_name], dtype=torch.float64)
-        torch.testing.assert_close(split.z_mm, volumes.affine[2, 2] * centre_rows + volumes.affine[2, 3])
+        centres = torch.tensor([site_centre(s) for s in sites if s.split == split_name], dtype=torch.float64)
+        world = torch.tensor(np.diag(volumes.affine)[:3]) * centres + torch.tensor(volumes.affine[:3, 3])
+        torch.testing.assert_close(split.centre_mm, world)
+        torch.testing.assert_close(split.z_mm, world[:, 2])
+
+
+def _index_coded(volumes: EvidenceVolumes, axes: tuple[int, int]) -> EvidenceVolumes:
+    """Templates holding every voxel's atlas index along ``axes[0]`` (first template) and ``axes[1]`` (second)."""
+    index = np.indices(volumes.lobes.shape, dtype=np.float32)
+    return EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine,
+                           {name: index[axis] for name, axis in zip(TEMPLATES, axes)})
+
+
+@pytest.mark.parametrize("name", ["patch", "dense"])
+def test_item_centres_and_input_boxes_are_where_the_inputs_show(volumes, name):
+    """Read back from index-coded templates: the box spans the real (non-air) voxels of the item's
+    input (its cube, or its token's window), the centre is the cube's labelled voxel or the token's middle."""
+    scale, offset = torch.tensor(np.diag(volumes.affine)[:3]), torch.tensor(volumes.affine[:3, 3])
+    for axes in ((0, 1), (2, 2)):
+        coded = _index_coded(volumes, axes)
+        task = build_patch_task(coded, folds=4) if name == "patch" else build_dense_task(coded, 32, PATCH, folds=4)
+        for split_name, split in task.splits.items():
+            half = split.inputs.shape[0] // 2  # inputs of the first template, then of the second
+            window = torch.arange(split.labels.numel()) if split.tokens is None else split.tokens[:, 0]
+            for t, axis in enumerate(axes):
+                items = torch.nonzero((window >= t * half) & (window < (t + 1) * half)).flatten()
+                shown = split.inputs[window[items], 0].double()
+                real = shown >= 0
+                low = torch.where(real, shown, torch.inf).flatten(1).amin(dim=1)
+                high = torch.where(real, shown, -torch.inf).flatten(1).amax(dim=1)
+                assert torch.equal(split.input_box[items, 0, axis].double(), low), (split_name, axis)
+                assert torch.equal(split.input_box[items, 1, axis].double(), high + 1), (split_name, axis)
+                if split.tokens is None:
+                    c = shown.shape[-1] // 2
+                    middle = shown[:, shown.shape[-1] - 1 - c if split_name == "test" else c, c, c]
+                else:
+                    cubes = token_cubes(split.inputs, split.tokens[items], PATCH).flatten(1).double()
+                    inside = (cubes >= 0).all(dim=1)  # tokens wholly on the grid: their mean index is their middle
+                    items, middle = items[inside], cubes[inside].mean(dim=1)
+                    assert inside.sum() > 500
+                expected = scale[axis] * middle + offset[axis]
+                torch.testing.assert_close(split.centre_mm[items, axis], expected, msg=f"{split_name} {axis}")
 
 
 def test_wide_cubes_never_show_the_other_hemisphere(volumes):
@@ -310,11 +350,20 @@ def test_z_slab_folds_cut_rows_into_contiguous_slabs_of_about_equal_size():
         z_slab_folds(z, 1)
 
 
-def _task_with_coded_columns(volumes: EvidenceVolumes, name: str) -> TaskData:
+def _task_with_coded_columns(volumes: EvidenceVolumes, name: str, grouping: str = "z-slabs",
+                             buffer: bool = False) -> TaskData:
     """A task whose first template holds every voxel's atlas column (to tell the hemispheres apart)."""
     columns = np.indices(volumes.lobes.shape, dtype=np.float32)[0]
     coded = EvidenceVolumes(volumes.regions, volumes.lobes, volumes.affine, {n: columns for n in TEMPLATES})
-    return build_patch_task(coded, folds=4) if name == "patch" else build_dense_task(coded, 32, PATCH, folds=4)
+    cv = {"folds": 4, "grouping": grouping, "buffer": buffer}
+    return build_patch_task(coded, **cv) if name == "patch" else build_dense_task(coded, 32, PATCH, **cv)
+
+
+def _shows_training_hemisphere_only(volumes: EvidenceVolumes, training: TaskSplit, fold: torch.Tensor) -> bool:
+    midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
+    windows = fold if training.tokens is None else training.tokens[fold, 0].unique()
+    shown = training.inputs[windows]
+    return bool((shown[shown >= 0] < midline).all())
 
 
 @pytest.mark.parametrize("name", ["patch", "dense"])
@@ -327,21 +376,38 @@ def test_task_folds_are_disjoint_contiguous_z_slabs_of_training_items_only(volum
     for lower, upper in zip(task.folds, task.folds[1:]):  # each fold one slab, bottom first
         assert training.z_mm[lower].max() < training.z_mm[upper].min()
     # No test item in any fold: every input a fold holds shows only training-hemisphere columns.
-    midline = int(round(-volumes.affine[0, 3] / volumes.affine[0, 0]))
-    for fold in task.folds:
-        windows = fold if training.tokens is None else training.tokens[fold, 0].unique()
-        shown = training.inputs[windows]
-        assert (shown[shown >= 0] < midline).all()
+    assert all(_shows_training_hemisphere_only(volumes, training, fold) for fold in task.folds)
     if name == "dense":  # tokens lie on one z lattice: a token cube never spans two folds
-        fold_of = torch.empty(n, dtype=torch.long)
-        for f, idx in enumerate(task.folds):
-            fold_of[idx] = f
         half = PATCH[2] * abs(volumes.affine[2, 2]) / 2
         for f, idx in enumerate(task.folds[:-1]):
             assert training.z_mm[idx].max() + half <= training.z_mm[task.folds[f + 1]].min() - half
     info = task.info["cv"]
-    assert info["folds"] == 4 and sum(sl["examples"] for sl in info["slabs"]) == n
-    assert [sum(c) for c in zip(*(sl["class_counts"] for sl in info["slabs"]))] == training.class_counts()
+    assert info["folds"] == 4 and sum(sl["examples"] for sl in info["by_fold"]) == n
+    assert [sum(c) for c in zip(*(sl["class_counts"] for sl in info["by_fold"]))] == training.class_counts()
+    assert all(sl["fitted_on_examples"] == n - sl["examples"] for sl in info["by_fold"])
+
+
+@pytest.mark.parametrize("name", ["patch", "dense"])
+def test_task_block_folds_hold_every_lobe_and_the_buffer_keeps_fits_off_their_voxels(volumes, name):
+    task = _task_with_coded_columns(volumes, name, "blocks", buffer=True)
+    training = task.splits["training"]
+    n = training.labels.numel()
+    assert torch.equal(torch.sort(torch.cat(task.folds)).values, torch.arange(n))  # disjoint and covering
+    block = block_of_items(training.centre_mm, 48.0)
+    for f, fold in enumerate(task.folds):
+        inside = torch.zeros(n, dtype=torch.bool)
+        inside[fold] = True
+        assert all(inside[block == b].all() for b in block[fold].unique())  # whole blocks only
+        assert (torch.bincount(training.labels[fold], minlength=5) > 0).all(), f  # every lobe, unlike z slabs
+        assert _shows_training_hemisphere_only(volumes, training, fold)
+        # Fitted on other folds' items whose input shares no voxel with any held-out input; the others
+        # left out do share one.
+        fitted = task.fitted_on[f]
+        assert not inside[fitted].any() and fitted.numel() > 0
+        assert not overlapping_inputs(training.input_box[fitted], training.input_box[fold]).any()
+        left_out = torch.nonzero(~inside & ~torch.isin(torch.arange(n), fitted)).flatten()
+        assert overlapping_inputs(training.input_box[left_out], training.input_box[fold]).any(dim=1).all()
+        assert task.info["cv"]["by_fold"][f]["buffer_dropped"] == left_out.numel() > 0
 
 
 # ------------------------------------------------------------------------------ probe and baseline
@@ -429,8 +495,9 @@ def test_balanced_accuracy_weighs_every_class_the_same():
 def _raw_task(split) -> TaskData:
     """A patch-like task of 200 training items (on z rows of 5) and 50 test items, with its CV folds."""
     training, test = split(200), split(50)
-    training.z_mm = 2.0 * (torch.arange(200) // 5).double()
-    return attach_folds(TaskData("patch", {"training": training, "test": test}), 4)
+    training.centre_mm = torch.zeros(200, 3, dtype=torch.float64)
+    training.centre_mm[:, 2] = 2.0 * (torch.arange(200) // 5).double()
+    return attach_folds(TaskData("patch", {"training": training, "test": test}), 4, "z-slabs")
 
 
 def _bright_octant_cubes(n: int, side: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -483,7 +550,7 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     assert main(["--teacher", str(teacher), "--random-seeds", "2", "--patch-size", "24"]) == 0
     out = capsys.readouterr().out
     assert "patch_size 24: patch: 48 mm cube (24^3 voxels)" in out
-    assert "trained on all of the right hemisphere, L2 chosen by 4-fold cross-validation over z slabs" in out
+    assert "trained on all of the right hemisphere, L2 chosen by 4-fold cross-validation over 48 mm blocks" in out
     assert any(line.startswith("WARNING:") and "not evidence" in line for line in out.splitlines())
     evidence = json.loads((tmp_path / "run" / "evidence" / "evidence.json").read_text())
     assert evidence["evaluation_data_in_pretraining"] is True
@@ -494,6 +561,7 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
     assert "| patch: 48 mm cube (24^3 voxels)" in markdown and "patch_size 24" in markdown
     assert "4-fold cross-validation" in markdown and "validation band" not in markdown
     assert evidence["cv_folds"] == 4 and evidence["last_blocks"] == [1, 4]
+    assert (evidence["cv_grouping"], evidence["cv_block_mm"], evidence["cv_buffer"]) == ("blocks", 48.0, False)
     assert list(evidence["tasks"]) == ["patch", "patch_last4", "dense", "dense_last4"]
     assert "patch_last4: CLS + mean patch token, last 4 blocks concatenated" in out
     assert "| patch: 48 mm cube (24^3 voxels) -> lobe at its centre [CLS + mean patch token, last 4 blocks" in markdown
@@ -512,7 +580,8 @@ def test_cli_end_to_end_warns_when_the_evaluation_data_was_pretrained_on(tmp_pat
             task["teacher"]["mean"] - task["raw"]["test_balanced_accuracy"])
         assert re.search(rf"^{name} +teacher - random", out, re.M)
         description = task["description"]
-        assert len(description["cv"]["slabs"]) == 4 and set(description["class_counts"]) == {"training", "test"}
+        assert len(description["cv"]["by_fold"]) == 4 and set(description["class_counts"]) == {"training", "test"}
+        assert all(min(fold["class_counts"]) > 0 for fold in description["cv"]["by_fold"])  # every lobe in every fold
         for result in [*task["teacher"]["per_seed"], *task["random_init"]["per_seed"], task["raw"]]:
             means = result["cv_by_l2"]
             assert len(means) == 5 and means[f"{result['l2']:g}"] == max(means.values())
@@ -525,6 +594,26 @@ def test_cli_refuses_fewer_than_two_folds(tmp_path, capsys):
     assert main(["--teacher", str(tmp_path / "t.pth"), "--cv-folds", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR:") and "--cv-folds" in err[0], err
+
+
+def test_cli_passes_the_cross_validation_options_and_refuses_a_bad_block_side(tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise EvidenceError("recorded")
+
+    monkeypatch.setattr("dinov2.eval.evidence.__main__.run_evidence", record)
+    assert main(["--teacher", "t.pth", "--cv-grouping", "z-slabs", "--cv-block-mm", "32", "--cv-buffer"]) == 1
+    assert (seen["cv_grouping"], seen["cv_block_mm"], seen["cv_buffer"]) == ("z-slabs", 32.0, True)
+    assert main(["--teacher", "t.pth"]) == 1
+    assert (seen["cv_grouping"], seen["cv_block_mm"], seen["cv_buffer"]) == ("blocks", 48.0, False)
+    capsys.readouterr()
+    monkeypatch.undo()
+    teacher = tiny_teacher(tmp_path / "t.pth")
+    assert main(["--teacher", str(teacher), "--cv-block-mm", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and "--cv-block-mm" in err[0], err
 
 
 def tiny_segmentation_model(path: Path) -> Path:

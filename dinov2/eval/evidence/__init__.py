@@ -5,9 +5,12 @@ On data never used for pretraining (the FSL MNI152 T1 templates of
 linear probe (:mod:`.probe`) is trained on all labelled examples of the right hemisphere and
 tested on the left one. Its L2 penalty (and the raw baseline's pooling) is chosen by grouped
 K-fold cross-validation inside the right hemisphere (``--cv-folds``, default 4), whose folds are
-contiguous slabs along world z (:mod:`.folds`), so neighbouring, overlapping inputs mostly fall in
-one fold; the chosen penalty is refitted on all right-hemisphere examples. The left hemisphere
-is used for nothing but the final score. Two tasks:
+made of whole cubic blocks of item centres (``--cv-block-mm``, default 48), dealt so that every
+fold holds every lobe, so neighbouring, overlapping inputs mostly fall in one fold
+(``--cv-grouping z-slabs``: the former folds, contiguous slabs along world z; ``--cv-buffer``:
+fit without anything that shares voxels with the held-out fold; :mod:`.folds`); the chosen
+penalty is refitted on all right-hemisphere examples. The left hemisphere is used for nothing
+but the final score. Two tasks:
 
 * **patch** (:mod:`.patch_task`): the ``N^3``-voxel cube centred on each classification_sample
   site (``--patch-size N``, default 16 = its 32 mm patches; larger cubes add context, with the
@@ -30,6 +33,7 @@ Command line::
 
     python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth
     python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth --patch-size 32
+    python -m dinov2.eval.evidence --teacher out/eval/training_99/teacher_checkpoint.pth --cv-grouping z-slabs
 
 From Python::
 
@@ -38,6 +42,7 @@ From Python::
     evidence["tasks"]["patch"]["margins"]["teacher_minus_random"]        # last block
     evidence["tasks"]["patch_last4"]["margins"]["teacher_minus_random"]  # last four blocks
     evidence["tasks"]["dense"]["teacher"]["per_seed"][0]["cv_by_l2"]  # mean CV score per L2
+    evidence["tasks"]["patch"]["description"]["cv"]["by_fold"]  # each fold's lobes, what it was fitted on
 """
 
 from .errors import EvidenceError

@@ -1,4 +1,9 @@
-"""``python -m dinov2.eval.evidence``: print and write whether a teacher's frozen features learned anything."""
+"""``python -m dinov2.eval.evidence``: print and write whether a teacher's frozen features learned anything.
+
+The probes' penalties are chosen by cross-validation over folds of cubic blocks that each hold
+every lobe (``--cv-grouping blocks --cv-block-mm 48``); ``--cv-grouping z-slabs`` gives the former
+z-slab folds and their numbers; ``--cv-buffer`` keeps each fold's fits off its voxels.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from dinov2.utils.device import add_device_argument
 from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_point
 
 from . import __doc__ as PACKAGE_DOC
-from .folds import DEFAULT_FOLDS
+from .folds import DEFAULT_BLOCK_MM, DEFAULT_BUFFER, DEFAULT_FOLDS, DEFAULT_GROUPING, GROUPINGS
 from .report import format_table
 from .run import DEFAULT_BATCH_SIZE, DEFAULT_BLOCKS, DEFAULT_DENSE_WINDOW, DEFAULT_PATCH_SIZE, run_evidence
 
@@ -30,8 +35,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "32 mm patches; larger adds context, other hemisphere blanked); a multiple of the "
                              "backbone's patch size, at least 16")
     parser.add_argument("--cv-folds", type=int, default=DEFAULT_FOLDS,
-                        help="cross-validation folds (contiguous z slabs of the training hemisphere) that choose "
-                             "each probe's L2 penalty and the raw baseline's pooling")
+                        help="cross-validation folds of the training hemisphere that choose each probe's L2 penalty "
+                             "and the raw baseline's pooling")
+    parser.add_argument("--cv-grouping", choices=GROUPINGS, default=DEFAULT_GROUPING,
+                        help="blocks: folds of whole cubic blocks of item centres, dealt so that each holds "
+                             "every lobe; z-slabs: the former contiguous z slabs (reproduces earlier numbers)")
+    parser.add_argument("--cv-block-mm", type=float, default=DEFAULT_BLOCK_MM,
+                        help="side in mm of the cubic blocks of item centres (--cv-grouping blocks)")
+    parser.add_argument("--cv-buffer", action=argparse.BooleanOptionalAction, default=DEFAULT_BUFFER,
+                        help="fit each fold's probes without the items whose input shares a voxel with the held-out "
+                             "fold (off by default: the CV then measures extrapolation across the brain, which the "
+                             "mirrored test hemisphere does not ask for)")
     parser.add_argument("--last-blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
                         help="read each network's features from its last N blocks (concatenated), one row per N "
                              "(default: 1 and 4, as DINOv2's linear evaluation; capped at the depth)")
@@ -49,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_entry_point()
     evidence = run_evidence(args.teacher, args.random_seeds, args.output_dir, args.device, args.dense_window,
                             args.batch_size, patch_size=args.patch_size, cv_folds=args.cv_folds,
-                            blocks=args.last_blocks)
+                            blocks=args.last_blocks, cv_grouping=args.cv_grouping, cv_block_mm=args.cv_block_mm,
+                            cv_buffer=args.cv_buffer)
     print(format_table(evidence))
     print(f"Wrote {evidence['files']['json']} and {evidence['files']['markdown']} ({evidence['seconds']} s).")
     return 0

@@ -6,14 +6,16 @@ the grid are filled with air (-1). The tiling is laid four times, shifted by 0 o
 along x (laterally) and y, so the probe sees four different lattices of token cubes. A window
 lies wholly in one hemisphere: the test hemisphere's windows are the test split, and every
 window of the training hemisphere is training (nothing is held back there: the probe's L2
-penalty is chosen by cross-validation over z slabs of the training tokens, :mod:`.folds`).
+penalty is chosen by cross-validation over spatial folds of the training tokens, :mod:`.folds`).
 
 The z tiling starts where it always has, at the lower edge of the patch task's validation band
 (world z in [0, 32) mm) grown about its centre to a whole number of windows (32-voxel windows:
 row 28, z = -16 mm), so the test windows are exactly those of earlier versions. Tokens lie on
 one z lattice in every shifted tiling, so two tokens either share all their z rows or none, and
-a z-slab fold never splits a token cube (a window's tokens may fall in two folds: the
-backbone's attention lets them share context, which can only make the L2 choice optimistic).
+a z-slab fold never splits a token cube. A window's tokens may fall in two folds, and windows of
+the shifted tilings overlap: the backbone's attention lets them share context with the held-out
+fold, unless ``--cv-buffer`` drops every token whose window overlaps a held-out token's window
+(each token carries its centre and its window's box of atlas voxels for that).
 
 A token is labelled when at least :data:`MIN_CORTICAL_FRACTION` of its cube is cortex (atlas >
 0), by the lobe with most voxels there (ties: the lower lobe index); other tokens are left out.
@@ -32,10 +34,10 @@ import torch
 from dinov2.sample_data.classification import PatchTaskParams
 
 from .errors import EvidenceError
-from .folds import DEFAULT_FOLDS, attach_folds
+from .folds import DEFAULT_BLOCK_MM, DEFAULT_BUFFER, DEFAULT_FOLDS, DEFAULT_GROUPING, attach_folds
 from .patch_task import PATCH_PARAMS
-from .tasks import NUM_CLASSES, SPLITS, TaskData, TaskSplit
-from .volumes import BACKGROUND, EvidenceVolumes, band_rows, cut_window, hemisphere_frames
+from .tasks import NUM_CLASSES, SPLITS, TaskData, TaskSplit, world_mm
+from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, band_rows, cut_window, hemisphere_frames
 
 MIN_CORTICAL_FRACTION = 0.25
 
@@ -146,9 +148,9 @@ def _require_lobes(split: str, labels: list[int], window: int) -> None:
                             f"{present} lobe(s) (tokens per lobe {counts}). Use a smaller --dense-window, e.g. 32.")
 
 
-def _token_z_mm(windows: list[DenseWindow], tokens: np.ndarray, window: int, patch: Sequence[int],
-                affine: np.ndarray) -> torch.Tensor:
-    """float64 ``(T,)`` world z of the middle of every token cube.
+def _token_centres_mm(windows: list[DenseWindow], tokens: np.ndarray, window: int, patch: Sequence[int],
+                      affine: np.ndarray, frames: dict[str, HemisphereFrame]) -> torch.Tensor:
+    """float64 ``(T, 3)`` world ``(x, y, z)`` of the middle of every token cube.
 
     Args:
         windows: the split's kept windows, in input order.
@@ -156,11 +158,22 @@ def _token_z_mm(windows: list[DenseWindow], tokens: np.ndarray, window: int, pat
         window: window side in voxels.
         patch: token cube ``(ph, pw, pd)``.
         affine: the grid's ``(4, 4)`` affine.
+        frames: the hemisphere frames the windows were cut from.
     """
-    pd = patch[2]
-    first_row = np.array([w.origin[2] for w in windows], dtype=np.float64)[tokens[:, 0]]
-    rows = first_row + pd * (tokens[:, 1] % (window // pd)) + (pd - 1) / 2
-    return torch.from_numpy(affine[2, 2] * rows + affine[2, 3])
+    ph, pw, pd = patch
+    per_w, per_d = window // pw, window // pd
+    index = tokens[:, 1]  # (h, w, d) flattened with d fastest
+    a, b, c = index // (per_w * per_d), (index // per_d) % per_w, index % per_d
+    owner = [windows[i] for i in tokens[:, 0]]
+    origins = np.array([w.origin for w in owner], dtype=np.float64).reshape(-1, 3)
+    lo, hi = (np.array([frames[w.hemisphere].columns[i] for w in owner], dtype=np.float64) for i in (0, 1))
+    mirrored = np.array([frames[w.hemisphere].mirrored for w in owner], dtype=bool)
+    u0 = origins[:, 0] + ph * a
+    # Frame columns [u0, u0 + ph) are atlas columns [lo + u0, lo + u0 + ph), or mirrored [hi - u0 - ph, hi - u0).
+    x = np.where(mirrored, hi - u0 - (ph + 1) / 2, lo + u0 + (ph - 1) / 2)
+    y = origins[:, 1] + pw * b + (pw - 1) / 2
+    z = origins[:, 2] + pd * c + (pd - 1) / 2
+    return world_mm(affine, np.stack([x, y, z], axis=1))
 
 
 def _cut_split(volumes: EvidenceVolumes, planned: list[DenseWindow], window: int, patch: Sequence[int],
@@ -183,13 +196,18 @@ def _cut_split(volumes: EvidenceVolumes, planned: list[DenseWindow], window: int
             cubes.append(cut_window(image_frames[w.hemisphere], w.origin, window, BACKGROUND))
     tokens_np = np.concatenate(tokens).astype(np.int64)
     windows = [w for _ in params.templates for w, _, _ in labelled]
+    # A token's input is its whole window (its tokens attend to each other): the window's real voxels.
+    boxes = np.array([np.array(w.atlas_box).T for w in windows], dtype=np.int64)[tokens_np[:, 0]]
     return TaskSplit(torch.from_numpy(np.stack(cubes)).unsqueeze(1).float(),
                      torch.from_numpy(np.concatenate(labels).astype(np.int64)), torch.from_numpy(tokens_np),
-                     _token_z_mm(windows, tokens_np, window, patch, volumes.affine))
+                     _token_centres_mm(windows, tokens_np, window, patch, volumes.affine, frames),
+                     torch.from_numpy(boxes))
 
 
 def build_dense_task(volumes: EvidenceVolumes, window: int, patch: Sequence[int],
-                     params: PatchTaskParams = PATCH_PARAMS, folds: int = DEFAULT_FOLDS) -> TaskData:
+                     params: PatchTaskParams = PATCH_PARAMS, folds: int = DEFAULT_FOLDS,
+                     grouping: str = DEFAULT_GROUPING, block_mm: float = DEFAULT_BLOCK_MM,
+                     buffer: bool = DEFAULT_BUFFER) -> TaskData:
     """Windows and token labels of both splits, from every template.
 
     Args:
@@ -197,11 +215,14 @@ def build_dense_task(volumes: EvidenceVolumes, window: int, patch: Sequence[int]
         window: window side in voxels (a multiple of every side of ``patch``).
         patch: the backbone's patch ``(ph, pw, pd)`` (= the labelled token cube).
         params: the patch task's recipe (training hemisphere, z anchor, templates).
-        folds: cross-validation folds (z slabs) of the training tokens.
+        folds, grouping, block_mm, buffer: cross-validation folds of the training tokens, how they
+            are grouped, the block side and whether fits keep off the held-out fold's windows (see
+            :func:`~dinov2.eval.evidence.folds.attach_folds`).
 
     Returns:
         :class:`TaskData` whose splits hold ``(M, 1, W, W, W)`` windows (only those with a
-        labelled token), ``(T, 2)`` token indices, ``(T,)`` labels and token z; ``folds`` set.
+        labelled token), ``(T, 2)`` token indices, ``(T,)`` labels, token centres and window
+        boxes; ``folds`` and ``fitted_on`` set.
 
     Raises:
         EvidenceError: the window is so large that a split lacks lobes, or ``folds`` does not fit.
@@ -221,4 +242,4 @@ def build_dense_task(volumes: EvidenceVolumes, window: int, patch: Sequence[int]
             "windows": {s: int(splits[s].inputs.shape[0]) for s in SPLITS},
             "examples": {s: int(splits[s].labels.numel()) for s in SPLITS},
             "class_counts": {s: splits[s].class_counts() for s in SPLITS}}
-    return attach_folds(TaskData("dense", splits, info), folds)
+    return attach_folds(TaskData("dense", splits, info), folds, grouping, block_mm, buffer)

@@ -20,10 +20,11 @@ Splits: the test split is classification_sample's test split (every site of the 
 hemisphere), unchanged. The training split is every site of the right hemisphere on the same
 lattice: classification_sample's training and validation sites plus those it drops for touching
 its validation band, since the evidence holds nothing back there (the probe's L2 penalty is
-chosen by cross-validation over z slabs of the training hemisphere, :mod:`.folds`). Cubes
-overlap their neighbours, so the cubes next to a slab boundary share voxels with the held-out
-slab (more of them for ``N > 16``); this can only make the choice of L2 a little optimistic.
-The test hemisphere is never reached.
+chosen by cross-validation over spatial folds of the training hemisphere, :mod:`.folds`). Cubes
+overlap their neighbours, so the cubes next to a fold's boundary share voxels with the held-out
+fold (more of them for ``N > 16``) unless ``--cv-buffer`` drops them from the fit (each item
+carries its centre and the box of atlas voxels its cube shows for that). The test hemisphere is
+never reached.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import torch
 from dinov2.sample_data.classification import LOBES, PatchSite, PatchTaskParams, plan_patch_sites
 
 from .errors import EvidenceError
-from .folds import DEFAULT_FOLDS, attach_folds
-from .tasks import SPLITS, TaskData, TaskSplit
+from .folds import DEFAULT_BLOCK_MM, DEFAULT_BUFFER, DEFAULT_FOLDS, DEFAULT_GROUPING, attach_folds
+from .tasks import SPLITS, TaskData, TaskSplit, world_mm
 from .volumes import BACKGROUND, EvidenceVolumes, HemisphereFrame, band_rows, cut_window, hemisphere_frames
 
 # classification_sample's defaults: the very sites of its brain-lobe dataset.
@@ -106,14 +107,30 @@ def _split_inputs(image_frames: dict[str, np.ndarray], frames: dict[str, Hemisph
                        size, BACKGROUND) for s in sites]
 
 
-def _z_mm(sites: list[PatchSite], affine: np.ndarray, params: PatchTaskParams) -> torch.Tensor:
-    """float64 ``(S,)`` world z of every site's labelled voxel."""
-    rows = torch.tensor([site_centre(s, params)[2] for s in sites], dtype=torch.float64)
-    return float(affine[2, 2]) * rows + float(affine[2, 3])
+def _centres_mm(sites: list[PatchSite], affine: np.ndarray, params: PatchTaskParams) -> torch.Tensor:
+    """float64 ``(S, 3)`` world ``(x, y, z)`` of every site's labelled voxel."""
+    return world_mm(affine, np.array([site_centre(s, params) for s in sites], dtype=np.float64).reshape(-1, 3))
+
+
+def _input_boxes(sites: list[PatchSite], frames: dict[str, HemisphereFrame], shape: Sequence[int], size: int,
+                 params: PatchTaskParams) -> torch.Tensor:
+    """int64 ``(S, 2, 3)`` atlas voxels ``[lo, hi)`` of the real voxels in every site's ``size^3`` cube.
+
+    Mirroring does not move the cube in the atlas: both hemispheres span ``[c - N//2, c - N//2 + N)``
+    around the centre voxel ``c``, clipped to the site's hemisphere columns and to the grid.
+    """
+    boxes = []
+    for s in sites:
+        lo = np.array(site_centre(s, params)) - size // 2
+        floor = np.array([frames[s.hemisphere].columns[0], 0, 0])
+        ceiling = np.array([frames[s.hemisphere].columns[1], shape[1], shape[2]])
+        boxes.append(np.stack([np.maximum(lo, floor), np.minimum(lo + size, ceiling)]))
+    return torch.from_numpy(np.array(boxes, dtype=np.int64).reshape(-1, 2, 3))
 
 
 def build_patch_task(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_PARAMS,
-                     patch_size: int | None = None, folds: int = DEFAULT_FOLDS) -> TaskData:
+                     patch_size: int | None = None, folds: int = DEFAULT_FOLDS, grouping: str = DEFAULT_GROUPING,
+                     block_mm: float = DEFAULT_BLOCK_MM, buffer: bool = DEFAULT_BUFFER) -> TaskData:
     """Cut every site's cube out of every template (left-hemisphere cubes mirrored).
 
     Args:
@@ -121,11 +138,14 @@ def build_patch_task(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_P
         params: site recipe; training on all of ``params.train_hemisphere``, test on the other
             hemisphere (see :func:`plan_evidence_sites`).
         patch_size: cube side ``N`` fed to the network (default ``params.patch_size``; not smaller).
-        folds: cross-validation folds (z slabs) of the training split.
+        folds, grouping, block_mm, buffer: cross-validation folds of the training split, how they
+            are grouped, the block side and whether fits keep off the held-out fold's voxels (see
+            :func:`~dinov2.eval.evidence.folds.attach_folds`).
 
     Returns:
-        :class:`TaskData` whose splits hold ``(S, 1, N, N, N)`` cubes, ``(S,)`` labels and site
-        z, all sites of the first template, then all of the second; ``folds`` set.
+        :class:`TaskData` whose splits hold ``(S, 1, N, N, N)`` cubes, ``(S,)`` labels, site
+        centres and cube boxes, all sites of the first template, then all of the second;
+        ``folds`` and ``fitted_on`` set.
 
     Raises:
         EvidenceError: ``patch_size`` is smaller than the sites' patches, or ``folds`` does not fit.
@@ -145,9 +165,13 @@ def build_patch_task(volumes: EvidenceVolumes, params: PatchTaskParams = PATCH_P
             cubes += _split_inputs(image_frames, frames, chosen, size, params)
         labels = torch.tensor([LOBES.index(s.lobe) for s in chosen] * len(params.templates), dtype=torch.int64)
         inputs = torch.from_numpy(np.stack(cubes)).unsqueeze(1).float()
-        z_mm = _z_mm(chosen, volumes.affine, params).repeat(len(params.templates))
-        splits[split] = TaskSplit(inputs, labels, z_mm=z_mm)
-    return attach_folds(TaskData("patch", splits, _task_info(volumes, params, size, splits)), folds)
+        # One site gives one item per template, at one centre and showing the same atlas voxels.
+        repeat = len(params.templates)
+        centres = _centres_mm(chosen, volumes.affine, params).repeat(repeat, 1)
+        boxes = _input_boxes(chosen, frames, volumes.lobes.shape, size, params).repeat(repeat, 1, 1)
+        splits[split] = TaskSplit(inputs, labels, centre_mm=centres, input_box=boxes)
+    task = TaskData("patch", splits, _task_info(volumes, params, size, splits))
+    return attach_folds(task, folds, grouping, block_mm, buffer)
 
 
 def _task_info(volumes: EvidenceVolumes, params: PatchTaskParams, size: int, splits: dict[str, TaskSplit]) -> dict:

@@ -7,8 +7,10 @@ Recipe (the usual one for frozen-feature evidence, without scikit-learn):
   weighs the same (the reported metric is balanced accuracy);
 * L2 penalty ``l2 / 2 * ||W||^2`` on the weights (not the bias), strength chosen from
   :data:`L2_GRID` by grouped K-fold cross-validation on the training examples
-  (:func:`cross_validate`; the folds are z slabs, :mod:`.folds`): the CV score is the mean
-  balanced accuracy over the held-out folds, ties go to the stronger penalty;
+  (:func:`cross_validate`; the folds are spatial blocks or z slabs, :mod:`.folds`): while a fold
+  is held out the probe is fitted on the other folds (with ``--cv-buffer``, less the examples
+  whose inputs share voxels with it); the CV score is the mean balanced accuracy over the
+  held-out folds, ties go to the stronger penalty;
 * the chosen strength is then refitted on all training examples (:func:`fit_probe`);
 * float64 full-batch L-BFGS with a strong-Wolfe line search: the problem is strictly convex, so
   the solution does not depend on any random state. The final fit starts from zero weights;
@@ -136,7 +138,7 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2
 
 
 def fold_scores(features: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor, num_classes: int,
-                l2_grid: tuple[float, ...] = L2_GRID) -> dict[float, float]:
+                l2_grid: tuple[float, ...] = L2_GRID, fitted_on: torch.Tensor | None = None) -> dict[float, float]:
     """Balanced accuracy on one held-out fold of probes fitted on the other folds, per penalty.
 
     Args:
@@ -144,12 +146,18 @@ def fold_scores(features: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
         held_out: int64 indices of the fold left out.
         num_classes: ``K``.
         l2_grid: penalties tried.
+        fitted_on: int64 indices of the examples the probes are fitted on (disjoint from
+            ``held_out``; default: every example not held out).
 
     Returns:
         ``{l2: balanced accuracy on the held-out fold}``.
     """
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[held_out] = False
+    if fitted_on is None:
+        keep = torch.ones(labels.numel(), dtype=torch.bool)
+        keep[held_out] = False
+    else:
+        keep = torch.zeros(labels.numel(), dtype=torch.bool)
+        keep[fitted_on] = True
     scores, probe = {}, None
     for l2 in sorted(l2_grid, reverse=True):  # strongest first: each solution starts the next, weaker fit
         probe = fit_probe(features[keep], labels[keep], num_classes, l2, probe, CV_MAX_ITERATIONS)
@@ -163,7 +171,7 @@ def choose_l2(cv_by_l2: dict[float, float]) -> float:
 
 
 def cross_validate(features: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor], num_classes: int,
-                   l2_grid: tuple[float, ...] = L2_GRID) -> dict:
+                   l2_grid: tuple[float, ...] = L2_GRID, fitted_on: list[torch.Tensor] | None = None) -> dict:
     """Choose the penalty by K-fold cross-validation over the given folds.
 
     Args:
@@ -171,17 +179,24 @@ def cross_validate(features: torch.Tensor, labels: torch.Tensor, folds: list[tor
         folds: int64 index tensors into the ``N`` examples, disjoint (see :mod:`.folds`).
         num_classes: ``K``.
         l2_grid: penalties tried.
+        fitted_on: per fold, int64 indices of the examples fitted while it is held out (the
+            other folds less the buffer, see :func:`~.folds.buffered_training`); empty or None:
+            all the other folds.
 
     Returns:
         ``{"l2": chosen, "cv_balanced_accuracy": its CV score, "cv_by_l2": {str(l2): mean over
         folds}, "cv_by_l2_per_fold": {str(l2): [score of fold f]}}``.
 
     Raises:
-        ValueError: no fold given (a task built without :func:`~.folds.attach_folds`).
+        ValueError: no fold given (a task built without :func:`~.folds.attach_folds`), or
+            ``fitted_on`` not one per fold.
     """
     if not folds:
         raise ValueError("cross_validate needs at least one fold: build the task with its folds attached.")
-    per_fold = [fold_scores(features, labels, held_out, num_classes, l2_grid) for held_out in folds]
+    if fitted_on and len(fitted_on) != len(folds):
+        raise ValueError(f"cross_validate got {len(fitted_on)} training sets for {len(folds)} folds.")
+    per_fold = [fold_scores(features, labels, held_out, num_classes, l2_grid, fitted_on[f] if fitted_on else None)
+                for f, held_out in enumerate(folds)]
     means = {l2: sum(f[l2] for f in per_fold) / len(per_fold) for l2 in per_fold[0]}
     l2 = choose_l2(means)
     return {"l2": l2, "cv_balanced_accuracy": means[l2],

@@ -99,7 +99,14 @@ def _warning_lines(evidence: dict) -> list[str]:
 
 def _folds(evidence: dict) -> str:
     """How the penalty was chosen, for the headers (after "the right hemisphere")."""
-    return f"{evidence.get('cv_folds', '?')}-fold cross-validation over z slabs of it"
+    k = evidence.get("cv_folds", "?")
+    # evidence.json written before the blocks existed has no cv_grouping: its folds were z slabs.
+    if evidence.get("cv_grouping", "z-slabs") == "z-slabs":
+        how = f"{k}-fold cross-validation over z slabs of it"
+    else:
+        how = f"{k}-fold cross-validation over {evidence['cv_block_mm']:g} mm blocks of it"
+    buffered = ", each fold fitted without the inputs that share voxels with it" if evidence.get("cv_buffer") else ""
+    return how + buffered
 
 
 def format_table(evidence: dict) -> str:

@@ -19,7 +19,7 @@ from .baselines import POOLING_GRIDS, raw_features
 from .dense_task import build_dense_task
 from .errors import EvidenceError
 from .features import last_blocks, network_features, usable_blocks
-from .folds import DEFAULT_FOLDS
+from .folds import DEFAULT_BLOCK_MM, DEFAULT_BUFFER, DEFAULT_FOLDS, DEFAULT_GROUPING
 from .held_out import EVALUATION_FILES, held_out_files, pretraining_overlap
 from .patch_task import PATCH_PARAMS, build_patch_task
 from .probe import balanced_accuracy, cross_validate, fit_probe
@@ -54,7 +54,7 @@ def probe_scores(features: dict[str, torch.Tensor], task: TaskData, cv: dict | N
         "training_examples", "test_examples"}``.
     """
     train, test = task.splits["training"], task.splits["test"]
-    cv = cv or cross_validate(features["training"], train.labels, task.folds, NUM_CLASSES)
+    cv = cv or cross_validate(features["training"], train.labels, task.folds, NUM_CLASSES, fitted_on=task.fitted_on)
     probe = fit_probe(features["training"], train.labels, NUM_CLASSES, cv["l2"])
     return {"test_balanced_accuracy": balanced_accuracy(probe.predict(features["test"]), test.labels), **cv,
             "training_examples": int(train.labels.numel()), "test_examples": int(test.labels.numel())}
@@ -92,7 +92,7 @@ def raw_scores(task: TaskData, patch: Sequence[int]) -> dict:
     tried = {}
     for grid in (g for g in POOLING_GRIDS if g <= side):
         training = raw_features(task.splits["training"], grid, patch)
-        tried[grid] = cross_validate(training, labels, task.folds, NUM_CLASSES)
+        tried[grid] = cross_validate(training, labels, task.folds, NUM_CLASSES, fitted_on=task.fitted_on)
     best = max(tried, key=lambda g: (tried[g]["cv_balanced_accuracy"], -g))
     features = {s: raw_features(task.splits[s], best, patch) for s in SPLITS}
     return {**probe_scores(features, task, tried[best]), "pooling": best, "features": best ** 3,
@@ -195,7 +195,8 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
                  output_dir: str | os.PathLike | None = None, device: str = "cpu",
                  dense_window: int = DEFAULT_DENSE_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE,
                  patch_size: int = DEFAULT_PATCH_SIZE, cv_folds: int = DEFAULT_FOLDS,
-                 blocks: Sequence[int] = DEFAULT_BLOCKS) -> dict:
+                 blocks: Sequence[int] = DEFAULT_BLOCKS, cv_grouping: str = DEFAULT_GROUPING,
+                 cv_block_mm: float = DEFAULT_BLOCK_MM, cv_buffer: bool = DEFAULT_BUFFER) -> dict:
     """Measure whether pretrained teachers' frozen features beat random inits and raw intensities.
 
     Args:
@@ -209,10 +210,15 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         patch_size: side ``N`` of the patch task's input cubes, centred on classification_sample's
             sites (16 = its own patches); a multiple of the backbone's patch size, at least 16.
             Larger cubes add context, never the other hemisphere (see :mod:`.patch_task`).
-        cv_folds: folds (z slabs of the training hemisphere) of the cross-validation that
-            chooses every probe's penalty and the raw baseline's pooling (see :mod:`.folds`).
+        cv_folds: folds of the training hemisphere in the cross-validation that chooses every
+            probe's penalty and the raw baseline's pooling (see :mod:`.folds`).
         blocks: read each network's features from its last ``n`` blocks, one row per ``n`` (capped
             at the depth): ``patch``/``dense`` for 1, ``patch_last4``/``dense_last4`` for 4.
+        cv_grouping: ``blocks`` (folds of cubic blocks dealt so that each holds every lobe) or
+            ``z-slabs`` (the former folds, to reproduce earlier numbers).
+        cv_block_mm: block side in mm (``blocks`` only).
+        cv_buffer: fit each fold's probes without the items whose input shares a voxel with the
+            held-out fold (off by default: see :mod:`.folds`).
 
     Returns:
         What evidence.json holds (``tasks.<patch|dense>`` with per-seed values, statistics,
@@ -238,8 +244,9 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
     overlap = _check_overlap(loaded)
     logger.info("Building the evaluation tasks from the FSL MNI152 templates and the Harvard-Oxford atlas.")
     volumes = load_evidence_volumes()
-    tasks = [build_patch_task(volumes, patch_size=patch_size, folds=cv_folds),
-             build_dense_task(volumes, dense_window, patch, folds=cv_folds)]
+    cv = {"folds": cv_folds, "grouping": cv_grouping, "block_mm": cv_block_mm, "buffer": cv_buffer}
+    tasks = [build_patch_task(volumes, patch_size=patch_size, **cv),
+             build_dense_task(volumes, dense_window, patch, **cv)]
     blocks = sorted({usable_blocks(loaded[0].model, n) for n in blocks})
     results = _evaluate_all(loaded, spec, range(random_seeds), tasks, blocks, patch, batch_size, device)
     evidence = {
@@ -249,6 +256,9 @@ def run_evidence(teachers: Sequence[str | os.PathLike], random_seeds: int = 3,
         "device": str(device),
         "patch_size": patch_size,
         "cv_folds": cv_folds,
+        "cv_grouping": cv_grouping,
+        "cv_block_mm": float(cv_block_mm) if cv_grouping == "blocks" else None,
+        "cv_buffer": cv_buffer,
         "last_blocks": blocks,
         "evaluation_files": [str(p) for p in held_out_files(include_near_duplicates=False)],
         "evaluation_file_names": [f"{pkg}/{rel}" for pkg, rel in EVALUATION_FILES],
