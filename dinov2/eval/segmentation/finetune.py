@@ -36,16 +36,17 @@ from .model import HEAD_NAMES, canonical_head_name
 logger = logging.getLogger("dinov2.eval.segmentation")
 
 DEFAULT_CONFIG = "eval/segmentation_default"
-# flag dest -> config key (the dataset flags: dinov2.eval.presets.DATASET_FLAG_KEYS, as in linear probing)
-FLAG_KEYS = {
-    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "segmentation_head": "model.head",
-    "epochs": "optim.epochs", "epoch_length": "optim.epoch_length",
-    "eval_period_iterations": "evaluation.eval_period_iterations", "warmup_iters": "optim.warmup_iters",
-    "batch_size": "train.batch_size", "num_workers": "train.num_workers", "learning_rate": "optim.lr",
-    "cache_dir": "train.cache_dir", "resize_scale": "dataset.resize_scale", "seed": "seed", "device": "device",
-    "precision": "compute_precision.dtype", "train_feature_model": "model.train_backbone",
-    "tensorboard": "train.tensorboard",
+# flag dest -> config key of the flags of add_training_arguments (shared with dinov2.eval.instances train)
+TRAINING_FLAG_KEYS = {
+    "pretrained_weights": "pretrained_weights", "output_dir": "output_dir", "epochs": "optim.epochs",
+    "epoch_length": "optim.epoch_length", "eval_period_iterations": "evaluation.eval_period_iterations",
+    "warmup_iters": "optim.warmup_iters", "batch_size": "train.batch_size", "num_workers": "train.num_workers",
+    "learning_rate": "optim.lr", "seed": "seed", "device": "device", "precision": "compute_precision.dtype",
+    "train_feature_model": "model.train_backbone", "tensorboard": "train.tensorboard",
 }
+# flag dest -> config key (the dataset flags: dinov2.eval.presets.DATASET_FLAG_KEYS, as in linear probing)
+FLAG_KEYS = {**TRAINING_FLAG_KEYS, "segmentation_head": "model.head", "cache_dir": "train.cache_dir",
+             "resize_scale": "dataset.resize_scale"}
 # Required values and the flag that gives each.
 REQUIRED = {"pretrained_weights": "--pretrained-weights", "output_dir": "--output-dir",
             "dataset.base_data_dir": "--base-data-dir"}
@@ -60,6 +61,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where config, checkpoints and results.json go")
     add_dataset_arguments(p, "training crop and sliding window", image_size_triple=False)
     p.add_argument("--segmentation-head", choices=HEAD_NAMES, type=canonical_head_name)
+    p.add_argument("--cache-dir", help="on-disk cache of preprocessed volumes")
+    p.add_argument("--resize-scale", type=float, help="resample to preset spacing / scale (2 = twice the voxels per axis)")
+    add_training_arguments(p, "TensorBoard scalars and validation previews")
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser, tensorboard_holds: str) -> None:
+    """The training flags (:data:`TRAINING_FLAG_KEYS`), ``key=value`` overrides and ``--debug``, last on the
+    command line of segmentation and instance segmentation finetuning (``tensorboard_holds``: what
+    ``--tensorboard`` writes)."""
     p.add_argument("--train-feature-model", action="store_true", default=None,
                    help="finetune the backbone (layer-wise LR decay; model.train_backbone)")
     p.add_argument("--epochs", type=int)
@@ -70,18 +81,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--cache-dir", help="on-disk cache of preprocessed volumes")
-    p.add_argument("--resize-scale", type=float, help="resample to preset spacing / scale (2 = twice the voxels per axis)")
     p.add_argument("--seed", type=int)
     add_device_argument(p)
     p.add_argument("--precision", choices=("auto", *PRECISIONS),
                    help="autocast precision of training and evaluation (compute_precision.dtype)")
     p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write TensorBoard scalars and validation previews to <output-dir>/tensorboard "
-                        "(train.tensorboard; needs the tensorboard extra)")
+                   help=f"also write {tensorboard_holds} to <output-dir>/tensorboard (train.tensorboard; needs the "
+                        "tensorboard extra)")
     p.add_argument("opts", nargs="*", default=[], help="key=value config overrides")
     add_debug_flag(p)
-    return p
+
+
+def check_required(cfg: DictConfig, required: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` naming the first of ``required`` (``{config key: flag}``) left ``???``."""
+    unset = OmegaConf.missing_keys(cfg)  # dotted keys; OmegaConf.is_missing reads top-level keys only
+    missing = [k for k in required if k in unset]
+    if missing:
+        raise ConfigError(f"Missing {', '.join(missing)}: pass {required[missing[0]]} (or set {missing[0]} in "
+                          "--config-file). Use --pretrained-weights none for a random-initialisation baseline.")
 
 
 def build_config(args: argparse.Namespace) -> DictConfig:
@@ -98,10 +115,7 @@ def build_config(args: argparse.Namespace) -> DictConfig:
                       open_keys=("model.backbone_kwargs",))
     if OmegaConf.is_missing(cfg, "dataset.name"):
         raise ConfigError("No dataset: pass --dataset-name (a packaged preset or a preset YAML path).")
-    missing = [k for k in REQUIRED if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise ConfigError(f"Missing {', '.join(missing)}: pass {REQUIRED[missing[0]]} (or set {missing[0]} in "
-                          "--config-file). Use --pretrained-weights none for a random-initialisation baseline.")
+    check_required(cfg, REQUIRED)
     return cfg
 
 

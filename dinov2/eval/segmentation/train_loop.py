@@ -222,7 +222,7 @@ def load_resumable_weights(model: torch.nn.Module, resume: dict, pretrained_weig
                          "--train-feature-model setting. Use a new --output-dir, or the original settings.")
 
 
-def _prepare_run(cfg: DictConfig) -> tuple[torch.device, Path]:
+def prepare_run(cfg: DictConfig) -> tuple[torch.device, Path]:
     """Check that this is one process, create ``output_dir`` with its ``config.yaml`` and seed the run.
 
     Returns:
@@ -232,8 +232,8 @@ def _prepare_run(cfg: DictConfig) -> tuple[torch.device, Path]:
         ValueError: launched with torchrun (several processes).
     """
     if get_world_size() > 1:
-        raise ValueError("Segmentation finetuning runs as one process (one GPU or the CPU); launch it with "
-                         "python -m dinov2.eval.segmentation, not torchrun.")
+        raise ValueError("Finetuning runs as one process (one GPU or the CPU); launch it with python -m "
+                         "dinov2.eval.segmentation (or dinov2.eval.instances train), not torchrun.")
     ctx = init_distributed(str(cfg.device))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +276,7 @@ def _build_datasets(cfg: DictConfig, preset: DatasetPreset, splits: dict) -> tup
     return val_ds, loader
 
 
-def _build_optimizer(model: torch.nn.Module, oc: DictConfig) -> tuple[torch.optim.Optimizer, CosineScheduler, int]:
+def build_optimizer(model: torch.nn.Module, oc: DictConfig) -> tuple[torch.optim.Optimizer, CosineScheduler, int]:
     """AdamW over layer-wise decayed parameter groups and its warm-up + cosine learning rate.
 
     Returns:
@@ -294,14 +294,15 @@ def _build_optimizer(model: torch.nn.Module, oc: DictConfig) -> tuple[torch.opti
     return optimizer, lr_schedule, total_iters
 
 
-def _resume_or_start(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, last_path: Path) -> dict[str, Any]:
+def resume_or_start(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, last_path: Path, best_metric: str = "mean_dice") -> dict[str, Any]:
     """Load ``last_checkpoint.pth`` when ``train.resume`` is set and it exists (weights, optimizer, scaler, RNG).
 
     Returns:
-        The loop state: ``iteration`` (completed), ``best``, ``train_curve``, ``val_curve``.
+        The loop state: ``iteration`` (completed), ``best`` (``iteration`` and ``best_metric``),
+        ``train_curve``, ``val_curve``.
     """
-    state = {"iteration": 0, "best": {"iteration": None, "mean_dice": -math.inf}, "train_curve": [], "val_curve": []}
+    state = {"iteration": 0, "best": {"iteration": None, best_metric: -math.inf}, "train_curve": [], "val_curve": []}
     if cfg.train.resume and last_path.is_file():
         resume = torch.load(last_path, map_location="cpu", weights_only=False)
         load_resumable_weights(model, resume, str(cfg.pretrained_weights), last_path)
@@ -404,6 +405,44 @@ def _results(cfg: DictConfig, preset: DatasetPreset, model: torch.nn.Module, sta
     }
 
 
+def run_iterations(cfg: DictConfig, model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module,
+                   optimization: tuple[torch.optim.Optimizer, CosineScheduler, torch.amp.GradScaler, int],
+                   state: dict[str, Any], precision: str, device: torch.device, out_dir: Path, crops_per_it: int,
+                   validate: Callable[[int, TensorBoard], None]) -> None:
+    """The training iterations from ``state["iteration"]`` on, shared with instance segmentation.
+
+    One :func:`_train_step` per batch of ``loader`` (``image`` and ``label``, the target
+    ``loss_fn`` compares the model's output with); the mean loss is logged with the training ETA
+    every ``train.log_period_iterations``; every ``evaluation.eval_period_iterations`` and at the
+    end, ``validate(done, tb)`` (which keeps the best checkpoint) runs, then ``last_checkpoint.pth``
+    is written.
+
+    Args:
+        optimization: ``(optimizer, lr_schedule, scaler, total_iters)``.
+        crops_per_it: training crops per iteration (TensorBoard's throughput).
+    """
+    optimizer, lr_schedule, scaler, total_iters = optimization
+    eval_every = max(int(cfg.evaluation.eval_period_iterations), 1)
+    log_every = max(int(cfg.train.log_period_iterations), 1)
+    batches = infinite_batches(loader, start_pass=state["iteration"])
+    running, t0 = [], time.perf_counter()
+    model.train()
+    with open_tensorboard(cfg, out_dir, state["iteration"]) as tb:
+        for it in range(state["iteration"], total_iters):
+            batch = next(batches)
+            lr = lr_schedule[it]
+            running.append(_train_step(model, batch, loss_fn, optimizer, scaler, lr, it, cfg.optim, precision, device))
+            done = it + 1
+            if done % log_every == 0 or done == total_iters:
+                _log_training(state, running, t0, done, total_iters, lr, tb, crops_per_it)
+                running, t0 = [], time.perf_counter()
+            if done % eval_every == 0 or done == total_iters:
+                validate(done, tb)
+                state["iteration"] = done
+                _save_last_checkpoint(model, optimizer, scaler, state, cfg, out_dir / LAST_NAME)
+                model.train()
+
+
 def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     """Train a segmentation head (and optionally the backbone), select on validation, test.
 
@@ -413,7 +452,7 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The content written to ``results.json``.
     """
-    device, out_dir = _prepare_run(cfg)
+    device, out_dir = prepare_run(cfg)
     preset = DatasetPreset.from_config(cfg.dataset)
     nsd_tolerances(cfg.dataset.nsd_tolerance_mm, preset.channel_names)  # a wrong list fails now, not after training
     splits = load_splits(preset, cfg.dataset.base_data_dir, float(cfg.dataset.percent), int(cfg.dataset.seed),
@@ -424,35 +463,21 @@ def run_finetuning(cfg: DictConfig) -> dict[str, Any]:
     model, spec = _build_model(cfg, preset, device)
     val_ds, loader = _build_datasets(cfg, preset, splits)
     oc = cfg.optim
-    optimizer, lr_schedule, total_iters = _build_optimizer(model, oc)
+    optimizer, lr_schedule, total_iters = build_optimizer(model, oc)
     precision = resolve_precision(str(cfg.compute_precision.dtype), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = build_loss(preset)
     logger.info("Training %d iterations on %s in %s", total_iters, device, precision)
     last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
-    state = _resume_or_start(cfg, model, optimizer, scaler, last_path)
+    state = resume_or_start(cfg, model, optimizer, scaler, last_path)
     config_dict = config_to_dict(cfg)
-    eval_every = max(int(cfg.evaluation.eval_period_iterations), 1)
-    log_every = max(int(cfg.train.log_period_iterations), 1)
     crops_per_it = int(cfg.train.batch_size) * int(cfg.dataset.sampling.num_samples)
-    batches = infinite_batches(loader, start_pass=state["iteration"])
-    running, t0 = [], time.perf_counter()
-    model.train()
-    with open_tensorboard(cfg, out_dir, state["iteration"]) as tb:
-        for it in range(state["iteration"], total_iters):
-            batch = next(batches)
-            lr = lr_schedule[it]
-            running.append(_train_step(model, batch, loss_fn, optimizer, scaler, lr, it, oc, precision, device))
-            done = it + 1
-            if done % log_every == 0 or done == total_iters:
-                _log_training(state, running, t0, done, total_iters, lr, tb, crops_per_it)
-                running, t0 = [], time.perf_counter()
-            if done % eval_every == 0 or done == total_iters:
-                _validate(model, val_ds, preset, cfg, device, precision, state, done, best_path, spec, config_dict, tb)
-                state["iteration"] = done
-                _save_last_checkpoint(model, optimizer, scaler, state, cfg, last_path)
-                model.train()
 
+    def validate(done: int, tb: TensorBoard) -> None:
+        _validate(model, val_ds, preset, cfg, device, precision, state, done, best_path, spec, config_dict, tb)
+
+    run_iterations(cfg, model, loader, loss_fn, (optimizer, lr_schedule, scaler, total_iters), state, precision,
+                   device, out_dir, crops_per_it, validate)
     final, summary = evaluate_test_set(best_path, splits, preset, cfg, device, precision)
     results = _results(cfg, preset, model, state, final)
     (out_dir / RESULTS_NAME).write_text(json.dumps(json_safe(results), indent=2) + "\n")
