@@ -55,10 +55,17 @@ def _head_macs_per_row(head: nn.Module) -> int:
 
 
 def iteration_flops(cfg) -> float:
-    """Model FLOPs (2 x MACs of matrix products) of one training iteration of one process."""
+    """Model FLOPs (2 x MACs of matrix products) of one training iteration of one process.
+
+    Counted on an fp32 view of ``cfg``: the model is built on the meta device, where the bf16
+    hardware check of ``SSLMetaArch`` has nothing to check, and FLOPs do not depend on the dtype.
+    """
+    from omegaconf import OmegaConf
+
     from dinov2.benchmarking.perf import model_forward_flops
     from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 
+    cfg = OmegaConf.merge(cfg, {"compute_precision": {"dtype": "fp32"}})
     with torch.device("meta"):
         arch = SSLMetaArch(cfg, "meta")
     b, c = int(cfg.train.batch_size_per_gpu), int(cfg.student.in_chans)

@@ -71,15 +71,8 @@ def _synchronize(device: torch.device) -> Callable[[], None] | None:
 
 
 def flops_per_iteration(cfg) -> float:
-    """Model FLOPs of one training iteration: ``benchmark.py train``'s analytic count.
-
-    Counted on an fp32 view of ``cfg``: the count builds the model on the meta device, where the
-    bf16 hardware check of ``SSLMetaArch`` has nothing to check, and FLOPs do not depend on the dtype.
-    """
-    from omegaconf import OmegaConf
-
-    return float(load_script("benchmark_train").iteration_flops(
-        OmegaConf.merge(cfg, {"compute_precision": {"dtype": "fp32"}})))
+    """Model FLOPs of one training iteration: ``benchmark.py train``'s analytic count."""
+    return float(load_script("benchmark_train").iteration_flops(cfg))
 
 
 def recipe_config(spec: dict, *overrides: str):
