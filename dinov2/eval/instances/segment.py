@@ -37,7 +37,7 @@ from dinov2.utils.errors import UsageError, explain_resource_error
 from dinov2.utils.precision import PRECISIONS, autocast_context
 
 from .data import Preprocessing
-from .io import Stack, list_stacks, output_name, read_image, stack_stem, write_labels
+from .io import list_stacks, output_name, read_image, stack_stem, write_labels, write_stack
 from .model import load_distance_model, stack_distance
 from .postprocess import instances_from_distance
 from .preview import write_preview
@@ -79,29 +79,6 @@ def thresholds_of(args: argparse.Namespace, stored: dict) -> tuple[float, float]
     return cells_max, cell_fill
 
 
-def write_distance(path: Path, distance: np.ndarray, like: Stack) -> Path:
-    """The float32 distance map ``(X, Y, Z)`` in ``like``'s format: a TIFF with its spacing, a NIfTI with its affine.
-
-    (:func:`.io.write_labels` writes integer labels only.)
-    """
-    distance = distance.astype(np.float32)
-    if like.kind == "nifti":
-        import nibabel as nib
-
-        header = like.meta.get("header")
-        image = nib.Nifti1Image(distance, like.meta.get("file_affine", like.affine),
-                                header=header.copy() if header is not None else None)
-        image.set_data_dtype(np.float32)
-        image.header.set_slope_inter(1.0, 0.0)
-        nib.save(image, path)
-        return path
-    import tifffile
-
-    x, y, z = like.spacing
-    tifffile.imwrite(path, np.ascontiguousarray(distance.transpose(2, 1, 0)), imagej=True,
-                     resolution=(1.0 / x, 1.0 / y), metadata={"axes": "ZYX", "spacing": z})
-    return path
-
 
 def segment_stack(path: Path, model, info: dict, args: argparse.Namespace, device, settings: dict) -> Path:
     """Segment one stack and write its outputs; returns the label file written."""
@@ -117,7 +94,7 @@ def segment_stack(path: Path, model, info: dict, args: argparse.Namespace, devic
     if not args.no_preview:
         write_preview(out_dir / f"{stack_stem(path)}_instances.png", stack.array, labels, spacing=stack.spacing)
     if args.save_distance:
-        write_distance(out_dir / output_name(path, "_distance"), distance, stack)
+        write_stack(out_dir / output_name(path, "_distance"), distance.astype(np.float32), stack)
     return written
 
 

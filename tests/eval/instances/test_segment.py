@@ -10,7 +10,7 @@ import torch
 
 from dinov2.eval.instances import __main__ as instances_cli
 from dinov2.eval.instances import train
-from dinov2.eval.instances.io import read_labels
+from dinov2.eval.instances.io import read_image, read_labels
 from dinov2.eval.instances.model import build_distance_model, save_distance_model
 from dinov2.utils.config import config_to_dict
 
@@ -70,6 +70,8 @@ def test_folder_gives_labels_in_each_inputs_format_and_one_line_per_bad_file(che
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     distance = np.asarray(nib.load(out / "scan_distance.nii.gz").dataobj)
     assert distance.dtype == np.float32 and 0.0 <= distance.min() <= distance.max() <= 1.0
+    tiff_distance = read_image(out / "cells_distance.tif")  # a TIFF input gives a TIFF map with its spacing
+    assert tiff_distance.shape == (20, 18, 10) and tiff_distance.spacing == pytest.approx(TIFF_SPACING)
     assert not (out / "broken_instances.tif").exists()
     assert "broken.tif" in (out / "skipped.tsv").read_text()
 
