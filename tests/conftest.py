@@ -91,3 +91,32 @@ def crop_sample_volume(tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_batch():
+    """``make_batch(cfg, batch_size=4, seed=0, mask_probability=None)``: a collated pretraining batch
+    of random crops, on the CPU as a loader gives it (``collate_data_and_cast``'s dict: global crops
+    ``(2 * batch_size, 1, g, g, g)``, local crops ``(n_local * batch_size, 1, l, l, l)`` or None
+    without local crops, iBOT masks).
+
+    Sizes, crop count and masking come from ``cfg`` (a pretraining config); ``mask_probability``
+    replaces ``ibot.mask_sample_probability`` (0.0: no masked token). The same ``seed`` gives the
+    same batch. Shared by the CPU SSLMetaArch tests and the CUDA tests.
+    """
+    import numpy as np
+
+    from dinov2.data.collate import collate_data_and_cast
+
+    def make(cfg, batch_size: int = 4, seed: int = 0, mask_probability: float | None = None) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        g, l, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+        samples = [{"global_crops": [torch.randn(1, g, g, g, generator=gen) for _ in range(2)],
+                    "local_crops": [torch.randn(1, l, l, l, generator=gen) for _ in range(n_local)]}
+                   for _ in range(batch_size)]
+        side = g // cfg.student.patch_size
+        p = cfg.ibot.mask_sample_probability if mask_probability is None else mask_probability
+        return collate_data_and_cast(samples, tuple(cfg.ibot.mask_ratio_min_max), p, (side,) * 3,
+                                     rng=np.random.default_rng(seed))
+
+    return make

@@ -4,13 +4,14 @@ Run them on a GPU machine with ``pytest -m cuda tests/cuda`` (``scripts/gpu_chec
 its first stage). They need no sample-data package: volumes are synthetic
 (:mod:`dinov2.sample_data.synthetic`). The tests import the package's heavier modules inside
 their functions, so that collecting them where they are skipped costs little more than torch.
+``make_batch`` (random collated crops) is the fixture of ``tests/conftest.py``, shared with the CPU
+tests of the meta-architecture.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,24 +43,6 @@ def tiny_cfg(gpu):
 
     def make(*overrides: str):
         return build_config(str(TINY_CONFIG), ["train.datalist=unused.json", *overrides], device=str(gpu))
-
-    return make
-
-
-@pytest.fixture()
-def make_batch():
-    """``make_batch(cfg, batch_size, seed)``: a collated batch of random crops (on the CPU, as a loader gives it)."""
-    from dinov2.data.collate import collate_data_and_cast
-
-    def make(cfg, batch_size: int = 4, seed: int = 0) -> dict:
-        gen = torch.Generator().manual_seed(seed)
-        g, l, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-        samples = [{"global_crops": [torch.randn(1, g, g, g, generator=gen) for _ in range(2)],
-                    "local_crops": [torch.randn(1, l, l, l, generator=gen) for _ in range(n_local)]}
-                   for _ in range(batch_size)]
-        side = g // cfg.student.patch_size
-        return collate_data_and_cast(samples, tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
-                                     (side,) * 3, rng=np.random.default_rng(seed))
 
     return make
 

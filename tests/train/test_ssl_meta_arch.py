@@ -7,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.data.collate import collate_data_and_cast
 from dinov2.loss import DINOLoss, sinkhorn_knopp
 from dinov2.optim.param_groups import apply_optim_scheduler
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -21,18 +20,6 @@ def tiny_cfg(*overrides):
     return merge_configs(default, TINY, ["train.datalist=unused.json", *overrides])
 
 
-def make_batch(cfg, batch_size=4, seed=0, mask_probability=None):
-    gen = torch.Generator().manual_seed(seed)
-    g, l, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    samples = [{"global_crops": [torch.randn(1, g, g, g, generator=gen) for _ in range(2)],
-                "local_crops": [torch.randn(1, l, l, l, generator=gen) for _ in range(n_local)]}
-               for _ in range(batch_size)]
-    side = g // cfg.student.patch_size
-    p = cfg.ibot.mask_sample_probability if mask_probability is None else mask_probability
-    return collate_data_and_cast(samples, tuple(cfg.ibot.mask_ratio_min_max), p, (side,) * 3,
-                                 rng=np.random.default_rng(seed))
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return tiny_cfg()
@@ -41,7 +28,7 @@ def cfg():
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_step_produces_finite_losses_and_student_only_gradients(cfg):
+def test_step_produces_finite_losses_and_student_only_gradients(cfg, make_batch):
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg)
     arch.train()
@@ -60,7 +47,7 @@ def test_step_produces_finite_losses_and_student_only_gradients(cfg):
     assert not arch.teacher.training and arch.student.training
 
 
-def test_dino_term_pairs_each_student_crop_with_the_other_teacher_crops():
+def test_dino_term_pairs_each_student_crop_with_the_other_teacher_crops(make_batch):
     torch.manual_seed(0)
     # No drop path: recomputable by hand; no LayerScale: outputs depend on the crop from the start.
     cfg = tiny_cfg("student.drop_path_rate=0.0", "student.layerscale=null")
@@ -78,7 +65,7 @@ def test_dino_term_pairs_each_student_crop_with_the_other_teacher_crops():
     assert not torch.allclose(loss(crops, targets[::-1]), losses["dino_loss"], atol=1e-4)
 
 
-def test_teacher_ignores_masks_student_uses_them(cfg):
+def test_teacher_ignores_masks_student_uses_them(cfg, make_batch):
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg).eval()
     batch = make_batch(cfg)
@@ -110,7 +97,7 @@ def test_ema_update(cfg):
         arch.update_teacher(1.5)
 
 
-def test_optimizer_step_keeps_frozen_last_layer_and_clips(cfg):
+def test_optimizer_step_keeps_frozen_last_layer_and_clips(cfg, make_batch):
     torch.manual_seed(0)
     arch = SSLMetaArch(tiny_cfg("optim.clip_grad=0.01"))
     opt = arch.build_optimizer()
@@ -128,7 +115,7 @@ def test_optimizer_step_keeps_frozen_last_layer_and_clips(cfg):
     assert min(lr_mults) == pytest.approx(0.9 ** (depth + 1) * 0.2) and max(lr_mults) == 1.0  # patch embed, heads
 
 
-def test_no_masked_token_gives_zero_ibot_loss(cfg):
+def test_no_masked_token_gives_zero_ibot_loss(cfg, make_batch):
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg)
     losses = arch.forward_backward(make_batch(cfg, mask_probability=0.0), teacher_temp=0.04)
@@ -136,7 +123,7 @@ def test_no_masked_token_gives_zero_ibot_loss(cfg):
     assert arch.student.ibot_head.mlp[0].weight.grad is not None
 
 
-def test_softmax_centering_keeps_its_center_in_the_state(cfg):
+def test_softmax_centering_keeps_its_center_in_the_state(cfg, make_batch):
     torch.manual_seed(0)
     arch = SSLMetaArch(tiny_cfg("centering.kind=softmax"))
     assert torch.count_nonzero(arch.dino_centering.center) == 0
@@ -168,7 +155,7 @@ def test_bad_settings_are_rejected():
         SSLMetaArch(tiny_cfg("centering.kind=mean"))
 
 
-def test_bf16_autocast_on_cpu_keeps_fp32_parameters_and_gradients():
+def test_bf16_autocast_on_cpu_keeps_fp32_parameters_and_gradients(make_batch):
     torch.manual_seed(0)
     cfg = tiny_cfg("compute_precision.dtype=bf16")
     arch = SSLMetaArch(cfg)
@@ -206,7 +193,7 @@ def _grad_norms_at_step(arch, opt):
 
 
 @pytest.mark.parametrize("per_module", [True, False])
-def test_gradient_clipping_per_module_or_global(per_module):
+def test_gradient_clipping_per_module_or_global(per_module, make_batch):
     torch.manual_seed(0)
     cfg = tiny_cfg("optim.clip_grad=0.01", f"optim.clip_grad_per_module={str(per_module).lower()}")
     arch = SSLMetaArch(cfg)

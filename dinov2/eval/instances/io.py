@@ -1,5 +1,13 @@
 """The one way in and out for the image and label stacks of instance segmentation: TIFF and NIfTI.
 
+What it holds: the stack API that every command and test uses (:class:`Stack`,
+:func:`read_image`, :func:`read_labels`, :func:`write_labels`, :func:`write_stack`,
+:func:`new_stack`), the listing and naming of stack files, the resolution of the voxel spacing,
+the label checks, the atomic write, and NIfTI (a few lines over nibabel and
+:func:`dinov2.data.validation.read_volume`). The TIFF format details (tifffile, ImageJ / OME
+metadata, damaged files) are in :mod:`dinov2.eval.instances.tiff_io`, so that this module reads
+as the API's rules; nothing else imports that module.
+
 Every array is ``(X, Y, Z)``, as everywhere in this project. A 3D TIFF stores its planes as
 ``(Z, Y, X)``; it is transposed on reading and back on writing. NIfTI keeps its own array order.
 
@@ -7,8 +15,8 @@ Voxel spacing (:attr:`Stack.spacing`, one value per array axis, in the unit the 
 ``meta["unit"]``) comes from, first to last:
 
 1. the ``spacing`` argument (the ``--spacing`` flag, or a datalist entry's ``"spacing": [x, y, z]``);
-2. the file: ImageJ metadata (``spacing`` = the Z step; ``XResolution`` / ``YResolution`` = pixels
-   per unit), OME-XML ``PhysicalSizeX/Y/Z``, TIFF resolution in cm or inch, or the NIfTI header;
+2. the file: the ImageJ, OME-XML or resolution tags of a TIFF (which ones, and in what order:
+   :mod:`~dinov2.eval.instances.tiff_io`), or the NIfTI header;
 3. for a label stack read with ``like=``, the image's spacing;
 4. 1.0, with ONE warning per file naming it and how to give the spacing. A file that has its
    in-plane spacing but no Z step gets the X spacing along Z (isotropic voxels), with the warning.
@@ -18,20 +26,18 @@ names the file, what is wrong and what to do. NIfTI files are checked by
 :func:`dinov2.data.validation.read_volume` (empty, not NIfTI, truncated, 2D, 4D series, 5D), the
 same checks and words as every other command of the package.
 
-TIFF reading needs ``tifffile``, which comes with the optional extra ``instances``
-(scikit-image depends on it); it is imported only when a TIFF is read or written.
+TIFF stacks need ``tifffile``, which comes with the optional extra ``instances``; it is imported
+only when a TIFF is read or written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -39,7 +45,7 @@ from dinov2.data.image_io import is_nifti_path
 from dinov2.data.validation import InputVolumeError, read_error, read_volume, warn_nonfinite
 from dinov2.utils.errors import UsageError
 
-from .postprocess import INSTALL_HINT
+from .tiff_io import RECOPY_HINT, read_tiff, write_tiff
 
 logger = logging.getLogger("dinov2.eval.instances.io")
 
@@ -47,12 +53,6 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 STACK_SUFFIXES = TIFF_SUFFIXES + (".nii.gz", ".nii")
 MAX_LABEL = np.iinfo(np.uint16).max
 SPACING_HINT = 'give it as "spacing": [x, y, z] in the datalist entry, or --spacing X Y Z on the command line'
-_RECOPY = "copy or export it again, or remove it from the input"
-_EXPECTED = "a 3D grey-level stack: TIFF planes (Z, Y, X), or a 3D NIfTI volume"
-# TIFF ResolutionUnit values that are lengths (2 = inch, 3 = centimetre); 1 = none.
-_RESOLUTION_UNITS = {2: "inch", 3: "cm"}
-# TIFF photometric interpretations of colour pixels (RGB, palette, CMYK, YCbCr, CIELab).
-_COLOUR_PHOTOMETRIC = {2, 3, 5, 6, 8}
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _file_exists(path: Path, role: str) -> None:
     if not path.is_file():
         raise InputVolumeError(path, f"the {role} file does not exist", "check the path")
     if path.stat().st_size == 0:
-        raise InputVolumeError(path, f"the {role} file is empty (0 bytes)", _RECOPY)
+        raise InputVolumeError(path, f"the {role} file is empty (0 bytes)", RECOPY_HINT)
 
 
 def check_spacing(spacing: Sequence[float] | None, where: str = "--spacing") -> tuple[float, float, float] | None:
@@ -167,142 +167,6 @@ def check_spacing(spacing: Sequence[float] | None, where: str = "--spacing") -> 
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{where} must be three positive numbers (x y z voxel size), got {spacing!r}")
     return values  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------
-# TIFF
-# --------------------------------------------------------------------------------------------
-
-
-def _tifffile():
-    try:
-        import tifffile
-    except ImportError as error:
-        raise ImportError(f"reading TIFF stacks needs tifffile, which is not installed: {INSTALL_HINT}") from error
-    return tifffile
-
-
-@contextlib.contextmanager
-def _tifffile_warnings() -> Iterator[list[str]]:
-    """Collect (and keep off the console) what tifffile logs while a file is read: tifffile reads a
-    damaged file partly and only logs it ("invalid page offset", "corrupted file")."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    tiff_logger = logging.getLogger("tifffile")
-    handler, propagate = Collect(logging.WARNING), tiff_logger.propagate
-    tiff_logger.addHandler(handler)
-    tiff_logger.propagate = False
-    try:
-        yield messages
-    finally:
-        tiff_logger.removeHandler(handler)
-        tiff_logger.propagate = propagate
-
-
-def _zyx_planes(path: Path, axes: str, shape: Sequence[int], photometric: int, role: str) -> list[int]:
-    """The array axes of a TIFF series that are kept (the non-singleton ones), checked to be Z, Y, X.
-
-    Raises:
-        InputVolumeError: colour or multi-channel pixels, a time series, 2D, or 4D and more.
-    """
-    shape = [int(s) for s in shape]
-    keep = [i for i, n in enumerate(shape) if n > 1]
-    described = f"shape {shape}, axes {axes}"
-    for i in keep:
-        if axes[i] == "C" or (axes[i] == "S" and photometric in _COLOUR_PHOTOMETRIC):
-            raise InputVolumeError(path, f"the {role} has {shape[i]} channels ({described}); expected {_EXPECTED}",
-                                   "save one channel per file (e.g. Image > Color > Split Channels in Fiji)")
-        if axes[i] == "T":
-            raise InputVolumeError(path, f"the {role} is a time series of {shape[i]} frames ({described}); "
-                                   f"expected {_EXPECTED}", "save one 3D stack per time point")
-    if len(keep) != 3:
-        raise InputVolumeError(path, f"the {role} is {len(keep)}D ({described}); expected {_EXPECTED}",
-                               "give the 3D stack (a single plane or a 4D+ file cannot be used)")
-    return keep
-
-
-def _resolution(page, name: str) -> float | None:
-    """Pixel size along one axis from an ``XResolution`` / ``YResolution`` tag (pixels per unit)."""
-    tag = page.tags.get(name)
-    if tag is None:
-        return None
-    numerator, denominator = tag.value
-    if not numerator or not denominator:
-        return None
-    return float(denominator) / float(numerator)
-
-
-def _ome_spacing(ome_xml: str | None) -> tuple[list[float | None], str | None]:
-    """``([x, y, z] or None each, unit)`` of the first OME ``Pixels`` element."""
-    if not ome_xml:
-        return [None, None, None], None
-    try:
-        root = ElementTree.fromstring(ome_xml)
-    except ElementTree.ParseError:
-        return [None, None, None], None
-    pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return [None, None, None], None
-    values = [pixels.get(f"PhysicalSize{a}") for a in "XYZ"]
-    sizes = [float(v) if v not in (None, "") else None for v in values]
-    return sizes, pixels.get("PhysicalSizeXUnit", "µm")
-
-
-def _tiff_spacing(tif) -> tuple[list[float | None], str | None]:
-    """``([x, y, z] or None each, unit)`` stated in a TIFF (ImageJ, OME or resolution tags)."""
-    page = tif.pages[0]
-    imagej = tif.imagej_metadata or {}
-    if tif.is_ome:
-        sizes, unit = _ome_spacing(tif.ome_metadata)
-        if any(s is not None for s in sizes):
-            return sizes, unit
-    unit_code = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
-    unit = imagej.get("unit") or _RESOLUTION_UNITS.get(unit_code)
-    x, y = _resolution(page, "XResolution"), _resolution(page, "YResolution")
-    z = imagej.get("spacing")
-    # (1, 1) without a unit is the writers' default, not a statement; ImageJ writes a Z step only
-    # for a calibrated stack, so with one the in-plane sizes are meant too
-    stated_in_plane = unit not in (None, "pixel") or z is not None or (x, y) not in ((1.0, 1.0), (None, None))
-    return [x if stated_in_plane else None, y if stated_in_plane else None,
-            float(z) if z is not None else None], (unit if unit != "pixel" else None)
-
-
-def _read_tiff(path: Path, role: str) -> tuple[np.ndarray, list[float | None], dict]:
-    """``(array (X, Y, Z) as stored, [x, y, z] spacing or None each, meta)`` of a TIFF stack."""
-    tifffile = _tifffile()
-    with _tifffile_warnings() as warnings:
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                keep = _zyx_planes(path, series.axes, series.shape, int(tif.pages[0].photometric), role)
-                planes = series.asarray()
-                sizes, unit = _tiff_spacing(tif)
-        except Exception as exc:  # noqa: BLE001 - tifffile fails in many ways on damaged files
-            # a damaged file may also be read in part (one plane: "2D"); its warning is the real cause
-            damage = _damage(warnings)
-            if damage is None and isinstance(exc, InputVolumeError):
-                raise
-            raise _tiff_error(path, role, damage or f"{type(exc).__name__}: {exc}") from exc
-    damage = _damage(warnings)
-    if damage is not None:
-        raise _tiff_error(path, role, damage)
-    planes = planes.reshape([int(series.shape[i]) for i in keep])
-    return np.ascontiguousarray(planes.transpose(2, 1, 0)), sizes, {"unit": unit}
-
-
-def _damage(warnings: Sequence[str]) -> str | None:
-    """The first thing tifffile logged that says the file is damaged, or None."""
-    return next((m for m in warnings if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))), None)
-
-
-def _tiff_error(path: Path, role: str, detail: str) -> InputVolumeError:
-    first_line = (detail.strip().splitlines() or [""])[0][:160]
-    return InputVolumeError(path, f"the {role} cannot be read as a TIFF stack: it is damaged, truncated or not a "
-                            f"TIFF file (tifffile: {first_line})", _RECOPY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +233,9 @@ def _read_stack(path: str | os.PathLike, role: str, spacing: Sequence[float] | N
     given = check_spacing(spacing)
     _file_exists(path, role)
     kind = _kind(path, role)
-    array, stated, meta = (_read_nifti if kind == "nifti" else _read_tiff)(path, role)
+    array, stated, meta = (_read_nifti if kind == "nifti" else read_tiff)(path, role)
     if array.size == 0:
-        raise InputVolumeError(path, f"the {role} holds no voxel (shape {list(array.shape)})", _RECOPY)
+        raise InputVolumeError(path, f"the {role} holds no voxel (shape {list(array.shape)})", RECOPY_HINT)
     used, source = _resolve_spacing(path, given, stated, fallback)
     meta["spacing_source"] = source
     if kind == "nifti":
@@ -571,17 +435,9 @@ def new_stack(array: np.ndarray, spacing: Sequence[float], kind: str, path: str 
 
 def _write_tiff(path: Path, array: np.ndarray, like: Stack) -> None:
     """``(X, Y, Z)`` as an ImageJ stack of ``(Z, Y, X)`` planes with ``like``'s spacing."""
-    tifffile = _tifffile()
-    metadata: dict[str, Any] = {"axes": "ZYX"}
-    kwargs: dict[str, Any] = {}
-    if like.meta.get("spacing_source") != "default":
-        x, y, z = like.spacing
-        kwargs["resolution"] = (1.0 / x, 1.0 / y)
-        metadata["spacing"] = z
-        if like.meta.get("unit"):
-            metadata["unit"] = like.meta["unit"]
-    # uncompressed: ImageJ / Fiji open every hyperstack that way
-    tifffile.imwrite(path, np.ascontiguousarray(array.transpose(2, 1, 0)), imagej=True, metadata=metadata, **kwargs)
+    # an assumed spacing (the file stated none) is not written, so the output states none either
+    stated = like.meta.get("spacing_source") != "default"
+    write_tiff(path, array, like.spacing if stated else None, like.meta.get("unit"))
 
 
 def _write_nifti(path: Path, array: np.ndarray, like: Stack) -> None:
