@@ -9,10 +9,10 @@ factory defaults of :mod:`dinov2.models.registry`):
 ``student.arch``                    factory name, ``vit_large`` or ``vit_large_3d`` (required)
 ``student.patch_size``              patch side
 ``student.in_chans``                input channels
-``student.embed_dim``               width (overrides the factory's)
-``student.depth``                   blocks (overrides the factory's)
-``student.num_heads``               heads (overrides the factory's)
-``student.mlp_ratio``               MLP hidden width / embed_dim
+``student.embed_dim``               width (overrides the factory's; null keeps it)
+``student.depth``                   blocks (overrides the factory's; null keeps it)
+``student.num_heads``               heads (overrides the factory's; null keeps it)
+``student.mlp_ratio``               MLP hidden width / embed_dim (null keeps the factory's)
 ``student.qkv_bias``                bias of the qkv projection
 ``student.proj_bias``               bias of the attention output projection
 ``student.ffn_bias``                biases of the feed-forward layers
@@ -53,6 +53,8 @@ CONFIG_KEYS = {  # config key under `student` -> VisionTransformer3D argument
     "ffn_bias": "ffn_bias", "layerscale": "init_values", "ffn_layer": "ffn_layer", "num_register_tokens": "num_register_tokens",
     "interpolate_offset": "interpolate_offset",
 }
+# Keys whose null value means "the factory's default" (layerscale's null means "off" instead).
+FACTORY_WHEN_NULL = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 # --pretrained-weights values that ask for a random-init backbone (compared case-insensitively).
 RANDOM_INIT_NAMES = ("none",)
 
@@ -92,7 +94,9 @@ def backbone_kwargs_from_config(config: Mapping[str, Any], path: str | os.PathLi
     student = config.get("student")
     if not isinstance(student, Mapping) or not student.get("arch"):
         raise BackboneConfigError(f"{path}: the embedded config has no student.arch; pass arch=... or a model.")
-    kwargs = {arg: student[key] for key, arg in CONFIG_KEYS.items() if key in student}
+    # null width/depth/heads/MLP ratio (the packaged config's values) keep the factory's own.
+    kwargs = {arg: student[key] for key, arg in CONFIG_KEYS.items()
+              if key in student and not (key in FACTORY_WHEN_NULL and student[key] is None)}
     if "patch_size" in kwargs and not isinstance(kwargs["patch_size"], int):
         kwargs["patch_size"] = tuple(kwargs["patch_size"])
     crops = config.get("crops")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dinov2.utils.config import config_to_dict
+
 from dinov2.models.build import (
     BackboneConfigError,
     backbone_kwargs_from_config,
@@ -19,6 +21,24 @@ def test_config_keys_become_constructor_arguments():
     arch, kwargs = backbone_kwargs_from_config(config)
     assert arch == "vit_tiny_3d"
     assert kwargs == {"patch_size": (8, 8, 4), "init_values": 1.0e-5, "img_size": (32, 32, 16)}
+
+
+def test_width_depth_and_heads_come_from_the_training_config():
+    # The packaged config lists them as null (the factory's own); a value there or on the command
+    # line reaches the backbone, and build_model then makes a network of that width and depth.
+    from dinov2.models.registry import build_model
+    from dinov2.train.train3d import build_config
+
+    cfg = build_config(None, ["student.arch=vit_tiny_3d", "student.patch_size=8", "crops.global_crops_size=16",
+                              "train.datalist=d.json"])
+    arch, kwargs = backbone_kwargs_from_config(config_to_dict(cfg))
+    assert not {"embed_dim", "depth", "num_heads", "mlp_ratio"} & set(kwargs)
+    assert build_model(arch, **kwargs).embed_dim == 64
+    cfg = build_config(None, ["student.arch=vit_tiny_3d", "student.patch_size=8", "crops.global_crops_size=16",
+                              "student.embed_dim=96", "student.depth=2", "student.num_heads=3", "train.datalist=d.json"])
+    arch, kwargs = backbone_kwargs_from_config(config_to_dict(cfg))
+    model = build_model(arch, **kwargs)
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (96, 2, 3)
 
 
 def test_configs_without_a_buildable_architecture_name_the_file():
