@@ -30,12 +30,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2.data.datalist.format import SPLITS, DatalistError, Problem
 from dinov2.data.datalist.load import load_finetune_datalist, load_pretrain_datalist, progress_bar
 from dinov2.data.dicom_series import volume_source
+from dinov2.data.skipped_report import REPORT_NAME as SKIPPED_REPORT, write_skipped_tsv
 from dinov2.data.validation import InputVolumeError, read_label_map, read_volume, warn_nonfinite
 
 logger = logging.getLogger("dinov2.data.preflight")
 
 CACHE_VERSION = 1
-SKIPPED_REPORT = "skipped.tsv"
 
 
 @dataclass(frozen=True)
@@ -224,18 +224,11 @@ def run_preflight(checks: Sequence[FileCheck], *, cache: PreflightCache | None =
     return result
 
 
-def write_skipped(problems: Sequence[Problem], folder: str | os.PathLike) -> Path:
-    """``<folder>/skipped.tsv``: one row per bad file (path, reason, where in the datalist)."""
-    path = Path(folder) / SKIPPED_REPORT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("path\treason\twhere\n")
-        for p in problems:
-            reason = f"{p.reason}; {p.hint}".replace("\t", " ").replace("\n", " ")
-            handle.write(f"{p.path or ''}\t{reason}\t{p.where}\n")
-    os.replace(tmp, path)
-    return path
+def write_skipped(problems: Sequence[Problem], folder: str | os.PathLike) -> Path | None:
+    """``<folder>/skipped.tsv``: one row per bad file (path, reason and hint, where in the datalist);
+    ``None`` (nothing written) without problems."""
+    rows = [(p.path, f"{p.reason}; {p.hint}", p.where) for p in problems]
+    return write_skipped_tsv(Path(folder) / SKIPPED_REPORT, ("path", "reason", "where"), rows)
 
 
 def enforce(result: PreflightResult, *, datalist: str | os.PathLike, entries: int, skip: bool,

@@ -7,18 +7,16 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from dinov2.data.skipped_report import REPORT_NAME, write_skipped_tsv
+
 from .format import SPLITS, Skipped, map_paths
 
 
 def write_skipped_report(skipped: Sequence[Skipped], datalist_path: str | os.PathLike) -> Path | None:
-    """Write every skipped file and reason to ``<datalist>.skipped.tsv``; ``None`` if nothing was skipped."""
-    if not skipped:
-        return None
-    path = Path(str(datalist_path) + ".skipped.tsv")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("path\treason\n")
-        handle.writelines(f"{s.path}\t{s.reason}\n" for s in skipped)
-    return path
+    """Write every skipped file and reason to ``<datalist>.skipped.tsv``; ``None`` if nothing was skipped
+    (a report left by an earlier build of this datalist is then removed: it would describe another list)."""
+    return write_skipped_tsv(f"{os.fspath(datalist_path)}.{REPORT_NAME}", ("path", "reason"),
+                             [(s.path, s.reason) for s in skipped], remove_stale=True)
 
 
 def write_datalist(data: list | dict, path: str | os.PathLike, relative: bool = False) -> Path:

@@ -33,7 +33,6 @@ NaN/+-Inf voxels are tolerated (one warning; they take the smallest finite value
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2.data.datalist.format import DatalistError
 from dinov2.data.dicom_series import volume_name, volume_source
 from dinov2.data.image_io import is_dicom_candidate, is_nifti_path
+from dinov2.data.skipped_report import REPORT_NAME, write_skipped_tsv
 from dinov2.data.validation import find_input_error
 from dinov2.utils.config import with_packaged_defaults
 from dinov2.utils.device import add_device_argument, resolve_device
@@ -55,8 +55,6 @@ from dinov2.utils.entry_point import add_debug_flag, entry_point, start_entry_po
 from dinov2.utils.precision import autocast_context
 
 logger = logging.getLogger("dinov2.eval.segmentation.predict")
-
-SKIPPED_NAME = "skipped.tsv"
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -152,21 +150,9 @@ def skip_reason(exc: BaseException, files: Sequence[str]) -> tuple[str, str]:
 
 
 def write_skipped(out_dir: Path, skipped: Sequence[tuple[str, str]]) -> Path | None:
-    """Write ``skipped.tsv`` (``path``, ``reason``) when cases were skipped; remove a stale one otherwise."""
-    target = out_dir / SKIPPED_NAME
-    if not skipped:
-        if target.is_file():
-            target.unlink()
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SKIPPED_NAME}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["path", "reason"])
-        for path, reason in skipped:
-            writer.writerow([" ".join(str(path).split("\t")), " ".join(reason.split())])
-    os.replace(tmp, target)
-    return target
+    """Write ``skipped.tsv`` (``path``, ``reason``) when cases were skipped; remove a stale one otherwise
+    (a re-run into the same folder must not show the failures of an earlier run)."""
+    return write_skipped_tsv(Path(out_dir) / REPORT_NAME, ("path", "reason"), skipped, remove_stale=True)
 
 
 def predict_one(model, preset, name: str, files: Sequence[str], out_dir: Path, args, device, settings: dict) -> Path:
