@@ -83,7 +83,12 @@ def iteration_flops(cfg) -> float:
     return 3 * student + teacher
 
 
-def _fill_cache(cfg) -> None:
+def fill_cache(cfg) -> None:
+    """Preprocess every volume of ``cfg.train.datalist`` into the preprocessing cache (``preprocessing.cache``).
+
+    Reads each record of the pretraining dataset once, as training would, so that a timed run
+    afterwards measures augmentation and collate, not the first read and preprocessing of a volume.
+    """
     from dinov2.data.datasets import build_pretrain_dataset
 
     dataset = build_pretrain_dataset(cfg, cfg.train.datalist, seed=0, rank=0, world_size=1)
@@ -91,7 +96,8 @@ def _fill_cache(cfg) -> None:
         dataset.record(index)
 
 
-def _started_workers(configured: int) -> int:
+def started_workers(configured: int) -> int:
+    """The loader workers a run with ``train.num_workers=configured`` really starts (train3d caps them at the CPUs)."""
     from dinov2.utils.cpus import cap_workers
 
     return cap_workers(configured, "train.num_workers")
@@ -112,7 +118,7 @@ def run_setting(name: str, datalist: Path, cache_dir: Path, work_dir: Path, iter
     if num_workers is not None:
         overrides.append(f"train.num_workers={num_workers}")
     cfg = build_config(str(REPO / "configs" / "tiny_cpu.yaml"), overrides, cache_dir=str(cache_dir))
-    _fill_cache(cfg)
+    fill_cache(cfg)
     out = work_dir / name
     train(cfg, out, resume=False)
     lines = [json.loads(x) for x in (out / "training_metrics.json").read_text().splitlines()][warmup:]
@@ -129,7 +135,7 @@ def run_setting(name: str, datalist: Path, cache_dir: Path, work_dir: Path, iter
         "crops": f"2x{cfg.crops.global_crops_size}³ + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}³",
         "prototypes": int(cfg.dino.head_n_prototypes), "threads": used_threads,
         # what the loader really started: train3d caps the configured count at the CPUs available
-        "workers": _started_workers(int(cfg.train.num_workers)),
+        "workers": started_workers(int(cfg.train.num_workers)),
         "iterations_per_s": it_per_s, "samples_per_s": it_per_s * int(cfg.train.batch_size_per_gpu),
         "gflop_per_iteration": flops / 1e9, "achieved_gflops": flops * it_per_s / 1e9, "peak_gflops": peak,
         "mfu": flops * it_per_s / 1e9 / peak,

@@ -366,7 +366,7 @@ def format_report(rows: list[dict], seconds: dict, spec: dict, total_s: float, e
 
 
 def failed(rows: list[dict]) -> bool:
-    """Whether any row failed or timed out (out of memory, n/a and skipped rows are results)."""
+    """Whether any row failed or timed out (out of memory and skipped rows are results)."""
     return any(r["status"].startswith(("failed", "timeout")) for r in rows)
 
 

@@ -23,7 +23,6 @@ Stages (the driver fixes the cases):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import statistics
@@ -31,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -247,35 +246,6 @@ def _volumes_note(spec: dict) -> str:
     return f"{spec['volume_count']} synthetic {'x'.join(map(str, spec['volume_shape']))} volumes"
 
 
-def augment_key_present() -> bool:
-    """Whether the packaged defaults define ``crops.augment_on_device`` (added separately)."""
-    from omegaconf import OmegaConf
-
-    from dinov2.train.train3d import default_config
-
-    return OmegaConf.select(default_config(), AUGMENT_KEY, default=None) is not None
-
-
-@contextlib.contextmanager
-def without_final_saves() -> Iterator[None]:
-    """Skip the training state and teacher export that ``train`` writes after its last iteration.
-
-    They are not part of an iteration's throughput, and for ViT-L they write ~7 GB, which
-    would spend a good part of the check's time budget on the disk.
-    """
-    from dinov2.train import train3d
-
-    names = [n for n in ("_save_checkpoint", "_export_teacher") if hasattr(train3d, n)]
-    saved = {n: getattr(train3d, n) for n in names}
-    try:
-        for name in names:
-            setattr(train3d, name, lambda *args, **kwargs: None)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(train3d, name, fn)
-
-
 def run_training_loop(spec: dict, case: dict, datalist: Path, work: Path) -> dict:
     """``train3d.train`` for ``loop_warmup + loop_iterations`` iterations; the row's measurements."""
     from dinov2.train.train3d import train
@@ -285,43 +255,35 @@ def run_training_loop(spec: dict, case: dict, datalist: Path, work: Path) -> dic
     overrides = [f"train.datalist={datalist}", f"train.batch_size_per_gpu={spec['loop_batch']}",
                  f"train.max_iterations={iterations}", "train.log_period_iterations=1", "train.monitor_collapse=false",
                  "train.progress_bar=false", f"checkpointing.period_iterations={10 ** 9}",
-                 f"evaluation.eval_period_iterations={10 ** 9}", f"preprocessing.cache.dir={work / 'cache'}"]
-    if case["augment_on_device"] is not None:
-        overrides.append(f"{AUGMENT_KEY}={str(case['augment_on_device']).lower()}")
+                 f"evaluation.eval_period_iterations={10 ** 9}", f"preprocessing.cache.dir={work / 'cache'}",
+                 f"{AUGMENT_KEY}={str(case['augment_on_device']).lower()}"]
     if spec["loop_workers"] is not None:
         overrides.append(f"train.num_workers={spec['loop_workers']}")
     cfg = recipe_config(spec, *overrides)
-    bench._fill_cache(cfg)  # preprocessing is not a training iteration's cost
+    bench.fill_cache(cfg)  # preprocessing is not a training iteration's cost
     device = torch.device(spec["device"])
     _reset_memory(device)
     out = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
-    with without_final_saves():
-        train(cfg, out, resume=False)
+    # The final training state and teacher export are not an iteration's cost, and for ViT-L they
+    # write ~7 GB: a good part of the check's time budget spent on the disk.
+    train(cfg, out, resume=False, final_saves=False)
     lines = [json.loads(x) for x in (out / "training_metrics.json").read_text().splitlines()][spec["loop_warmup"]:]
     it_per_s = statistics.median(line["iterations_per_s"] for line in lines)
     wait = statistics.fmean(line["data_wait_share"] for line in lines)
     return {"it_per_s": it_per_s, "samples_per_s": it_per_s * spec["loop_batch"],
             "flops_per_it": flops_per_iteration(cfg), "peak_mem_gib": _peak_memory(device),
-            "detail": f"data wait {wait:.0%}; {bench._started_workers(int(cfg.train.num_workers))} workers; "
+            "detail": f"data wait {wait:.0%}; {bench.started_workers(int(cfg.train.num_workers))} workers; "
                       f"{len(lines)} timed iterations; {_volumes_note(spec)}"}
 
 
 def stage_loop(spec: dict, cases: list[dict], emit: Emit) -> None:
-    """The training loop per case; with ``crops.augment_on_device`` absent, 'on' is 'n/a' and 'off' runs as is."""
+    """The training loop per case (the driver's: ``crops.augment_on_device`` off and on); a failing case is a row."""
     datalist = synthetic_datalist(spec)
-    present = augment_key_present()
     work = Path(spec["work_dir"])
     for case in cases:
         row = {"case": case["case"]}
-        if not present and case["augment_on_device"]:
-            emit({**row, "status": "n/a: key missing", "detail": f"{AUGMENT_KEY} is not in the packaged config yet"})
-            continue
         try:
-            measured = run_training_loop(spec, {**case, "augment_on_device": case["augment_on_device"] if present
-                                                else None}, datalist, work)
-            row.update(status="ok", **measured)
-            if not present:
-                row["detail"] += f"; {AUGMENT_KEY} missing: CPU augmentation, the only path"
+            row.update(status="ok", **run_training_loop(spec, case, datalist, work))
         except torch.cuda.OutOfMemoryError:
             row.update(status="OOM", detail=f"out of memory at batch {spec['loop_batch']}")
         except Exception as exc:  # noqa: BLE001 - a case that fails is a row

@@ -70,8 +70,8 @@ def test_every_stage_reports_its_cases(smoke):
     assert "compiled graphs" in step[2]["detail"]
     loop = _rows(rows, "loop")
     assert [r["case"] for r in loop] == ["batch 2, augment_on_device=false", "batch 2, augment_on_device=true"]
-    assert loop[0]["status"] == "ok" and loop[0]["samples_per_s"] > 0 and "mfu" in loop[0]
-    assert loop[1]["status"] in ("ok", "n/a: key missing")
+    for row in loop:
+        assert row["status"] == "ok" and row["samples_per_s"] > 0 and "mfu" in row
     loader = _rows(rows, "loader")
     assert [r["case"] for r in loader] == ["1 worker"]
     assert loader[0]["status"] == "ok" and loader[0]["samples_per_s"] > 0

@@ -77,6 +77,22 @@ def test_highres_stage_starts_from_a_teacher_export(two_iteration_run, tiny_conf
     assert torch.equal(arch.teacher.backbone.norm.weight, teacher["backbone.norm.weight"])
 
 
+@pytest.mark.parametrize("final_saves", [True, False])
+def test_final_saves_off_leaves_no_training_state_and_no_teacher_export(tmp_path, tiny_config, small_datalist,
+                                                                         cache_dir, final_saves):
+    # Periods beyond the run: only the end of training would save.
+    cfg = train3d.build_config(str(tiny_config), [f"train.datalist={small_datalist}", "train.max_iterations=2",
+                                                  "train.num_workers=0", "checkpointing.period_iterations=100",
+                                                  "evaluation.eval_period_iterations=100"], cache_dir=str(cache_dir))
+    result = train3d.train(cfg, tmp_path, resume=False, final_saves=final_saves)
+    assert [line["iteration"] for line in _metrics(tmp_path)] == [0, 1]  # trained all the same
+    checkpoints = [it for it, _ in TrainingCheckpointer(tmp_path).list()]
+    exports = [p.parent.name for p in (tmp_path / "eval").glob("*/teacher_checkpoint.pth")]
+    assert checkpoints == ([2] if final_saves else [])
+    assert exports == (["training_2"] if final_saves else [])
+    assert (result["checkpoint"] is not None, result["teacher_export"] is not None) == (final_saves, final_saves)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_argv, monkeypatch, error_line):
     real = SSLMetaArch.forward_backward
     calls = {"n": 0}
