@@ -32,12 +32,17 @@ def sweep(model: torch.nn.Module, task) -> list[float]:
     return scores
 
 
-def main(paths: list[str]) -> None:
+def patch_task_and_networks(paths: list[str]) -> tuple:
+    """The evidence's patch task (32 mm cubes) and ``[(name, backbone)]``: the teachers, then 3 random inits of their architecture."""
     torch.set_num_threads(1)
     task = build_patch_task(load_evidence_volumes(), patch_size=16)
     teachers = [load_teacher(p) for p in paths]
     spec = same_architecture(teachers)
-    models = [(p, t.model) for p, t in zip(paths, teachers)] + [(f"random init {s}", random_backbone(spec, s)) for s in range(3)]
+    return task, [(p, t.model) for p, t in zip(paths, teachers)] + [(f"random init {s}", random_backbone(spec, s)) for s in range(3)]
+
+
+def main(paths: list[str]) -> None:
+    task, models = patch_task_and_networks(paths)
     print("l2 grid:", L2_GRID)
     for name, model in models:
         s = sweep(model, task)
