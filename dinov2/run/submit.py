@@ -11,7 +11,8 @@ Usage::
 
 Everything after ``--`` is the entry point's own command line; ``--output-dir`` is given once,
 before ``--``, and passed on to the entry point. submitit's scripts, pickles and one log per task
-go to ``<output-dir>/submitit/<job id>/``. A preempted or timed-out job requeues itself (SLURM
+go to ``<output-dir>/submitit/<job id>/`` (with ``--local``: ``<output-dir>/submitit/local-<time>-<pid>/``,
+see :func:`local_log_folder`). A preempted or timed-out job requeues itself (SLURM
 sends ``USR2`` ``--slurm-signal-delay-s`` seconds before the end) and the entry point resumes
 from the latest checkpoint in ``<output-dir>``. See docs/launching.md.
 """
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -154,6 +157,25 @@ def _validate(args: argparse.Namespace, entry_argv: Sequence[str]) -> None:
         raise UsageError("--local runs on this machine: use --nodes 1.")
 
 
+def local_log_folder(output_dir: Path) -> Path:
+    """A new folder for a ``--local`` job's logs, made before the job starts.
+
+    submitit's local controller opens its task logs in ``<folder>/<job id>/`` as soon as it
+    starts, while the submitting process creates that folder only after starting it (the job id
+    is the controller's process id): under load the controller can get there first and fail with
+    ``FileNotFoundError``. A folder without ``%j``, named here and created first, leaves no window.
+
+    Args:
+        output_dir: the run folder.
+
+    Returns:
+        ``<output_dir>/submitit/local-<YYYYmmdd-HHMMSS>-<pid of this process>``, existing.
+    """
+    folder = output_dir / LOG_SUBFOLDER / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Submit (or dry-run, or run locally) one entry point; returns the process exit code (1 with
@@ -172,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = output_dir / LOG_SUBFOLDER / "%j"
 
     if args.local:
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.slurm_max_requeues)
+        executor = submitit.LocalExecutor(folder=local_log_folder(output_dir), max_num_timeout=args.slurm_max_requeues)
         executor.update_parameters(timeout_min=args.timeout, nodes=1, gpus_per_node=args.gpus_per_node,
                                    tasks_per_node=tasks_per_node(args.gpus_per_node),
                                    signal_delay_s=args.slurm_signal_delay_s)

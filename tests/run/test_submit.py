@@ -154,5 +154,14 @@ def test_local_executor_run_matches_direct_run(tmp_path, small_datalist):
                                   weights_only=False)["teacher"]
     for key, value in teacher[direct].items():
         assert torch.allclose(value, teacher[via_submitit][key], rtol=1e-6, atol=1e-7), key
-    task_logs = list((via_submitit / "submitit").glob("*/*_0_log.out"))
-    assert task_logs, "submitit's task log should be under <output-dir>/submitit/<job id>/"
+    task_logs = list((via_submitit / "submitit").glob("local-*/*_0_log.out"))
+    assert task_logs, "submitit's task log should be under <output-dir>/submitit/local-<time>-<pid>/"
+
+
+def test_local_log_folder_exists_before_the_job_starts(tmp_path):
+    # submitit's local controller opens <folder>/<job id>/..._log.out at once; with "%j" in the
+    # folder the submitting process creates that folder only after starting the controller (a race
+    # lost under load). The local folder is concrete and already there.
+    folder = submit.local_log_folder(tmp_path)
+    assert folder.is_dir() and folder.parent == tmp_path / "submitit" and "%j" not in str(folder)
+    assert folder.name.startswith("local-")
