@@ -16,10 +16,13 @@ crash never leaves half a report.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from dinov2.utils.io import atomic_write_text
 
 REPORT_NAME = "skipped.tsv"
 
@@ -60,16 +63,8 @@ def write_skipped_tsv(path: str | os.PathLike, header: Sequence[str], rows: Iter
         if len(row) != len(header):
             raise ValueError(f"A row of {path.name} has {len(row)} values for the {len(header)} columns "
                              f"{list(header)}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open() (not mkstemp) so the report gets the usual permissions of the user's umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow([tsv_cell(c) for c in header])
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+    writer.writerow([tsv_cell(c) for c in header])
+    writer.writerows(rows)
+    return atomic_write_text(path, text.getvalue())

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from dinov2.utils.io import atomic_write_text
 from dinov2.utils.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
@@ -127,15 +128,6 @@ def progress_line(record: Mapping[str, Any], done: int, total: int) -> str:
     return "  ".join(parts)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def truncate_metrics(path: str | os.PathLike, first_dropped_iteration: int) -> int:
     """Keep only the lines of iterations before ``first_dropped_iteration``.
 
@@ -159,7 +151,7 @@ def truncate_metrics(path: str | os.PathLike, first_dropped_iteration: int) -> i
             continue
         if isinstance(record, dict) and int(record.get("iteration", -1)) < first_dropped_iteration:
             kept.append(line)
-    _atomic_write_text(path, "".join(k + "\n" for k in kept))
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
     return len(kept)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dinov2.data.skipped_report import REPORT_NAME, write_skipped_tsv
+from dinov2.utils.io import atomic_write_text
 
 from .format import SPLITS, Skipped, map_paths
 
@@ -44,9 +45,4 @@ def write_datalist(data: list | dict, path: str | os.PathLike, relative: bool = 
         payload = {k: ([map_paths(e, convert) for e in v] if k in SPLITS else v) for k, v in data.items()}
     else:
         raise ValueError(f"A datalist is a list (pretraining) or a dict (finetuning), got {type(data).__name__}.")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)  # a crash mid-write never leaves half a datalist behind
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")  # never half a datalist
