@@ -106,6 +106,30 @@ def backbone_kwargs_from_config(config: Mapping[str, Any], path: str | os.PathLi
     return resolve_arch(str(student["arch"]), path), kwargs
 
 
+def build_configured_backbone(arch: str, kwargs: dict[str, Any], where: str | os.PathLike = "the training config"
+                              ) -> VisionTransformer3D:
+    """:func:`~dinov2.models.registry.build_model` for ``student.*`` values a user wrote.
+
+    A shape the transformer refuses (heads that do not divide the width) becomes a
+    :class:`BackboneConfigError` naming the keys to change, instead of a traceback.
+
+    Args:
+        arch, kwargs: from :func:`backbone_kwargs_from_config`.
+        where: the config's file, for the message.
+
+    Returns:
+        The backbone, randomly initialised.
+    """
+    try:
+        return build_model(arch, **kwargs)
+    except UserError:
+        raise
+    except ValueError as exc:
+        raise BackboneConfigError(f"{where}: student.* describes no buildable {arch} ({exc}). Set "
+                                  "student.embed_dim and student.num_heads so the heads divide the width "
+                                  "(e.g. 96 and 4), or leave both null for the architecture's own.") from exc
+
+
 def is_random_init(weights: str | os.PathLike | None) -> bool:
     """Whether a ``--pretrained-weights`` value asks for the random-init baseline (``none``, any case).
 

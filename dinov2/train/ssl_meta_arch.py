@@ -34,8 +34,7 @@ from dinov2.data.crop_boxes import CROP_BOXES_KEY
 from dinov2.data.device_augment import make_crops
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, build_centering, iBOTPatchLoss, koleo_per_crop
-from dinov2.models import build_model
-from dinov2.models.build import backbone_kwargs_from_config
+from dinov2.models.build import backbone_kwargs_from_config, build_configured_backbone
 from dinov2.models.vision_transformer import VisionTransformer3D, resample_pos_embed
 from dinov2.optim.param_groups import get_param_groups
 from dinov2.train.metrics import effective_rank, mean_row_entropy, prototype_usage_entropy
@@ -67,7 +66,7 @@ def backbone_from_config(cfg: Mapping[str, Any], teacher: bool = False) -> Visio
     student = plain["student"]
     kwargs["drop_path_rate"] = 0.0 if teacher else float(student["drop_path_rate"])
     kwargs["drop_path_uniform"] = bool(student["drop_path_uniform"])
-    return build_model(arch, **kwargs)
+    return build_configured_backbone(arch, kwargs)
 
 
 def _head(cfg_section: Mapping[str, Any], in_dim: int) -> DINOHead:

@@ -41,6 +41,13 @@ def test_width_depth_and_heads_come_from_the_training_config():
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (96, 2, 3)
 
 
+def test_heads_that_do_not_divide_the_width_name_the_keys():
+    from dinov2.models.build import build_configured_backbone
+
+    with pytest.raises(BackboneConfigError, match=r"run\.yaml: .*student\.embed_dim and student\.num_heads"):
+        build_configured_backbone("vit_tiny_3d", {"embed_dim": 96, "num_heads": 5}, "run.yaml")
+
+
 def test_configs_without_a_buildable_architecture_name_the_file():
     with pytest.raises(BackboneConfigError, match=r"t\.pth: the embedded config has no student\.arch"):
         backbone_kwargs_from_config({"crops": {}}, "t.pth")
