@@ -1,4 +1,4 @@
-"""Draw plateau.png: each screened recipe's pooled probe score against its DINO loss (sessions 6-9).
+"""Draw plateau.png: each screened recipe's pooled probe score against its DINO loss (sessions 6-10).
 
 The figures are the ones recorded in small_scale_recipe.md (fixed-penalty sweep, patch task,
 CLS + mean patch of the last four blocks, l2 = 1e-3); this script only draws them, so that the
@@ -45,7 +45,8 @@ RUNS = {
     "ls01": (0.709, [0.766, 0.779]),
     "m98": (0.682, [0.827]),
     "mblk": (0.719, [0.813]),
-    "stack": (0.731, [0.835, 0.848, 0.811]),
+    "stack": (0.728, [0.835, 0.848, 0.811, 0.813, 0.831]),  # shipped in session 10 (configs/small_cpu.yaml)
+    "stackw": (0.733, [0.817]),
     "soft": (0.243, [0.826, 0.820, 0.811, 0.797]),
     "wu5": (0.687, [0.803]),
     "tpl": (0.800, [0.807]),
