@@ -53,6 +53,7 @@ def _torchrun(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, float]
 
 
 @pytest.mark.slow
+@pytest.mark.torchrun
 def test_raising_rank_ends_the_job(tmp_path):
     # A 10-minute group timeout: the job must end through the failing rank, not the timeout.
     result, elapsed = _torchrun(tmp_path, "10")

@@ -145,6 +145,7 @@ def _worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.torchrun
 def test_two_process_all_reduce_matches_single_process(tmp_path):
     # fork, not spawn: a spawned child re-imports torch (~10 s on 2 cores), a forked one starts
     # in milliseconds. A hung collective must fail the test instead of blocking the suite.

@@ -217,6 +217,7 @@ def test_short_healthy_run_warns_nothing_and_logs_progress(tmp_path, tiny_argv):
 
 
 @pytest.mark.slow
+@pytest.mark.torchrun
 def test_stop_run_stops_every_rank_together(tmp_path, tiny_argv):
     """Two gloo processes: rank 0 decides, the decision is broadcast, both save and exit at iteration 3."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

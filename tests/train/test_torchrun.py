@@ -45,6 +45,7 @@ def _torchrun(run_dir, tiny_argv, iterations, strategy):
 
 
 @pytest.mark.slow
+@pytest.mark.torchrun
 @pytest.mark.parametrize("first, then", [("ddp", "one process"), ("fsdp", "one process"), ("ddp", "fsdp")])
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_argv, first, then):
     single = tmp_path / "single"
