@@ -23,8 +23,6 @@ first=0 second=0
 echo "[test] the torchrun-marked tests, one at a time"
 "$PY" -m pytest -q --durations=5 -m torchrun "$@" || second=$?
 # pytest's 5 means "no test selected": fine for one phase (e.g. -k picked tests of the other).
-if [ "$first" = 5 ] && [ "$second" = 5 ]; then exit 5; fi
-[ "$first" = 5 ] && first=0
-[ "$second" = 5 ] && second=0
-[ "$first" != 0 ] && exit "$first"
-exit "$second"
+[ "$first" = 5 ] && [ "$second" = 5 ] && exit 5
+for rc in "$first" "$second"; do [ "$rc" = 0 ] || [ "$rc" = 5 ] || exit "$rc"; done
+exit 0
